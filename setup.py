@@ -1,0 +1,30 @@
+"""htr-dist: distributed handwritten text recognition with a frozen LLM teacher."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="htr-dist",
+    version="0.1.0",
+    description="Multi-GPU handwritten text recognition (CNN+MobileViT, BiLSTM-CTC) with a frozen LLM teacher",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["htr_dist", "htr_dist.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "pillow",
+        "scipy",
+        "pyyaml",
+        "tqdm",
+        "webdataset>=0.2.86",
+        "transformers>=4.45",
+        "gguf",
+        "tensorboard",
+    ],
+    extras_require={
+        "deepspeed": ["deepspeed>=0.15", "ninja"],
+        "flash": ["flash-attn>=2.5"],
+        "dev": ["pytest>=7", "pytest-timeout", "deepspeed>=0.15", "ninja"],
+    },
+)
