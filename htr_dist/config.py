@@ -408,3 +408,22 @@ def add_config_args(parser) -> None:
     """The ``--config FILE`` option and the trailing ``key=value`` overrides, shared by every launch script."""
     parser.add_argument("--config", default=None, help="YAML config (only what differs from the defaults)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-3")
+
+
+def reference_markdown() -> str:
+    """The README's config reference table, generated from the dataclasses (a test keeps the README in sync)."""
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for key, default, doc in describe_keys():
+        shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+        lines.append(f"| `{key}` | `{shown}` | {doc.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    _p = argparse.ArgumentParser(description="Print the config reference (markdown) or a resolved config (YAML).")
+    _p.add_argument("--reference", action="store_true", help="print the markdown table of every key")
+    add_config_args(_p)
+    _a = _p.parse_args()
+    print(reference_markdown() if _a.reference else dump_yaml(load_config(_a.config, _a.overrides)))

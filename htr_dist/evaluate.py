@@ -1,0 +1,56 @@
+"""Evaluation of an exported model on a shard split, on one rank or many (each line counted once)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import Counter
+
+from htr_dist.dist import env as dist_env
+from htr_dist.inference import LineResult, Recognizer, corpus_scores, evaluate_batches
+from htr_dist.io_utils import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def gather_results(results: list) -> list:
+    """All ranks' line results on every rank, in key order; a key seen twice is an error (it would bias the CER)."""
+    merged = [r for part in dist_env.all_gather_objects([dataclasses.astuple(r) for r in results]) for r in part]
+    out = sorted((LineResult(*r) for r in merged), key=lambda r: r.key)
+    dup = [k for k, n in Counter(r.key for r in out).items() if n > 1]
+    if dup:
+        raise RuntimeError(f"evaluation saw {len(dup)} line(s) more than once, e.g. {dup[:3]}")
+    return out
+
+
+def predictions_tsv(results: list) -> str:
+    lines = ["id\tground_truth\tprediction\tedit_distance"]
+    lines += [f"{r.key}\t{r.reference}\t{r.prediction}\t{r.distance}" for r in results]
+    return "\n".join(lines) + "\n"
+
+
+def run_evaluation(args, env) -> dict:
+    """Evaluate ``args.checkpoint`` on ``args.data``/``args.split``; rank 0 prints and writes the results."""
+    from htr_dist.data.pipeline import build_eval_loader
+
+    rec = Recognizer.load(args.checkpoint, env.device)
+    cfg = rec.config
+    cfg.data.path = args.data
+    cfg.data.img_height, cfg.data.img_width = rec.img_height, rec.img_width
+    cfg.train.batch_size = args.batch_size
+    start = time.time()
+    loader = build_eval_loader(cfg, args.split, rec.alphabet, env.rank, env.world_size)
+    results = gather_results(evaluate_batches(rec, loader, args.decode, args.beam_width))
+    scores = corpus_scores(results)
+    scores.update(split=args.split, data=args.data, decode=args.decode, seconds=round(time.time() - start, 2))
+    if env.is_main:
+        for r in results[: args.show]:
+            print(f"{r.key}\n  truth: {r.reference}\n  pred:  {r.prediction}")
+        if args.predictions:
+            atomic_write_text(args.predictions, predictions_tsv(results))
+            log.info("per-line predictions written to %s", args.predictions)
+        if args.json:
+            atomic_write_json(args.json, scores)
+        print(f"{args.split} CER {100 * scores['cer']:.1f}% WER {100 * scores['wer']:.1f}% ({scores['lines']} lines)")
+    return scores

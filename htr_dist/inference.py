@@ -1,0 +1,127 @@
+"""Inference without the LLM: load an exported ``model.pt``, read line images, decode, evaluate a split.
+
+The exported file (written by :mod:`htr_dist.train.export`) holds the backbone and CTC heads only, the alphabet and the
+preprocessing settings, so recognising a line never needs the teacher LLM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from htr_dist.config import Config, from_dict
+from htr_dist.data.alphabet import Alphabet
+from htr_dist.data.transforms import preprocess
+from htr_dist.models.htr import HTRModel
+from htr_dist.train.metrics import beam_decode, edit_distance, greedy_decode
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = "htr-dist-model/1"
+
+
+class InferenceError(RuntimeError):
+    """An input (model file or image) cannot be used; the message names it."""
+
+
+def resolve_model_file(path: str) -> str:
+    """A run folder means its exported ``model.pt``; a file is taken as it is."""
+    if os.path.isdir(path):
+        candidate = os.path.join(path, "model.pt")
+        if not os.path.isfile(candidate):
+            raise InferenceError(f"{path}: no exported model.pt in this run folder (is the run finished?)")
+        return candidate
+    if not os.path.isfile(path):
+        raise InferenceError(f"model file not found: {path}")
+    return path
+
+
+@dataclass
+class Recognizer:
+    """An exported HTR model ready to read line images."""
+
+    model: HTRModel
+    alphabet: Alphabet
+    img_height: int
+    img_width: int
+    device: torch.device
+    config: Config
+
+    @classmethod
+    def load(cls, path: str, device: Optional[torch.device] = None) -> "Recognizer":
+        path = resolve_model_file(path)
+        device = device or torch.device("cpu")
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+            raise InferenceError(f"{path}: not a loadable htr-dist model ({err})") from None
+        if not isinstance(blob, dict) or blob.get("format") != EXPORT_FORMAT:
+            raise InferenceError(f"{path}: not an htr-dist exported model (expected format {EXPORT_FORMAT!r})")
+        cfg = from_dict(blob["config"])
+        model = HTRModel(cfg.arch, cfg.connector, blob["num_classes"], blob["img_height"], blob["img_width"], None)
+        model.load_state_dict(blob["state_dict"])
+        model.to(device).eval()
+        return cls(model, Alphabet(blob["alphabet"]), blob["img_height"], blob["img_width"], device, cfg)
+
+    def batch_from_arrays(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """Gray uint8 (h, w) arrays -> (B, 1, H, W) float tensor, preprocessed exactly as in training."""
+        arr = np.stack([preprocess(img, self.img_height, self.img_width) for img in images])  # (B, H, W)
+        return torch.from_numpy(arr).unsqueeze(1).to(self.device)
+
+    @torch.inference_mode()
+    def predict(self, images: torch.Tensor, decode: str = "greedy", beam_width: int = 10) -> List[str]:
+        """(B, 1, H, W) preprocessed images -> transcriptions."""
+        logits = self.model(images.to(self.device), None)["ctc_logits"]  # (T, B, C)
+        if decode == "greedy":
+            paths = greedy_decode(logits)
+        elif decode == "beam":
+            paths = beam_decode(logits, beam_width)
+        else:
+            raise InferenceError(f"decode: {decode!r} is not one of 'greedy', 'beam'")
+        return [self.alphabet.decode(p) for p in paths]
+
+
+def read_gray(path: str) -> np.ndarray:
+    """Read a PNG/JPEG/TIFF line image as 8-bit grayscale; raise InferenceError naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise InferenceError(f"{path}: no such image file")
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("L"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise InferenceError(f"{path}: cannot decode image ({err})") from None
+
+
+@dataclass
+class LineResult:
+    key: str
+    reference: str
+    prediction: str
+    distance: int
+
+
+def evaluate_batches(recognizer: Recognizer, batches: Iterable[dict], decode: str = "greedy",
+                     beam_width: int = 10) -> List[LineResult]:
+    """Decode every batch of an evaluation loader; one result per line."""
+    results = []
+    for batch in batches:
+        hyps = recognizer.predict(batch["images"], decode, beam_width)
+        for key, ref, hyp in zip(batch["keys"], batch["texts"], hyps):
+            results.append(LineResult(key, ref, hyp, edit_distance(ref, hyp)))
+    return results
+
+
+def corpus_scores(results: Sequence[LineResult]) -> dict:
+    """CER and WER over the whole corpus (sum of edit distances / total reference length), as the reference system."""
+    from htr_dist.train.metrics import cer, wer
+
+    refs = [r.reference for r in results]
+    hyps = [r.prediction for r in results]
+    return {"cer": cer(refs, hyps), "wer": wer(refs, hyps), "lines": len(results)}

@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""The one-command demo (``make demo``): synthetic IAM-format data -> shards -> 2-rank training with a ZeRO-3-sharded
+LLM teacher on CPU -> evaluation on held-out test forms -> a few predictions and the test CER/WER.
+
+Every stage is a real command of this project, run as a subprocess and shown as it runs; a stage whose output already
+exists is reused, so the demo is safe to re-run (``--fresh`` starts the training over).
+"""
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", choices=["deepspeed", "fsdp"], default="deepspeed",
+                   help="deepspeed: deepspeed launcher + LLM as a ZeRO-3 engine (default); "
+                        "fsdp: torchrun + LLM sharded by FSDP2")
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.yaml"), help="training config")
+    p.add_argument("--forms", type=int, default=400, help="synthetic forms to generate (default: 400)")
+    p.add_argument("--nproc", type=int, default=2, help="training processes (default: 2)")
+    p.add_argument("--workdir", default=ROOT, help="where data/, shards/ and runs/ go (default: the repository)")
+    p.add_argument("--fresh", action="store_true", help="delete the previous demo run and train from scratch")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="extra training config overrides")
+    return p.parse_args(argv)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stage(title: str, cmd: list) -> float:
+    """Run one stage in the foreground (its own progress bars and logs show); stop the demo if it fails."""
+    print(f"\n=== {title}\n$ {' '.join(cmd)}", flush=True)
+    start = time.time()
+    result = subprocess.run(cmd, cwd=ROOT)
+    if result.returncode != 0:
+        sys.exit(f"demo: stage '{title}' failed with exit code {result.returncode}")
+    took = time.time() - start
+    print(f"=== {title}: done in {took:.0f} s", flush=True)
+    return took
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    py = sys.executable
+    synth_dir = os.path.join(args.workdir, "data", "synth_iam")
+    shard_dir = os.path.join(args.workdir, "shards", "synth")
+    run_dir = os.path.join(args.workdir, "runs", f"demo_{args.variant}")
+    t0 = time.time()
+    stage("prepare the LLM teacher (SmolLM2-135M, converted once)",
+          [py, "-m", "htr_dist.models.llm", "--prepare", "smollm2-135m"])
+    if not os.path.isfile(os.path.join(synth_dir, "ascii", "lines.txt")):
+        stage(f"generate {args.forms} synthetic IAM-format forms",
+              [py, "launch/synth_iam.py", synth_dir, "--forms", str(args.forms), "--seed", "0"])
+    else:
+        print(f"\n=== synthetic IAM-format data: reusing {synth_dir}")
+    if not os.path.isfile(os.path.join(shard_dir, "manifest.json")):
+        stage("pack IAM-format lines into WebDataset shards",
+              [py, "launch/prepare_iam.py", "--iam", synth_dir, "--out", shard_dir])
+    else:
+        print(f"=== shards: reusing {shard_dir}")
+    if args.fresh and os.path.isdir(run_dir):
+        shutil.rmtree(run_dir)
+    train_args = ["launch/train.py", "--config", args.config, f"data.path={shard_dir}", f"run.dir={run_dir}",
+                  "train.resume=auto"]
+    if args.variant == "deepspeed":
+        launcher = ["deepspeed", "--num_gpus", str(args.nproc), "--master_port", str(free_port())]
+        train_args.append("dist.strategy=deepspeed")
+    else:
+        launcher = [py, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
+                    "--master_port", str(free_port())]
+        train_args.append("dist.strategy=fsdp")
+    if args.variant == "deepspeed":
+        launcher[0] = os.path.join(os.path.dirname(py), "deepspeed")
+    stage(f"train on {args.nproc} CPU ranks ({args.variant})", launcher + train_args + list(args.overrides))
+    stage("evaluate on the held-out test forms",
+          [py, "launch/evaluate.py", "--checkpoint", run_dir, "--data", shard_dir, "--split", "test", "--show", "5",
+           "--predictions", os.path.join(run_dir, "test_predictions.tsv"),
+           "--json", os.path.join(run_dir, "test_scores.json")])
+    print(f"\nTensorBoard logs:  tensorboard --logdir {os.path.join(run_dir, 'tb')}")
+    print(f"Exported model:    {os.path.join(run_dir, 'model.pt')}")
+    print(f"Read a line image: python launch/recognize.py --checkpoint {run_dir} IMAGE.png")
+    print(f"Demo time: {(time.time() - t0) / 60:.1f} min")
+    import json
+
+    with open(os.path.join(run_dir, "test_scores.json"), encoding="utf-8") as f:
+        s = json.load(f)
+    print(f"test CER {100 * s['cer']:.1f}% WER {100 * s['wer']:.1f}% ({s['lines']} lines)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

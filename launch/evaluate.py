@@ -1,0 +1,45 @@
+#!/usr/bin/env python
+"""Evaluate an exported htr-dist model on a shard split: corpus CER and WER, optional per-line predictions.
+
+Runs in one process or under torchrun with N ranks; every line of the split is counted exactly once.
+"""
+
+import argparse
+import logging
+import sys
+
+from htr_dist.dist import env as dist_env
+from htr_dist.evaluate import run_evaluation
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="run folder (uses its model.pt) or an exported model.pt")
+    p.add_argument("--data", required=True, help="shard folder with manifest.json, e.g. shards/iam")
+    p.add_argument("--split", default="test", help="split to evaluate: train, val or test (default: test)")
+    p.add_argument("--decode", choices=["greedy", "beam"], default="greedy", help="CTC decoding (default: greedy)")
+    p.add_argument("--beam-width", type=int, default=10, help="beam width for --decode beam (default: 10)")
+    p.add_argument("--batch-size", type=int, default=32, help="lines per batch (default: 32)")
+    p.add_argument("--json", default=None, help="write the scores as JSON to this file")
+    p.add_argument("--predictions", default=None, help="write per-line id, truth, prediction, edit distance (TSV)")
+    p.add_argument("--show", type=int, default=0, help="print this many predictions next to the ground truth")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    dist_env.setup_logging()
+    env = dist_env.init_distributed()
+    try:
+        run_evaluation(args, env)
+    except Exception as err:  # a clear one-line message for the user, the traceback in the log
+        logging.getLogger("evaluate").exception("evaluation failed")
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        dist_env.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

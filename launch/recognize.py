@@ -1,0 +1,48 @@
+#!/usr/bin/env python
+"""Read handwritten text line images with an exported htr-dist model; prints ``path<TAB>text`` per image.
+
+No LLM is loaded. An image that is missing or cannot be decoded is reported by name on stderr; the others are still
+read, and the exit status is 1 if any image failed.
+"""
+
+import argparse
+import sys
+
+from htr_dist.inference import InferenceError, Recognizer, read_gray
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="run folder (uses its model.pt) or an exported model.pt")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="line images (PNG, JPEG, TIFF)")
+    p.add_argument("--decode", choices=["greedy", "beam"], default="greedy", help="CTC decoding (default: greedy)")
+    p.add_argument("--beam-width", type=int, default=10, help="beam width for --decode beam (default: 10)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        rec = Recognizer.load(args.checkpoint)
+    except InferenceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    failed = 0
+    for start in range(0, len(args.images), args.batch_size):
+        paths, arrays = [], []
+        for path in args.images[start : start + args.batch_size]:
+            try:
+                arrays.append(read_gray(path))
+                paths.append(path)
+            except InferenceError as err:
+                print(f"error: {err}", file=sys.stderr)
+                failed += 1
+        if arrays:
+            for path, text in zip(paths, rec.predict(rec.batch_from_arrays(arrays), args.decode, args.beam_width)):
+                print(f"{path}\t{text}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

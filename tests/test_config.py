@@ -1,0 +1,70 @@
+import pytest
+
+from htr_dist.config import Config, ConfigError, describe_keys, from_dict, load_config, save_config, to_dict
+
+
+def test_defaults_and_seed_keys():
+    cfg = load_config()
+    assert cfg.arch.cnn_cfg == [[2, 64], "M", "mobilevit1", [3, 128], "M", "mobilevit2", [2, 256]]
+    assert cfg.arch.head_type == "both" and cfg.arch.rnn_layers == 3 and cfg.arch.rnn_hidden_size == 256
+    assert cfg.train.llm_sample_ratio == 0.125 and cfg.train.use_llm is True
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 0.01\n  batch_size: 8\narch:\n  rnn_type: gru\n")
+    cfg = load_config(str(path), ["train.lr=1e-3", "train.use_llm=false", "arch.cnn_cfg=[[2, 64], 'M', [2, 128]]"])
+    assert cfg.train.lr == pytest.approx(1e-3)  # the command line wins over the file
+    assert cfg.train.batch_size == 8 and cfg.arch.rnn_type == "gru" and cfg.train.use_llm is False
+    assert cfg.arch.cnn_cfg == [[2, 64], "M", [2, 128]]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lrr=1", "unknown config key 'train.lrr' (did you mean 'train.lr'?)"),
+        ("trian.lr=1", "unknown config key 'trian' (did you mean 'train'?)"),
+        ("train.batch_size=-4", "train.batch_size: must be > 0, got -4"),
+        ("train.batch_size=abc", "train.batch_size: expected an integer, got 'abc'"),
+        ("train.llm_sample_ratio=0", "train.llm_sample_ratio: must be in (0, 1], got 0.0"),
+        ("train.llm_sample_ratio=1.5", "train.llm_sample_ratio: must be in (0, 1], got 1.5"),
+        ("train.use_llm=maybe", "train.use_llm: expected true or false, got 'maybe'"),
+        ("dist.strategy=zero9", "dist.strategy: 'zero9' is not one of"),
+        ("arch.cnn_cfg=[[2, 64], 'Q']", "arch.cnn_cfg: bad entry 'Q'"),
+        ("arch.llm_tap_layer=4", "arch.llm_tap_layer: must be in [1, arch.rnn_layers=3], got 4"),
+        ("train.lr", "expected key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_unknown_key_in_yaml_names_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data:\n  pth: shards/x\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'data.pth' \(did you mean 'data.path'\?\)"):
+        load_config(str(path))
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="config file not found: nope.yaml"):
+        load_config("nope.yaml")
+
+
+def test_save_and_roundtrip(tmp_path):
+    cfg = load_config(None, ["train.lr=0.002", "run.dir=/tmp/x"])
+    save_config(cfg, str(tmp_path / "run" / "config.yaml"))
+    again = load_config(str(tmp_path / "run" / "config.yaml"))
+    assert to_dict(again) == to_dict(cfg)
+    assert to_dict(from_dict(to_dict(cfg))) == to_dict(cfg)
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["config.yaml"]  # no temporary file left behind
+
+
+def test_every_key_documented():
+    rows = describe_keys()
+    assert len(rows) > 40
+    undocumented = [key for key, _, doc in rows if not doc]
+    assert undocumented == []
+    assert isinstance(Config(), Config)
