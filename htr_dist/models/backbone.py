@@ -1,0 +1,146 @@
+"""The CNN backbone: ResNet-style basic blocks, max-pools and MobileViT blocks, then a column max-pool into a sequence.
+
+With ``arch.cnn_cfg = [[2, 64], 'M', [3, 128], 'M', [2, 256]]`` it is the plain CNN of Retsinas et al. (DAS 2022);
+the default inserts two MobileViT blocks (Mehta & Rastegari, 2021) after the first two stages.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class BasicBlock(nn.Module):
+    """3x3 conv - BN - ReLU - 3x3 conv - BN, plus the input (1x1 projection when the width changes), ReLU."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.shortcut = (
+            nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch))
+            if in_ch != out_ch
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x), inplace=True)
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm transformer layer; attention through ``scaled_dot_product_attention``."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 2.0, dropout: float = 0.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"transformer width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, L, D)
+        n, length, dim = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(n, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        att = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        x = x + self.proj(att.transpose(1, 2).reshape(n, length, dim))
+        return x + self.mlp(self.norm2(x))
+
+
+class MobileViTBlock(nn.Module):
+    """MobileViT block: local convs, global attention across patches, fold back, fuse with the input.
+
+    The feature map is cut into p x p patches; for every pixel position inside a patch, a transformer attends over
+    ALL patches (sequence = patches, batch = B * p * p). After the local 3x3 conv each pixel already sees its
+    neighbourhood, so every output pixel depends on the whole map: a global receptive field. A map whose sides are
+    not multiples of p is zero-padded before unfolding and cropped after folding.
+    """
+
+    def __init__(self, channels: int, dim: int, depth: int, heads: int, patch: int):
+        super().__init__()
+        self.patch = patch
+        self.local = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.SiLU(),
+            nn.Conv2d(channels, dim, 1, bias=False),
+        )
+        self.transformer = nn.Sequential(*[TransformerLayer(dim, heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.project = nn.Sequential(nn.Conv2d(dim, channels, 1, bias=False), nn.BatchNorm2d(channels), nn.SiLU())
+        self.fuse = nn.Sequential(
+            nn.Conv2d(2 * channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.SiLU()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
+        b, _, h, w = x.shape
+        p = self.patch
+        y = self.local(x)  # (B, D, H, W)
+        ph, pw = -h % p, -w % p
+        if ph or pw:
+            y = F.pad(y, (0, pw, 0, ph))
+        d, hh, ww = y.shape[1], y.shape[2] // p, y.shape[3] // p
+        # (B, D, hh, p, ww, p) -> (B, p, p, hh, ww, D) -> (B*p*p, hh*ww, D): one sequence of patches per in-patch pixel
+        seq = y.view(b, d, hh, p, ww, p).permute(0, 3, 5, 2, 4, 1).reshape(b * p * p, hh * ww, d)
+        seq = self.norm(self.transformer(seq))
+        y = seq.view(b, p, p, hh, ww, d).permute(0, 5, 3, 1, 4, 2).reshape(b, d, hh * p, ww * p)
+        y = self.project(y[:, :, :h, :w])
+        return self.fuse(torch.cat([x, y], dim=1))
+
+
+def parse_cnn_cfg(cnn_cfg: Sequence) -> List[tuple]:
+    """``[[2, 64], 'M', 'mobilevit1']`` -> ``[('res', 2, 64), ('pool',), ('vit', 0)]`` (vit index is 0-based)."""
+    out = []
+    for entry in cnn_cfg:
+        if entry == "M":
+            out.append(("pool",))
+        elif isinstance(entry, str) and entry.startswith("mobilevit") and entry[9:].isdigit():
+            out.append(("vit", int(entry[9:]) - 1))
+        elif isinstance(entry, (list, tuple)) and len(entry) == 2:
+            out.append(("res", int(entry[0]), int(entry[1])))
+        else:
+            raise ValueError(f"arch.cnn_cfg: bad entry {entry!r} (expected [n, channels], 'M' or 'mobilevitK')")
+    return out
+
+
+class HybridBackboneCRNNMobileViT(nn.Module):
+    """(B, 1, H, W) line image -> (B, T, C) sequence, T = W / (stem stride * 2^pools)."""
+
+    def __init__(self, cnn_cfg: Sequence, stem_channels: int = 32, stem_stride: Sequence[int] = (4, 2),
+                 patch_sizes: Sequence[int] = (4, 8), vit_dim: int = 0, vit_depth: int = 2, vit_heads: int = 4):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, stem_channels, 7, stride=tuple(stem_stride), padding=3, bias=False),
+            nn.BatchNorm2d(stem_channels), nn.ReLU(inplace=True),
+        )
+        layers, ch = [], stem_channels
+        for kind, *args in parse_cnn_cfg(cnn_cfg):
+            if kind == "pool":
+                layers.append(nn.MaxPool2d(2, 2))
+            elif kind == "res":
+                n, out_ch = args
+                for _ in range(n):
+                    layers.append(BasicBlock(ch, out_ch))
+                    ch = out_ch
+            else:
+                (index,) = args
+                if index >= len(patch_sizes):
+                    raise ValueError(f"arch.cnn_cfg: mobilevit{index + 1} has no patch size in {list(patch_sizes)}")
+                dim = vit_dim or ch
+                heads = vit_heads if dim % vit_heads == 0 else 1
+                layers.append(MobileViTBlock(ch, dim, vit_depth, heads, patch_sizes[index]))
+        self.features = nn.Sequential(*layers)
+        self.out_channels = ch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.features(self.stem(x))  # (B, C, h, w)
+        return y.amax(dim=2).transpose(1, 2)  # column max-pool over the height -> (B, T=w, C)

@@ -1,0 +1,81 @@
+"""Q-Former connector: learned queries read the recogniser's frames and become the LLM's visual tokens."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class _Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:  # (N, Lq, D), (N, Lk, D)
+        n, lq, d = x.shape
+        h = self.heads
+        q = self.q(x).view(n, lq, h, d // h).transpose(1, 2)
+        k, v = self.kv(context).view(n, context.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(out.transpose(1, 2).reshape(n, lq, d))
+
+
+class QFormerBlock(nn.Module):
+    """Pre-norm: queries self-attend, cross-attend to the frames, then a feed-forward block."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.norm_self, self.norm_cross, self.norm_ctx, self.norm_ff = (nn.LayerNorm(dim) for _ in range(4))
+        self.self_attn = _Attention(dim, heads, dropout)
+        self.cross_attn = _Attention(dim, heads, dropout)
+        self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim))
+
+    def forward(self, q: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        x = self.norm_self(q)
+        q = q + self.self_attn(x, x)
+        q = q + self.cross_attn(self.norm_cross(q), self.norm_ctx(frames))
+        return q + self.ff(self.norm_ff(q))
+
+
+def sinusoid(length: int, dim: int) -> torch.Tensor:
+    pos = torch.arange(length, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq[: dim // 2])
+    return table
+
+
+class QFormerConnector(nn.Module):
+    """(k, T, in_dim) frames -> (k, num_queries, llm_hidden) tokens.
+
+    Frames get sinusoidal positions (so the connector knows left from right for any T); the output passes
+    Linear(dim, proj_hidden) - GELU - Linear(proj_hidden, llm_hidden) - LayerNorm. ``llm_hidden`` always comes from
+    the loaded LLM's config.
+    """
+
+    def __init__(self, in_dim: int, llm_hidden: int, cfg):
+        super().__init__()
+        if cfg.dim % cfg.num_heads:
+            raise ValueError(f"connector.dim={cfg.dim} is not divisible by connector.num_heads={cfg.num_heads}")
+        self.queries = nn.Parameter(torch.randn(cfg.num_queries, cfg.dim) * 0.02)
+        self.inp = nn.Linear(in_dim, cfg.dim)
+        self.blocks = nn.ModuleList([QFormerBlock(cfg.dim, cfg.num_heads, cfg.dropout) for _ in range(cfg.num_layers)])
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.proj = nn.Sequential(
+            nn.Linear(cfg.dim, cfg.proj_hidden), nn.GELU(), nn.Linear(cfg.proj_hidden, llm_hidden), nn.LayerNorm(llm_hidden)
+        )
+        self.dim = cfg.dim
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:  # (k, T, in_dim)
+        frames = self.inp(feats) + sinusoid(feats.shape[1], self.dim).to(feats.device, feats.dtype)
+        q = self.queries.unsqueeze(0).expand(feats.shape[0], -1, -1)
+        for block in self.blocks:
+            q = block(q, frames)
+        return self.proj(self.norm(q))  # (k, Q, llm_hidden)

@@ -1,0 +1,140 @@
+"""The whole recogniser: backbone + CTC heads (+ connector to the LLM during training), its losses, LLM sampling.
+
+Pure modules and functions: nothing here knows about ranks or wrappers. The frozen teacher is passed in as a
+callable (a plain :class:`~htr_dist.models.llm.PrefixLM`, an FSDP-sharded one, or a DeepSpeed engine's ``.module``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from htr_dist.models.backbone import HybridBackboneCRNNMobileViT
+from htr_dist.models.connector import QFormerConnector
+from htr_dist.models.heads import CTCtopB
+
+
+class HTRModel(nn.Module):
+    """The trainable part: backbone, CTC heads and (when ``llm_hidden`` is given) the Q-Former connector."""
+
+    def __init__(self, arch, connector, num_classes: int, img_height: int, img_width: int,
+                 llm_hidden: Optional[int] = None):
+        super().__init__()
+        self.backbone = HybridBackboneCRNNMobileViT(
+            arch.cnn_cfg, arch.stem_channels, arch.stem_stride, arch.mobilevit_patch_sizes, arch.mobilevit_dim,
+            arch.mobilevit_depth, arch.mobilevit_heads,
+        )
+        self.head = CTCtopB(self.backbone.out_channels, num_classes, arch.head_type, arch.rnn_type,
+                            arch.rnn_hidden_size, arch.rnn_layers, arch.rnn_dropout, arch.llm_tap_layer)
+        self.connector = QFormerConnector(self.head.tap_dim, llm_hidden, connector) if llm_hidden else None
+        self.num_classes = num_classes
+        self.img_size = (img_height, img_width)
+
+    def forward(self, images: torch.Tensor, llm_index: Optional[torch.Tensor] = None) -> dict:
+        """(B, 1, H, W) -> CTC logits (T, B, C), shortcut logits or None, visual tokens (k, Q, D_llm) or None.
+
+        The connector reads the rows ``llm_index`` of the tap feature computed for the CTC pass: the sampled lines
+        never go through the backbone twice.
+        """
+        seq = self.backbone(images)  # (B, T, C)
+        main, short, tap = self.head(seq)
+        tokens = None
+        if llm_index is not None and self.connector is not None:
+            tokens = self.connector(tap.index_select(0, llm_index))  # (k, Q, D_llm)
+        return {
+            "ctc_logits": main.transpose(0, 1),  # (T, B, classes)
+            "shortcut_logits": short.transpose(0, 1) if short is not None and main is not short else None,
+            "visual_tokens": tokens,
+        }
+
+    def export_state_dict(self) -> dict:
+        """Backbone and heads only: what inference needs (no connector, no LLM)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("connector.")}
+
+
+def num_llm_samples(batch_size: int, ratio: float) -> int:
+    """Lines of a micro-batch sent through the LLM: ``max(1, floor(ratio * B + 0.5))``, at most B.
+
+    Never 0: under ZeRO-3 and FSDP every rank must call the sharded LLM once per micro-step, or the others hang.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"train.llm_sample_ratio must be in (0, 1], got {ratio}")
+    return min(batch_size, max(1, math.floor(ratio * batch_size + 0.5)))
+
+
+def sample_llm_index(batch_size: int, ratio: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """A random, sorted subset of ``num_llm_samples`` row indices of the micro-batch."""
+    k = num_llm_samples(batch_size, ratio)
+    return torch.randperm(batch_size, generator=generator)[:k].sort().values
+
+
+def ctc_loss(logits: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor:
+    """CTC (blank 0, ``zero_infinity``) on (T, B, C) logits, in fp32 whatever the autocast dtype."""
+    log_probs = logits.float().log_softmax(-1)
+    t, b = log_probs.shape[:2]
+    input_lengths = torch.full((b,), t, dtype=torch.long)
+    return F.ctc_loss(log_probs, targets.cpu(), input_lengths, target_lengths.cpu(), blank=0, reduction="mean",
+                      zero_infinity=True)
+
+
+def compute_losses(model, teacher, batch: dict, train_cfg, arch_cfg, generator: Optional[torch.Generator] = None,
+                   max_text_tokens: int = 48) -> dict:
+    """Named losses of one micro-batch: ``ctc``, ``ctc_shortcut``, ``llm``, ``total``; plus ``llm_s`` (seconds).
+
+    ``total = ctc + shortcut_weight * ctc_shortcut + llm_loss_weight * llm``. With a teacher, the LLM is called
+    exactly once, on ``num_llm_samples(B, ratio)`` lines.
+    """
+    images = batch["images"]
+    use_llm = teacher is not None
+    index = sample_llm_index(images.shape[0], train_cfg.llm_sample_ratio, generator) if use_llm else None
+    out = model(images, index.to(images.device) if use_llm else None)
+    losses = {"ctc": ctc_loss(out["ctc_logits"], batch["targets"], batch["target_lengths"])}
+    zero = losses["ctc"].new_zeros(())
+    shortcut = out["shortcut_logits"]
+    losses["ctc_shortcut"] = ctc_loss(shortcut, batch["targets"], batch["target_lengths"]) if shortcut is not None \
+        else zero
+    losses["llm"], llm_s = zero, 0.0
+    if use_llm:
+        start = time.perf_counter()
+        texts = [batch["texts"][i] for i in index.tolist()]
+        input_ids, attention_mask = teacher.tokenize(texts, max_text_tokens)
+        device = out["visual_tokens"].device
+        losses["llm"] = teacher(out["visual_tokens"], input_ids.to(device), attention_mask.to(device)).float()
+        llm_s = time.perf_counter() - start
+    losses["total"] = (losses["ctc"] + arch_cfg.shortcut_weight * losses["ctc_shortcut"]
+                       + train_cfg.llm_loss_weight * losses["llm"])
+    losses["llm_s"] = llm_s
+    return losses
+
+
+class HTRSystem(nn.Module):
+    """Model plus frozen teacher for single-process use: ``system(batch)`` returns the dict of named losses."""
+
+    def __init__(self, model: HTRModel, teacher: Optional[nn.Module], train_cfg, arch_cfg, max_text_tokens: int = 48,
+                 seed: int = 0):
+        super().__init__()
+        self.model = model
+        self.teacher = teacher
+        self.train_cfg, self.arch_cfg, self.max_text_tokens = train_cfg, arch_cfg, max_text_tokens
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def forward(self, batch: dict) -> dict:
+        teacher = self.teacher if self.train_cfg.use_llm else None
+        return compute_losses(self.model, teacher, batch, self.train_cfg, self.arch_cfg, self.generator,
+                              self.max_text_tokens)
+
+
+def count_parameters(module: Optional[nn.Module]) -> dict:
+    """Trainable and frozen parameter counts."""
+    if module is None:
+        return {"trainable": 0, "frozen": 0}
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+    return {"trainable": trainable, "frozen": frozen}

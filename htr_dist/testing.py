@@ -1,0 +1,47 @@
+"""Helpers for tests and benchmarks: a tiny random Llama with a real tokenizer, saved like any local model."""
+
+from __future__ import annotations
+
+import os
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A MOVE to stop Mr. Gaitskell from nominating any more Labour life Peers",
+    "is to be made at a meeting of Labour M Ps tomorrow.",
+    "Handwritten text recognition reads lines of ink, one character at a time!",
+    "0123456789 ()[]{}<>,.;:'\"-+=*/\\?!&%$#@",
+]
+
+
+def make_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE tokenizer (any text encodes) with BOS/EOS/PAD, trained offline in well under a second."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def make_tiny_llama(folder: str, hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int = 128,
+                    seed: int = 0) -> str:
+    """Save a tiny random LlamaForCausalLM and its tokenizer into ``folder`` (save_pretrained); return ``folder``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = make_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    os.makedirs(folder, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

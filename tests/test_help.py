@@ -1,0 +1,31 @@
+"""Every public command answers --help and names its main options."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPTS = {
+    "launch/train.py": ["--config", "key=value"],
+    "launch/evaluate.py": ["--checkpoint", "--data", "--split", "--decode", "--json", "--predictions"],
+    "launch/recognize.py": ["--checkpoint", "IMAGE", "--decode"],
+    "launch/prepare_iam.py": ["--iam", "--out", "--scale", "--workers"],
+    "launch/synth_iam.py": ["--forms", "--seed", "--fonts"],
+    "launch/demo.py": ["--variant", "--forms", "--fresh"],
+    "benchmarks/loader.py": ["--data"],
+    "benchmarks/step_time.py": ["--steps", "--batch"],
+    "benchmarks/llm_memory.py": ["--help"],
+}
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_help(script):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "usage:" in out.stdout
+    for option in SCRIPTS[script]:
+        assert option in out.stdout, f"{script} --help does not mention {option}"
