@@ -23,8 +23,8 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "deepspeed": ["deepspeed>=0.15", "ninja"],
+        "deepspeed": ["deepspeed>=0.15", "ninja", "accelerate>=1.1"],
         "flash": ["flash-attn>=2.5"],
-        "dev": ["pytest>=7", "pytest-timeout", "deepspeed>=0.15", "ninja"],
+        "dev": ["pytest>=7", "pytest-timeout", "deepspeed>=0.15", "ninja", "accelerate>=1.1"],
     },
 )

@@ -152,12 +152,12 @@ class TrainConfig:
 @dataclass
 class DistConfig:
     strategy: str = "ddp"
-    """``ddp`` (LLM replicated), ``fsdp`` (LLM sharded by FSDP2), ``deepspeed`` (trainable part as a ZeRO-0/1/2 engine,
-    LLM as a ZeRO-3 engine) or ``deepspeed_single`` (one ZeRO-3 engine over the whole model)."""
+    """``ddp`` (LLM replicated), ``fsdp`` (LLM sharded by FSDP2) or ``deepspeed`` (trainable part as a ZeRO-0/1/2
+    engine, LLM as a ZeRO-3 engine)."""
     deepspeed_config: str = "configs/deepspeed/trainable_zero2.json"
     """DeepSpeed config of the trainable part (strategy ``deepspeed``)."""
     llm_deepspeed_config: str = "configs/deepspeed/llm_zero3.json"
-    """DeepSpeed ZeRO-3 config of the frozen LLM (strategies ``deepspeed`` and ``deepspeed_single``)."""
+    """DeepSpeed ZeRO-3 config of the frozen LLM (strategy ``deepspeed``); ``llm_zero3_offload.json`` offloads it."""
     fsdp_cpu_offload: bool = False
     """FSDP: keep the LLM's parameter shards on the CPU between uses."""
     timeout_s: int = 1800
@@ -191,7 +191,7 @@ _CHOICES = {
     "arch.head_type": ("both", "rnn", "cnn"),
     "arch.rnn_type": ("lstm", "gru"),
     "train.schedule": ("multistep", "cosine"),
-    "dist.strategy": ("ddp", "fsdp", "deepspeed", "deepspeed_single"),
+    "dist.strategy": ("ddp", "fsdp", "deepspeed"),
 }
 _POSITIVE = (
     "data.img_height", "data.img_width", "arch.stem_channels", "arch.rnn_layers", "arch.rnn_hidden_size",
@@ -240,8 +240,6 @@ def validate(cfg: Config) -> None:
         ok = ok or (isinstance(entry, list) and len(entry) == 2 and all(isinstance(v, int) and v > 0 for v in entry))
         if not ok:
             raise ConfigError(f"arch.cnn_cfg: bad entry {entry!r} (expected [n, channels], 'M' or 'mobilevitK')")
-    if cfg.train.use_llm and cfg.dist.strategy == "deepspeed_single":
-        pass  # valid; listed so the combination is visibly considered
 
 
 # --------------------------------------------------------------------------------------------------------------------

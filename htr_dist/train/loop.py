@@ -1,0 +1,228 @@
+"""The training loop. Reads top to bottom: data, model, wrapping, resume, steps (with logging, validation,
+checkpoints and a clean stop on SIGTERM), final checkpoint, export."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from htr_dist.config import save_config, to_dict
+from htr_dist.data.alphabet import Alphabet
+from htr_dist.data.pipeline import SkipStats, build_eval_loader, build_train_loader, steps_per_epoch
+from htr_dist.data.shards import load_manifest
+from htr_dist.dist import env as dist_env
+from htr_dist.dist.strategy import build_strategy, llm_hidden_size, llm_param_bytes_on_rank
+from htr_dist.models.htr import HTRModel, compute_losses, count_parameters
+from htr_dist.train.checkpoint import CheckpointManager, rng_state, set_rng_state
+from htr_dist.train.export import export_model
+from htr_dist.train.logger import flat_hparams, make_logger, memory_peak_bytes
+from htr_dist.train.metrics import edit_distance, greedy_decode
+
+log = logging.getLogger(__name__)
+LOSS_KEYS = ("total", "ctc", "ctc_shortcut", "llm")
+
+
+@dataclass
+class Position:
+    """Where training is: optimizer steps done, epoch, and micro-batches already taken from this epoch's stream."""
+
+    step: int = 0
+    epoch: int = 0
+    micro_in_epoch: int = 0
+
+
+class StopFlag:
+    """Set by SIGTERM (what SLURM sends before preemption); ranks agree on it at step boundaries."""
+
+    def __init__(self):
+        self.raised = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM received: stopping at the next step boundary with a checkpoint")
+        self.raised = True
+
+    def any_rank(self) -> bool:
+        return bool(dist_env.all_reduce_max(torch.tensor([float(self.raised)])).item())
+
+
+def total_steps(cfg, manifest: dict, world: int) -> int:
+    micro_per_epoch = steps_per_epoch(manifest, world, cfg.train.batch_size)
+    return cfg.train.max_steps or cfg.train.num_epochs * max(1, micro_per_epoch // cfg.train.grad_accum)
+
+
+@torch.no_grad()
+def validate(model: HTRModel, cfg, alphabet: Alphabet, env, logger, step: int, show: int = 3) -> dict:
+    """Greedy CER/WER over the validation split, every line once across ranks; a few lines as images and text."""
+    was_training = model.training
+    model.eval()
+    dist_chars = ref_chars = dist_words = ref_words = lines = 0
+    samples = []
+    for batch in build_eval_loader(cfg, cfg.data.val_split, alphabet, env.rank, env.world_size):
+        hyps = [alphabet.decode(p) for p in greedy_decode(model(batch["images"].to(env.device))["ctc_logits"])]
+        for i, (ref, hyp) in enumerate(zip(batch["texts"], hyps)):
+            dist_chars += edit_distance(ref, hyp)
+            ref_chars += len(ref)
+            dist_words += edit_distance(ref.split(), hyp.split())
+            ref_words += len(ref.split())
+            lines += 1
+            if len(samples) < show:
+                samples.append((batch["images"][i, 0].numpy(), ref, hyp))
+    sums = dist_env.all_reduce_sum(torch.tensor([dist_chars, ref_chars, dist_words, ref_words, lines],
+                                                dtype=torch.float64))
+    model.train(was_training)
+    result = {"cer": (sums[0] / max(1.0, sums[1])).item(), "wer": (sums[2] / max(1.0, sums[3])).item(),
+              "lines": int(sums[4])}
+    logger.scalars({"cer": result["cer"], "wer": result["wer"]}, step, prefix="val/")
+    for i, (img, ref, hyp) in enumerate(samples):
+        logger.image(f"val/line_{i}", img, step)
+        logger.text(f"val/line_{i}", f"truth: {ref}  \npred: {hyp}", step)
+    log.info("step %d: val CER %.2f%% WER %.2f%% (%d lines)", step, 100 * result["cer"], 100 * result["wer"],
+             result["lines"])
+    return result
+
+
+def log_startup(cfg, env, strategy, model: HTRModel) -> None:
+    counts = count_parameters(model)
+    frozen = count_parameters(strategy.teacher)["frozen"] if strategy.teacher is not None else 0
+    held = llm_param_bytes_on_rank(strategy.teacher)
+    log.info("world size %d, strategy %s, device %s, backend %s, dtype %s", env.world_size, cfg.dist.strategy,
+             env.device, env.backend, env.dtype)
+    log.info("parameters: trainable %.2f M (backbone+heads+connector), frozen LLM %.1f M (%s); "
+             "LLM bytes held by this rank: %.1f MB", counts["trainable"] / 1e6, frozen / 1e6,
+             cfg.llm.name_or_path if strategy.teacher is not None else "off", held / 1e6)
+
+
+def train(cfg, env) -> dict:
+    """Run (or resume) training as configured; return the final metrics. Every rank calls this."""
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    manifest = load_manifest(cfg.data.path)
+    alphabet = Alphabet(manifest["alphabet"])
+    steps = total_steps(cfg, manifest, env.world_size)
+    micro_per_epoch = steps_per_epoch(manifest, env.world_size, cfg.train.batch_size)
+    if env.is_main:
+        save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
+    model = HTRModel(cfg.arch, cfg.connector, alphabet.num_classes, cfg.data.img_height, cfg.data.img_width,
+                     llm_hidden_size(cfg))
+    strategy = build_strategy(cfg, env, model, steps)
+    log_startup(cfg, env, strategy, model)
+    sampler = torch.Generator().manual_seed(cfg.train.seed * 1000 + env.rank)  # LLM subset, per rank
+    ckpts = CheckpointManager(cfg.run.dir, cfg.train.keep_last)
+    pos = Position()
+    resume_from = ckpts.resolve(cfg.train.resume)
+    if resume_from:
+        state = strategy.load(resume_from)
+        pos = Position(**state["position"])
+        set_rng_state(state["rng"][env.rank], sampler)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, pos.step, pos.epoch,
+                 pos.micro_in_epoch)
+    logger = make_logger(cfg.run.dir, env.is_main)
+    if pos.step == 0:
+        logger.text("config", "```\n" + _yaml(cfg) + "\n```", 0)
+    stop = StopFlag()
+    skip_stats = SkipStats()
+    bar = tqdm(total=steps, initial=pos.step, desc="train", unit="step", disable=not (env.is_main and cfg.run.progress),
+               dynamic_ncols=True)
+    accum = cfg.train.grad_accum
+    window = {k: 0.0 for k in LOSS_KEYS + ("llm_s", "data_s", "lines")}
+    window_steps, window_start = 0, time.time()
+    stream = None
+    model.train()
+    val = None
+    while pos.step < steps:
+        if stream is None:
+            stream = iter(build_train_loader(cfg, alphabet, env.rank, env.world_size, pos.epoch, pos.micro_in_epoch))
+        for micro in range(accum):
+            t0 = time.time()
+            batch = next(stream)
+            window["data_s"] += time.time() - t0
+            skip_stats.update(batch)
+            batch["images"] = batch["images"].to(env.device, non_blocking=True)
+            with strategy.no_sync(micro == accum - 1), env.autocast():
+                losses = compute_losses(strategy.model, strategy.teacher, batch, cfg.train, cfg.arch, sampler,
+                                        cfg.llm.max_text_tokens)
+            strategy.backward(losses["total"])
+            for k in LOSS_KEYS:
+                window[k] += losses[k].item() / accum
+            window["llm_s"] += losses["llm_s"]
+            window["lines"] += batch["images"].shape[0]
+            pos.micro_in_epoch += 1
+            if pos.micro_in_epoch >= micro_per_epoch:  # every rank rolls over at the same step
+                pos.epoch, pos.micro_in_epoch, stream = pos.epoch + 1, 0, None
+                if micro < accum - 1:
+                    stream = iter(build_train_loader(cfg, alphabet, env.rank, env.world_size, pos.epoch, 0))
+        grad_norm = strategy.step()
+        pos.step += 1
+        window_steps += 1
+        bar.update(1)
+        if pos.step % cfg.train.log_every == 0 or pos.step == steps:
+            _write_window(logger, window, window_steps, time.time() - window_start, grad_norm, strategy, env,
+                          skip_stats, pos.step, bar)
+            window = {k: 0.0 for k in window}
+            window_steps, window_start = 0, time.time()
+        if cfg.train.eval_every and pos.step % cfg.train.eval_every == 0 and pos.step < steps:
+            val = validate(strategy.module, cfg, alphabet, env, logger, pos.step)
+        stopping = stop.any_rank()
+        if stopping or (cfg.train.save_every and pos.step % cfg.train.save_every == 0) or pos.step == steps:
+            _save(ckpts, strategy, cfg, alphabet, pos, sampler, skip_stats)
+        if stopping:
+            log.warning("stopped by SIGTERM at step %d; resume with train.resume=auto", pos.step)
+            bar.close()
+            logger.close()
+            return {"step": pos.step, "stopped": True}
+    bar.close()
+    val = validate(strategy.module, cfg, alphabet, env, logger, pos.step)
+    logger.hparams(flat_hparams(to_dict(cfg)), {"hparam/val_cer": val["cer"], "hparam/val_wer": val["wer"]})
+    if env.is_main:
+        export_model(strategy.module, cfg, alphabet.chars, os.path.join(cfg.run.dir, "model.pt"))
+        log.info("exported %s", os.path.join(cfg.run.dir, "model.pt"))
+    logger.close()
+    dist_env.barrier()
+    return {"step": pos.step, "stopped": False, "val_cer": val["cer"], "val_wer": val["wer"]}
+
+
+def _save(ckpts, strategy, cfg, alphabet, pos: Position, sampler, skip_stats) -> None:
+    client_state = {
+        "position": vars(pos).copy(),
+        "rng": dist_env.all_gather_objects(rng_state(sampler)),
+        "config": to_dict(cfg),
+        "alphabet": alphabet.chars,
+        "llm": cfg.llm.name_or_path if cfg.train.use_llm else None,
+        "data_skipped": skip_stats.skipped,
+    }
+    ckpts.save(strategy, pos.step, client_state)
+
+
+def _write_window(logger, window, n_steps, seconds, grad_norm, strategy, env, skip_stats, step, bar) -> None:
+    values = torch.tensor([window[k] / n_steps for k in LOSS_KEYS] + [window["llm_s"] / n_steps,
+                          window["data_s"] / n_steps, window["lines"], float(skip_stats.skipped)])
+    values = dist_env.all_reduce_mean(values)
+    for i, k in enumerate(LOSS_KEYS):
+        logger.scalar(f"train/loss_{k}", values[i].item(), step)
+    lines_per_s = values[6].item() * env.world_size / max(seconds, 1e-9)
+    logger.scalar("train/lr", strategy.lr(), step)
+    logger.scalar("train/grad_norm", grad_norm, step)
+    logger.scalar("perf/lines_per_s", lines_per_s, step)
+    logger.scalar("perf/step_s", seconds / n_steps, step)
+    logger.scalar("perf/llm_s", values[4].item(), step)
+    logger.scalar("perf/data_wait_s", values[5].item(), step)
+    logger.scalar("perf/mem_peak", float(memory_peak_bytes(env.device) or 0), step)
+    logger.scalar("data/skipped", values[7].item() * env.world_size, step)
+    if not math.isfinite(values[0].item()):
+        log.warning("step %d: the loss is not finite (%s)", step, values[0].item())
+    bar.set_postfix(loss=f"{values[0].item():.3f}", lines_s=f"{lines_per_s:.1f}")
+
+
+def _yaml(cfg) -> str:
+    from htr_dist.config import dump_yaml
+
+    return dump_yaml(cfg)

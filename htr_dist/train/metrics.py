@@ -1,0 +1,93 @@
+"""CTC decoding (greedy, prefix beam search) and corpus-level CER / WER as the reference system computes them."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import List, Sequence
+
+import numpy as np
+import torch
+
+
+def greedy_decode(logits: torch.Tensor, blank: int = 0) -> List[List[int]]:
+    """(T, B, C) scores -> per line: best class per frame, repeats collapsed, blanks dropped."""
+    best = logits.argmax(-1).t().cpu().numpy()  # (B, T)
+    out = []
+    for row in best:
+        keep = np.ones(len(row), dtype=bool)
+        keep[1:] = row[1:] != row[:-1]
+        out.append([int(c) for c in row[keep] if c != blank])
+    return out
+
+
+def _logsumexp(a: float, b: float) -> float:
+    if a == -math.inf:
+        return b
+    if b == -math.inf:
+        return a
+    m = max(a, b)
+    return m + math.log1p(math.exp(-abs(a - b)))
+
+
+def prefix_beam_search(log_probs: np.ndarray, beam_width: int = 10, blank: int = 0, prune: float = -12.0) -> List[int]:
+    """CTC prefix beam search over (T, C) log-probabilities; returns the best label sequence.
+
+    Each prefix keeps two scores: ending in a blank and ending in its last label, so that 'aa' (two labels with a
+    blank between) and 'a' (one label repeated) are told apart. Classes below ``prune`` (log-prob) in a frame are
+    not extended, which keeps the search fast without changing the result in practice.
+    """
+    beams = {(): (0.0, -math.inf)}  # prefix -> (log p ending in blank, log p ending in non-blank)
+    for t in range(log_probs.shape[0]):
+        frame = log_probs[t]
+        candidates = np.nonzero(frame > prune)[0]
+        nxt = defaultdict(lambda: (-math.inf, -math.inf))
+        for prefix, (pb, pnb) in beams.items():
+            total = _logsumexp(pb, pnb)
+            for c in candidates:
+                p = float(frame[c])
+                if c == blank:
+                    b, nb = nxt[prefix]
+                    nxt[prefix] = (_logsumexp(b, total + p), nb)
+                    continue
+                extended = prefix + (int(c),)
+                b, nb = nxt[extended]
+                if prefix and prefix[-1] == c:
+                    nxt[extended] = (b, _logsumexp(nb, pb + p))  # a repeat needs a blank in between
+                    b0, nb0 = nxt[prefix]
+                    nxt[prefix] = (b0, _logsumexp(nb0, pnb + p))  # same label continues
+                else:
+                    nxt[extended] = (b, _logsumexp(nb, total + p))
+        beams = dict(sorted(nxt.items(), key=lambda kv: -_logsumexp(*kv[1]))[:beam_width])
+    return list(max(beams.items(), key=lambda kv: _logsumexp(*kv[1]))[0])
+
+
+def beam_decode(logits: torch.Tensor, beam_width: int = 10, blank: int = 0) -> List[List[int]]:
+    """(T, B, C) scores -> per line, the best sequence of a CTC prefix beam search."""
+    log_probs = logits.float().log_softmax(-1).transpose(0, 1).cpu().numpy()  # (B, T, C)
+    return [prefix_beam_search(lp, beam_width, blank) for lp in log_probs]
+
+
+def edit_distance(a: Sequence, b: Sequence) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions all cost 1)."""
+    if len(a) < len(b):
+        a, b = b, a
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def cer(refs: Sequence[str], hyps: Sequence[str]) -> float:
+    """Corpus character error rate: sum of edit distances over the total reference length."""
+    total = sum(len(r) for r in refs)
+    return sum(edit_distance(r, h) for r, h in zip(refs, hyps)) / max(1, total)
+
+
+def wer(refs: Sequence[str], hyps: Sequence[str]) -> float:
+    """Corpus word error rate over whitespace-separated words."""
+    total = sum(len(r.split()) for r in refs)
+    return sum(edit_distance(r.split(), h.split()) for r, h in zip(refs, hyps)) / max(1, total)
