@@ -1,0 +1,198 @@
+"""Synthetic IAM-format data and IAM -> shards: round trip, manifest, problems reported, atomic re-runs."""
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from htr_dist.data import iam
+from htr_dist.data.prepare import PrepareOptions, prepare
+from htr_dist.data.shards import ManifestError, load_manifest
+from htr_dist.data.synth import FontsNotFound, find_fonts, synthesize
+
+from conftest import PY, ROOT
+
+
+def read_shards(folder, split):
+    out = {}
+    for path in sorted(glob.glob(os.path.join(folder, f"{split}-*.tar"))):
+        with tarfile.open(path) as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                out.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return out
+
+
+def test_synth_layout_and_boxes(synth_dir):
+    for sub in ("forms", "xml", "ascii/lines.txt", "splits/train.uttlist", "splits/validation.uttlist",
+                "splits/test.uttlist"):
+        assert os.path.exists(os.path.join(synth_dir, sub)), sub
+    xmls = sorted(glob.glob(os.path.join(synth_dir, "xml", "*.xml")))
+    assert len(xmls) == 16
+    with open(xmls[0], "rb") as f:
+        assert f.readline().strip() == b"<?xml version='1.0' encoding='ISO-8859-1'?>"
+    form = iam.parse_form_xml(xmls[0])
+    page = np.asarray(Image.open(os.path.join(synth_dir, "forms", form.id + ".png")).convert("L"))
+    assert form.lines and not form.problems
+    ink = np.median(page) - 50  # darker than the paper by a clear margin (paper is grey and noisy)
+    covered = np.zeros(page.shape, bool)
+    for word in ET.parse(xmls[0]).getroot().iter("word"):
+        c = word.find("cmp").attrib
+        x, y, w, h = (int(c[k]) for k in ("x", "y", "width", "height"))
+        assert 0 <= x and 0 <= y and x + w <= page.shape[1] and y + h <= page.shape[0]
+        assert page[y : y + h, x : x + w].min() < ink, f"no ink inside the box of word {word.attrib['id']}"
+        covered[y : y + h, x : x + w] = True
+    top = min(l.bbox[1] for l in form.lines)
+    outside = page[top:][~covered[top:]]
+    assert (outside < ink).mean() < 0.002  # the handwritten part has (almost) no ink outside the word boxes
+    listed = [l.split(" ", 1)[0] for l in open(os.path.join(synth_dir, "ascii", "lines.txt")) if not l.startswith("#")]
+    assert [l.id for l in form.lines] == [i for i in listed if i.startswith(form.id + "-")]
+
+
+def test_synth_splits_partition_and_unseen_text(synth_dir):
+    splits = iam.read_split_lists(os.path.join(synth_dir, "splits"))
+    forms = {os.path.basename(p)[:-4] for p in glob.glob(os.path.join(synth_dir, "xml", "*.xml"))}
+    assert set(splits) == forms and set(splits.values()) == {"train", "val", "test"}
+    text_of = {}
+    for p in glob.glob(os.path.join(synth_dir, "xml", "*.xml")):
+        f = iam.parse_form_xml(p)
+        text_of[f.id] = {l.text for l in f.lines}
+    train = set().union(*(t for f, t in text_of.items() if splits[f] == "train"))
+    test = set().union(*(t for f, t in text_of.items() if splits[f] == "test"))
+    assert train and test and not (train & test)
+
+
+def test_synth_deterministic(tmp_path):
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    synthesize(a, forms=3, seed=7, workers=1, progress=False)
+    synthesize(b, forms=3, seed=7, workers=2, progress=False)
+    synthesize(c, forms=3, seed=8, workers=1, progress=False)
+
+    def digest(folder):
+        h = hashlib.sha256()
+        for p in sorted(glob.glob(os.path.join(folder, "**", "*"), recursive=True)):
+            if os.path.isfile(p):
+                h.update(os.path.relpath(p, folder).encode() + open(p, "rb").read())
+        return h.hexdigest()
+
+    assert digest(a) == digest(b)
+    assert digest(a) != digest(c)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary folder left
+
+
+def test_missing_fonts_names_packages(monkeypatch):
+    monkeypatch.setattr("htr_dist.data.synth.FONT_DIRS", ("/nonexistent",))
+    with pytest.raises(FontsNotFound, match="apt-get install fonts-dkg-handwriting .*fonts-comic-neue"):
+        find_fonts()
+
+
+def test_prepare_round_trip(synth_dir, shard_dir):
+    manifest = load_manifest(shard_dir)
+    truth = {l.id: l.text for l in iam.parse_lines_txt(os.path.join(synth_dir, "ascii", "lines.txt"))}
+    splits = iam.read_split_lists(os.path.join(synth_dir, "splits"))
+    seen = {}
+    for split in ("train", "val", "test"):
+        samples = read_shards(shard_dir, split)
+        assert manifest["splits"][split]["lines"] == len(samples)
+        for entry in manifest["splits"][split]["shards"]:
+            path = os.path.join(shard_dir, entry["file"])
+            assert hashlib.sha256(open(path, "rb").read()).hexdigest() == entry["sha256"]
+        for key, s in samples.items():
+            assert s["txt"].decode("utf-8") == truth[key]
+            meta = json.loads(s["json"])
+            assert splits[meta["form_id"]] == split and meta["segmentation"] == "ok" and len(meta["bbox"]) == 4
+            img = Image.open(__import__("io").BytesIO(s["png"]))
+            assert img.mode == "L"
+            seen[key] = split
+    assert sorted(seen) == sorted(truth)  # every line written exactly once
+    assert manifest["problems"]["total"] == 0
+    train_chars = set("".join(truth[k] for k, s in seen.items() if s == "train"))
+    assert manifest["alphabet"] == "".join(sorted(train_chars))
+
+
+def _copy_iam(src, dst):
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def test_prepare_reports_problems_and_reruns_atomically(synth_dir, tmp_path):
+    root = _copy_iam(synth_dir, tmp_path / "iam")
+    forms = sorted(glob.glob(os.path.join(root, "forms", "*.png")))
+    missing_id = os.path.basename(forms[0])[:-4]
+    n_missing = len(iam.parse_form_xml(os.path.join(root, "xml", missing_id + ".xml")).lines)
+    os.unlink(forms[0])
+    bad_xml = os.path.join(root, "xml", os.path.basename(forms[1])[:-4] + ".xml")
+    n_bad = len(iam.parse_form_xml(bad_xml).lines)
+    with open(bad_xml, "a") as f:
+        f.write("<oops>")
+    xml3 = os.path.join(root, "xml", os.path.basename(forms[2])[:-4] + ".xml")
+    first_line = iam.parse_form_xml(xml3).lines[0]
+    tree = ET.parse(xml3)
+    next(tree.getroot().iter("line")).set("text", "")
+    tree.write(xml3, encoding="ISO-8859-1", xml_declaration=True)
+    out = str(tmp_path / "shards")
+    proc = subprocess.run([PY, os.path.join(ROOT, "launch/prepare_iam.py"), "--iam", root, "--out", out,
+                           "--workers", "2"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    manifest = load_manifest(out)
+    counts = manifest["problems"]["counts"]
+    assert counts == {"missing_form_image": n_missing, "malformed_xml": 1, "empty_transcription": 1}
+    assert f"NOT written: {n_missing + 2} line(s)" in proc.stdout
+    assert missing_id in proc.stderr and os.path.basename(bad_xml) in proc.stderr
+    assert first_line.id in proc.stderr
+    total = sum(v["lines"] for v in manifest["splits"].values())
+    all_lines = len(iam.parse_lines_txt(os.path.join(root, "ascii", "lines.txt")))
+    assert total == all_lines - n_missing - n_bad - 1
+    before = {e["file"]: e["sha256"] for s in manifest["splits"].values() for e in s["shards"]}
+    prepare(PrepareOptions(root, os.path.join(root, "xml"), os.path.join(root, "splits"), out, workers=1),
+            progress=False)
+    after = {e["file"]: e["sha256"] for s in load_manifest(out)["splits"].values() for e in s["shards"]}
+    assert before == after  # deterministic re-run
+    assert not [p for p in os.listdir(out) if p.startswith(".")]  # no temporary shard left
+
+
+def test_prepare_missing_folder_and_positional_form(synth_dir, tmp_path):
+    proc = subprocess.run([PY, os.path.join(ROOT, "launch/prepare_iam.py"), "--iam", str(tmp_path / "nope"), "--out",
+                           str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 1 and f"IAM folder not found: {tmp_path / 'nope'}" in proc.stderr
+    out = str(tmp_path / "pos")
+    proc = subprocess.run([PY, os.path.join(ROOT, "launch/prepare_iam.py"), os.path.join(synth_dir), os.path.join(
+        synth_dir, "xml"), str(tmp_path / "nosplits"), out], capture_output=True, text=True)
+    assert proc.returncode == 1 and f"splits folder not found: {tmp_path / 'nosplits'}" in proc.stderr
+    proc = subprocess.run([PY, os.path.join(ROOT, "launch/prepare_iam.py"), synth_dir, os.path.join(synth_dir, "xml"),
+                           os.path.join(synth_dir, "splits"), out, "--workers", "1"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert load_manifest(out)["splits"]["train"]["lines"] > 0
+
+
+def test_lines_source(synth_dir, tmp_path):
+    """IAM's lines/ + ascii/lines.txt source: write line images where IAM keeps them and prepare from them."""
+    root = _copy_iam(synth_dir, tmp_path / "iam")
+    lines = iam.parse_lines_txt(os.path.join(root, "ascii", "lines.txt"))
+    for l in lines:
+        path = iam.line_image_path(root, l.id)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        page = np.asarray(Image.open(os.path.join(root, "forms", l.form_id + ".png")))
+        Image.fromarray(iam.crop_line(page, l.bbox, 4)).save(path)
+    out = str(tmp_path / "shards")
+    prepare(PrepareOptions(root, os.path.join(root, "xml"), os.path.join(root, "splits"), out, source="lines",
+                           lines_txt=os.path.join(root, "ascii", "lines.txt"), workers=1), progress=False)
+    manifest = load_manifest(out)
+    assert sum(s["lines"] for s in manifest["splits"].values()) == len(lines)
+    sample = next(iter(read_shards(out, "train").values()))
+    assert json.loads(sample["json"])["writer_id"] != ""
+
+
+def test_load_manifest_errors(tmp_path):
+    with pytest.raises(ManifestError, match=f"shard folder not found: {tmp_path / 'x'}"):
+        load_manifest(str(tmp_path / "x"))
+    with pytest.raises(ManifestError, match="manifest.json: missing"):
+        load_manifest(str(tmp_path))
