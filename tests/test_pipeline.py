@@ -1,0 +1,192 @@
+"""Streaming loader: round trip, batching, resume position, unknown characters, bad shards, 2-rank exactness."""
+
+import io
+import itertools
+import os
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as tmp
+import webdataset as wds
+from PIL import Image
+
+from htr_dist.config import load_config
+from htr_dist.data.alphabet import Alphabet
+from htr_dist.data.pipeline import StreamDataset, TooManySkipped, build_eval_loader, build_train_loader, \
+    steps_per_epoch
+from htr_dist.data.shards import load_manifest, png_bytes, write_manifest, write_split
+from htr_dist.data.transforms import augment_preprocess, preprocess
+
+from conftest import free_port
+
+
+def make_shards(folder, counts, split="train", texts=None, alphabet="abcdefghij "):
+    """Shards with the given sample counts; sample i has key k{i:04d} and text made from i."""
+    entries, i = [], 0
+    os.makedirs(folder, exist_ok=True)
+    for n in counts:
+        samples = []
+        for _ in range(n):
+            img = np.full((20, 60), 255, np.uint8)
+            img[5:15, 5 : 5 + (i % 50)] = 0
+            text = texts[i] if texts else "".join("abcdefghij"[int(d)] for d in str(i))
+            samples.append({"key": f"k{i:04d}", "png": png_bytes(img), "text": text, "meta": {}})
+            i += 1
+        sub = os.path.join(folder, f"part{len(entries)}")
+        for e in write_split(samples, sub, split, max_count=n):
+            os.replace(os.path.join(sub, e["file"]), os.path.join(folder, f"{split}-{len(entries):06d}.tar"))
+            entries.append(dict(e, file=f"{split}-{len(entries):06d}.tar"))
+    write_manifest(folder, "t", "test", {split: entries}, alphabet, {"total": 0})
+    return folder
+
+
+def cfg_for(path, **kw):
+    over = [f"data.path={path}", "data.img_height=16", "data.img_width=64", "data.num_workers=0",
+            "data.shuffle_buffer=8"] + [f"{k}={v}" for k, v in kw.items()]
+    return load_config(None, over)
+
+
+def test_preprocess_shape_range_aspect():
+    img = np.full((50, 100), 255, np.uint8)
+    img[10:40, 10:90] = 0
+    x = preprocess(img, 32, 256)
+    assert x.shape == (32, 256) and x.dtype == np.float32
+    assert x.min() == 0.0 and x.max() == pytest.approx(1.0)
+    cols = np.nonzero(x.max(0) > 0.5)[0]
+    assert 0 < cols[0] and cols[-1] < 256  # 100x50 scaled by 32/50 -> 64 px wide, centred: ink within
+    assert cols[-1] - cols[0] + 1 == pytest.approx(80 * 32 / 50, abs=2)
+
+
+def test_augment_deterministic_and_shaped():
+    img = np.full((40, 200), 255, np.uint8)
+    img[10:30, 20:180] = 30
+    a = augment_preprocess(img, 32, 128, np.random.default_rng(1))
+    b = augment_preprocess(img, 32, 128, np.random.default_rng(1))
+    c = augment_preprocess(img, 32, 128, np.random.default_rng(2))
+    assert a.shape == (32, 128) and np.array_equal(a, b) and not np.array_equal(a, c)
+    assert 0.0 <= a.min() and a.max() <= 1.0 and a.max() > 0.5
+
+
+def test_round_trip_keys_texts_targets(shard_dir):
+    cfg = load_config(None, [f"data.path={shard_dir}", "data.num_workers=0", "train.batch_size=5"])
+    manifest = load_manifest(shard_dir)
+    alphabet = Alphabet(manifest["alphabet"])
+    batches = list(build_eval_loader(cfg, "train", alphabet, 0, 1))
+    keys = [k for b in batches for k in b["keys"]]
+    assert len(keys) == len(set(keys)) == manifest["splits"]["train"]["lines"]
+    b = batches[0]
+    assert b["images"].shape == (5, 1, 128, 1024) and b["images"].dtype == torch.float32
+    assert b["target_lengths"].tolist() == [len(t) for t in b["texts"]]
+    assert alphabet.decode(b["targets"][: b["target_lengths"][0]].tolist()) == b["texts"][0]
+
+
+def test_train_stream_is_infinite_and_resumable(tmp_path):
+    folder = make_shards(str(tmp_path / "s"), [7, 5])
+    cfg = cfg_for(folder, **{"train.batch_size": 3})
+    alphabet = Alphabet("abcdefghij ")
+    full = [b["keys"] for b in itertools.islice(build_train_loader(cfg, alphabet, 0, 1, epoch=2), 9)]
+    assert len(full) == 9  # 12 lines, but the stream cycles: the loop decides how many batches make an epoch
+    resumed = [b["keys"] for b in itertools.islice(build_train_loader(cfg, alphabet, 0, 1, epoch=2, skip_batches=4), 5)]
+    assert resumed == full[4:]
+    other_epoch = [b["keys"] for b in itertools.islice(build_train_loader(cfg, alphabet, 0, 1, epoch=3), 9)]
+    assert other_epoch != full
+
+
+def test_unknown_characters_counted(tmp_path):
+    folder = make_shards(str(tmp_path / "s"), [4], split="test", texts=["abc", "aXb", "YZ", "a"])
+    cfg = cfg_for(folder, **{"train.batch_size": 4})
+    (batch,) = list(build_eval_loader(cfg, "test", Alphabet("abc"), 0, 1))
+    assert batch["unknown_chars"] == 3
+    assert batch["texts"] == ["abc", "aXb", "YZ", "a"]  # raw text kept for CER
+    assert batch["target_lengths"].tolist() == [3, 2, 0, 1]
+
+
+def _corrupt_png(folder):
+    path = os.path.join(folder, "train-000000.tar")
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w") as tar:
+        for m, data in members:
+            if m.name == "k0001.png":
+                data = b"not a png"
+            if m.name == "k0002.txt":
+                continue
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+
+
+def test_bad_samples_skipped_counted_and_named(tmp_path, caplog):
+    folder = make_shards(str(tmp_path / "s"), [6, 6])
+    _corrupt_png(folder)
+    with open(os.path.join(folder, "train-000001.tar"), "r+b") as f:
+        f.truncate(1500)  # a truncated shard: the first sample survives, the rest is lost
+    cfg = cfg_for(folder, **{"train.batch_size": 1, "data.max_skip_fraction": 0.9})
+    batches = list(build_eval_loader(cfg, "train", Alphabet("abcdefghij "), 0, 1))
+    keys = [b["keys"][0] for b in batches]
+    assert "k0001" not in keys and "k0002" not in keys and "k0000" in keys
+    assert batches[-1]["skipped"] == 3  # corrupt png, missing txt, truncated shard
+    text = caplog.text
+    assert "train-000000.tar:k0001 cannot be decoded" in text
+    assert "train-000000.tar:k0002 has no txt" in text
+    assert "unreadable shard data" in text
+
+
+def test_abort_when_too_many_skipped(tmp_path):
+    folder = make_shards(str(tmp_path / "s"), [120])
+    path = os.path.join(folder, "train-000000.tar")
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w") as tar:
+        for m, data in members:
+            if m.name.endswith(".png") and int(m.name[1:5]) % 10 == 0:
+                data = b"broken"
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    cfg = cfg_for(folder, **{"train.batch_size": 4, "data.max_skip_fraction": 0.05})
+    with pytest.raises(TooManySkipped, match=r"more than data.max_skip_fraction=0.05"):
+        list(build_eval_loader(cfg, "train", Alphabet("abcdefghij "), 0, 1))
+
+
+@pytest.mark.parametrize("counts", [[25], [9, 9, 7], [1, 1, 1, 1, 1, 20], [13, 2]])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_eval_sees_every_line_once(tmp_path, counts, world):
+    folder = make_shards(str(tmp_path / "s"), counts, split="val")
+    cfg = cfg_for(folder, **{"train.batch_size": 4})
+    keys = []
+    for rank in range(world):
+        keys += [k for b in build_eval_loader(cfg, "val", Alphabet("abcdefghij "), rank, world) for k in b["keys"]]
+    assert sorted(keys) == [f"k{i:04d}" for i in range(sum(counts))]
+
+
+def _dist_worker(rank, world, port, folder, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    tdist.init_process_group("gloo", rank=rank, world_size=world, timeout=__import__("datetime").timedelta(seconds=30))
+    cfg = cfg_for(folder, **{"train.batch_size": 4, "data.num_workers": 1})
+    manifest = load_manifest(folder)
+    n = steps_per_epoch(manifest, world, 4)
+    seen = []
+    for epoch in range(2):
+        for batch in itertools.islice(build_train_loader(cfg, Alphabet("abcdefghij "), rank, world, epoch), n):
+            t = torch.ones(1)
+            tdist.all_reduce(t)  # what DDP does every step: a rank with fewer batches would hang here
+            seen.append(len(batch["keys"]))
+    eval_keys = [k for b in build_eval_loader(cfg, "train", Alphabet("abcdefghij "), rank, world) for k in b["keys"]]
+    gathered = [None] * world
+    tdist.all_gather_object(gathered, eval_keys)
+    if rank == 0:
+        torch.save({"n": n, "seen": seen, "eval": gathered}, out)
+    tdist.destroy_process_group()
+
+
+def test_two_ranks_uneven_shards(tmp_path):
+    """25 lines in 3 uneven shards at 2 ranks: equal batch counts (no hang), eval covers every line once."""
+    folder = make_shards(str(tmp_path / "s"), [12, 9, 4])
+    out = str(tmp_path / "out.pt")
+    tmp.spawn(_dist_worker, args=(2, free_port(), folder, out), nprocs=2, join=True)
+    res = torch.load(out)
+    assert res["n"] == 3 and res["seen"] == [4] * 6
+    keys = [k for part in res["eval"] for k in part]
+    assert sorted(keys) == [f"k{i:04d}" for i in range(25)]
