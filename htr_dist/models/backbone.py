@@ -89,11 +89,13 @@ class MobileViTBlock(nn.Module):
         if ph or pw:
             y = F.pad(y, (0, pw, 0, ph))
         d, hh, ww = y.shape[1], y.shape[2] // p, y.shape[3] // p
-        # (B, D, hh, p, ww, p) -> (B, p, p, hh, ww, D) -> (B*p*p, hh*ww, D): one sequence of patches per in-patch pixel
-        seq = y.view(b, d, hh, p, ww, p).permute(0, 3, 5, 2, 4, 1).reshape(b * p * p, hh * ww, d)
+        # Work on the (B, H, W, D) view: free for a channels_last map, and D stays innermost for the transformer.
+        # (B, hh, p, ww, p, D) -> (B, p, p, hh, ww, D) -> (B*p*p, hh*ww, D): one sequence of patches per in-patch pixel
+        seq = y.permute(0, 2, 3, 1).reshape(b, hh, p, ww, p, d).permute(0, 2, 4, 1, 3, 5).reshape(b * p * p, hh * ww, d)
         seq = self.norm(self.transformer(seq))
-        y = seq.view(b, p, p, hh, ww, d).permute(0, 5, 3, 1, 4, 2).reshape(b, d, hh * p, ww * p)
-        y = self.project(y[:, :, :h, :w])
+        y = seq.view(b, p, p, hh, ww, d).permute(0, 3, 1, 4, 2, 5).reshape(b, hh * p, ww * p, d)
+        y = y[:, :h, :w].permute(0, 3, 1, 2)  # (B, D, H, W), channels_last in memory
+        y = self.project(y)
         return self.fuse(torch.cat([x, y], dim=1))
 
 
@@ -116,8 +118,10 @@ class HybridBackboneCRNNMobileViT(nn.Module):
     """(B, 1, H, W) line image -> (B, T, C) sequence, T = W / (stem stride * 2^pools)."""
 
     def __init__(self, cnn_cfg: Sequence, stem_channels: int = 32, stem_stride: Sequence[int] = (4, 2),
-                 patch_sizes: Sequence[int] = (4, 8), vit_dim: int = 0, vit_depth: int = 2, vit_heads: int = 4):
+                 patch_sizes: Sequence[int] = (4, 8), vit_dim: int = 0, vit_depth: int = 2, vit_heads: int = 4,
+                 channels_last: bool = True):
         super().__init__()
+        self.channels_last = channels_last
         self.stem = nn.Sequential(
             nn.Conv2d(1, stem_channels, 7, stride=tuple(stem_stride), padding=3, bias=False),
             nn.BatchNorm2d(stem_channels), nn.ReLU(inplace=True),
@@ -140,7 +144,12 @@ class HybridBackboneCRNNMobileViT(nn.Module):
                 layers.append(MobileViTBlock(ch, dim, vit_depth, heads, patch_sizes[index]))
         self.features = nn.Sequential(*layers)
         self.out_channels = ch
+        if channels_last:  # 4-D conv weights in NHWC too, so oneDNN does not reorder them at every call
+            self.to(memory_format=torch.channels_last)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, H, W)
+        if self.channels_last:
+            # oneDNN (CPU) and cuDNN convolutions and batch norms run faster on NHWC maps; every layer keeps the format.
+            x = x.contiguous(memory_format=torch.channels_last)
         y = self.features(self.stem(x))  # (B, C, h, w)
         return y.amax(dim=2).transpose(1, 2)  # column max-pool over the height -> (B, T=w, C)

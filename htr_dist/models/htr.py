@@ -88,11 +88,12 @@ def compute_losses(model, teacher, batch: dict, train_cfg, arch_cfg, generator: 
                    max_text_tokens: int = 48) -> dict:
     """Named losses of one micro-batch: ``ctc``, ``ctc_shortcut``, ``llm``, ``total``; plus ``llm_s`` (seconds).
 
-    ``total = ctc + shortcut_weight * ctc_shortcut + llm_loss_weight * llm``. With a teacher, the LLM is called
-    exactly once, on ``num_llm_samples(B, ratio)`` lines.
+    ``total = ctc + shortcut_weight * ctc_shortcut + llm_loss_weight * llm``. With a teacher and ``train.use_llm``,
+    the LLM is called exactly once, on ``num_llm_samples(B, ratio)`` lines whose tap features come from the same
+    forward pass as the CTC logits; otherwise ``llm`` is a zero tensor.
     """
     images = batch["images"]
-    use_llm = teacher is not None
+    use_llm = teacher is not None and train_cfg.use_llm
     index = sample_llm_index(images.shape[0], train_cfg.llm_sample_ratio, generator) if use_llm else None
     out = model(images, index.to(images.device) if use_llm else None)
     losses = {"ctc": ctc_loss(out["ctc_logits"], batch["targets"], batch["target_lengths"])}

@@ -1,0 +1,180 @@
+"""Seconds per full training step (forward, losses, backward, AdamW step) of several model configurations on the CPU.
+
+All configurations are built once and stepped round robin (one step of each in turn), so machine noise hits all of
+them alike. Prints one JSON object: min / median / max seconds per configuration, ``llm_overhead`` (median of
+``llm_sampled`` over median of ``no_llm``), parameter counts and forward MACs per line (FLOPs / 2, counted by
+``torch.utils.flop_counter.FlopCounterMode``).
+
+    .venv/bin/python benchmarks/step_time.py --steps 5 --warmup 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from htr_dist.config import ArchConfig, ConnectorConfig, LLMConfig, TrainConfig
+from htr_dist.models.htr import HTRModel, compute_losses, count_parameters, num_llm_samples
+
+REFERENCE_CFG = [[2, 64], "M", [3, 128], "M", [2, 256]]
+SEED_CFG = [[2, 64], "M", "mobilevit1", [4, 128], "M", "mobilevit2", [4, 256]]
+CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:'\"!?()-#&*+/"  # 79 chars, as IAM
+
+
+def make_batch(batch: int, height: int, width: int, line_chars: int, seed: int = 0) -> dict:
+    """Random images and random 'words' of about ``line_chars`` characters (an average IAM line has ~43)."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(batch):
+        words = []
+        while sum(len(w) + 1 for w in words) < line_chars:
+            words.append("".join(rng.choice(CHARS[:62]) for _ in range(rng.randint(2, 8))))
+        texts.append(" ".join(words)[:line_chars])
+    ids = [[CHARS.index(c) + 1 for c in t] for t in texts]
+    return {
+        "images": torch.rand(batch, 1, height, width, generator=torch.Generator().manual_seed(seed)),
+        "targets": torch.tensor([i for row in ids for i in row], dtype=torch.long),
+        "target_lengths": torch.tensor([len(row) for row in ids], dtype=torch.long),
+        "texts": texts,
+        "keys": [f"line-{i}" for i in range(batch)],
+    }
+
+
+def load_teacher(name: str, cache_dir: str):
+    """The frozen PrefixLM teacher (SmolLM2-135M by default), or None when htr_dist.models.llm cannot load it."""
+    from htr_dist.models.llm import PrefixLM, load_causal_lm
+
+    lm, tokenizer = load_causal_lm(name, cache_dir)
+    return PrefixLM(lm, tokenizer).eval()
+
+
+def _rnn_macs(module: torch.nn.RNNBase, inputs: tuple) -> int:
+    """Multiply-accumulates of one LSTM/GRU call: gates x hidden x (input + hidden) per step, layer and direction."""
+    x = inputs[0]
+    batch, steps = (x.shape[0], x.shape[1]) if module.batch_first else (x.shape[1], x.shape[0])
+    gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1)
+    dirs = 2 if module.bidirectional else 1
+    total, in_dim = 0, module.input_size
+    for _ in range(module.num_layers):
+        total += dirs * gates * module.hidden_size * (in_dim + module.hidden_size)
+        in_dim = dirs * module.hidden_size
+    return total * batch * steps
+
+
+def forward_macs(module: torch.nn.Module, fn) -> int:
+    """Forward MACs of ``fn()``: FlopCounterMode's FLOPs / 2, plus LSTM/GRU layers, which it does not count on CPU."""
+    rnn_total = [0]
+    hooks = [m.register_forward_hook(lambda mod, inp, out: rnn_total.__setitem__(0, rnn_total[0] + _rnn_macs(mod, inp)))
+             for m in module.modules() if isinstance(m, torch.nn.RNNBase)]
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            fn()
+    finally:
+        for h in hooks:
+            h.remove()
+    return counter.get_total_flops() // 2 + rnn_total[0]
+
+
+class Case:
+    """One configuration: its model, optimizer and (optional) teacher; ``step()`` returns the seconds taken."""
+
+    def __init__(self, name: str, cnn_cfg, args, teacher=None, ratio: float = 0.125):
+        self.name, self.teacher = name, teacher
+        torch.manual_seed(0)
+        self.arch = ArchConfig(cnn_cfg=cnn_cfg)
+        self.train_cfg = TrainConfig(use_llm=teacher is not None, llm_sample_ratio=ratio)
+        hidden = teacher.hidden_size if teacher is not None else None
+        self.model = HTRModel(self.arch, ConnectorConfig(), len(CHARS) + 1, args.height, args.width, hidden).train()
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
+        self.generator = torch.Generator().manual_seed(0)
+        self.times: list = []
+        self.max_tokens = LLMConfig().max_text_tokens
+
+    def step(self, batch: dict) -> float:
+        start = time.perf_counter()
+        losses = compute_losses(self.model, self.teacher, batch, self.train_cfg, self.arch, self.generator,
+                                self.max_tokens)
+        self.opt.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        self.opt.step()
+        return time.perf_counter() - start
+
+    def report(self, args, batch: dict) -> dict:
+        params = count_parameters(self.model)
+        one = {k: v[:1] if k != "targets" else v[: int(batch["target_lengths"][0])] for k, v in batch.items()}
+        self.model.eval()
+        out = {
+            "params_trainable": params["trainable"],
+            "macs_per_line": forward_macs(self.model, lambda: self.model(one["images"])),
+        }
+        if self.teacher is not None:
+            k = num_llm_samples(args.batch, self.train_cfg.llm_sample_ratio)
+            # connector + frozen LLM, per line sent to the LLM (the recogniser's MACs are in macs_per_line)
+            ids, mask = self.teacher.tokenize(one["texts"], self.max_tokens)
+            feats = torch.zeros(1, args.width // 8, self.model.head.tap_dim)
+            out["llm_lines_per_step"] = k
+            out["params_frozen_llm"] = count_parameters(self.teacher)["frozen"]
+            connector = self.model.connector
+            out["connector_macs_per_llm_line"] = forward_macs(connector, lambda: connector(feats))
+            tokens = self.model.connector(feats).detach()
+            out["llm_macs_per_llm_line"] = forward_macs(self.teacher, lambda: self.teacher(tokens, ids, mask))
+        self.model.train()
+        return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration first")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--height", type=int, default=128)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--line-chars", type=int, default=45, help="characters per synthetic transcription")
+    parser.add_argument("--llm", default=LLMConfig().name_or_path, help="teacher for the llm_* cases ('' = skip)")
+    parser.add_argument("--llm-cache", default=LLMConfig().cache_dir)
+    parser.add_argument("--only", default="", help="comma-separated subset of case names")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    teacher = load_teacher(args.llm, args.llm_cache) if args.llm else None
+    specs = [
+        ("reference_cnn", REFERENCE_CFG, None, 0.125),
+        ("no_llm", ArchConfig().cnn_cfg, None, 0.125),
+        ("seed_hybrid", SEED_CFG, None, 0.125),
+        ("llm_sampled", ArchConfig().cnn_cfg, teacher, 0.125),
+        ("llm_all", ArchConfig().cnn_cfg, teacher, 1.0),
+    ]
+    only = set(filter(None, args.only.split(",")))
+    specs = [s for s in specs if (not only or s[0] in only) and (s[2] is not None or not s[0].startswith("llm"))]
+    cases = [Case(name, cfg, args, t, ratio) for name, cfg, t, ratio in specs]
+    batch = make_batch(args.batch, args.height, args.width, args.line_chars)
+
+    for i in range(args.warmup + args.steps):
+        for case in cases:  # round robin: noise is shared out evenly
+            seconds = case.step(batch)
+            if i >= args.warmup:
+                case.times.append(seconds)
+        print(f"round {i + 1}/{args.warmup + args.steps}: "
+              + ", ".join(f"{c.name} {c.times[-1] if c.times else float('nan'):.2f}s" for c in cases), file=sys.stderr)
+
+    result = {"batch": args.batch, "height": args.height, "width": args.width, "threads": args.threads,
+              "steps": args.steps, "warmup": args.warmup, "llm": args.llm or None}
+    for case in cases:
+        result[f"{case.name}_s"] = statistics.median(case.times)
+        result[case.name] = {"min_s": min(case.times), "median_s": statistics.median(case.times),
+                             "max_s": max(case.times), **case.report(args, batch)}
+    if "llm_sampled_s" in result and "no_llm_s" in result:
+        result["llm_overhead"] = result["llm_sampled_s"] / result["no_llm_s"]
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
