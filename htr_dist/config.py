@@ -145,6 +145,9 @@ class TrainConfig:
     """Optimizer steps between checkpoints (0 = only at the end)."""
     keep_last: int = 3
     """Checkpoints kept in ``run.dir``."""
+    stop_after: int = 0
+    """Stop with a checkpoint after this many optimizer steps, as a preemption would (0 = off); the schedule still
+    spans the whole run, so a resumed run continues exactly (for time-limited cluster jobs)."""
     resume: str = ""
     """``auto`` = newest checkpoint in ``run.dir``; a path = that checkpoint; empty = start fresh."""
 
@@ -202,7 +205,7 @@ _POSITIVE = (
 _NON_NEGATIVE = (
     "data.num_workers", "data.shuffle_buffer", "arch.mobilevit_dim", "arch.shortcut_weight", "train.lr",
     "train.weight_decay", "train.max_steps", "train.grad_clip", "train.warmup_steps", "train.eval_every",
-    "train.save_every", "train.llm_loss_weight",
+    "train.save_every", "train.llm_loss_weight", "train.stop_after",
 )
 
 

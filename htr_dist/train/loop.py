@@ -171,11 +171,12 @@ def train(cfg, env) -> dict:
             window_steps, window_start = 0, time.time()
         if cfg.train.eval_every and pos.step % cfg.train.eval_every == 0 and pos.step < steps:
             val = validate(strategy.module, cfg, alphabet, env, logger, pos.step)
-        stopping = stop.any_rank()
+        stopping = stop.any_rank() or 0 < cfg.train.stop_after <= pos.step < steps
         if stopping or (cfg.train.save_every and pos.step % cfg.train.save_every == 0) or pos.step == steps:
             _save(ckpts, strategy, cfg, alphabet, pos, sampler, skip_stats)
         if stopping:
-            log.warning("stopped by SIGTERM at step %d; resume with train.resume=auto", pos.step)
+            log.warning("stopped by %s at step %d; resume with train.resume=auto",
+                        "SIGTERM" if stop.raised else "train.stop_after", pos.step)
             bar.close()
             logger.close()
             return {"step": pos.step, "stopped": True}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import defaultdict
 from typing import List, Sequence
@@ -58,7 +59,7 @@ def prefix_beam_search(log_probs: np.ndarray, beam_width: int = 10, blank: int =
                     nxt[prefix] = (b0, _logsumexp(nb0, pnb + p))  # same label continues
                 else:
                     nxt[extended] = (b, _logsumexp(nb, total + p))
-        beams = dict(sorted(nxt.items(), key=lambda kv: -_logsumexp(*kv[1]))[:beam_width])
+        beams = dict(heapq.nlargest(beam_width, nxt.items(), key=lambda kv: _logsumexp(*kv[1])))
     return list(max(beams.items(), key=lambda kv: _logsumexp(*kv[1]))[0])
 
 

@@ -1,0 +1,153 @@
+"""IAM Handwriting Database, exactly as distributed.
+
+- form images: ``formsA-D/``, ``formsE-H/``, ``formsI-Z/`` (or one ``forms/`` folder), ``<form id>.png``
+- ``xml/<form id>.xml`` (declared ISO-8859-1): ``form`` (id, writer-id) / ``handwritten-part`` / ``line`` (id, text,
+  segmentation) / ``word`` (id, text) / ``cmp`` (x, y, width, height); text attributes use XML entities
+- ``ascii/lines.txt``: ``a01-000u-00 ok 154 19 408 746 1661 89 A|MOVE|to|stop`` (id, segmentation, gray level,
+  components, x y w h, words joined by '|'), with ``lines/a01/a01-000u/a01-000u-00.png`` the pre-cropped lines
+- split lists: ``*.uttlist`` files of form ids (Aachen split: train / validation / test)
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+FORM_FOLDERS = ("formsA-D", "formsE-H", "formsI-Z", "forms")
+SPLIT_NAMES = {"train": "train", "trainset": "train", "validation": "val", "valid": "val", "val": "val",
+               "validationset1": "val", "test": "test", "testset": "test"}
+
+
+class IAMFormatError(ValueError):
+    """An IAM file does not have the expected format; the message names the file (and line id)."""
+
+
+@dataclass
+class LineRecord:
+    id: str
+    form_id: str
+    writer_id: str
+    text: str
+    bbox: Tuple[int, int, int, int]
+    """x0, y0, x1, y1 (exclusive) in form pixels: the union of the line's cmp boxes (xml) or lines.txt's box."""
+    segmentation: str = "ok"
+
+
+@dataclass
+class FormRecord:
+    id: str
+    writer_id: str
+    lines: List[LineRecord] = field(default_factory=list)
+    problems: List[str] = field(default_factory=list)
+    """Lines of this form that cannot be used, each message naming the file and line id."""
+
+
+def parse_form_xml(path: str) -> FormRecord:
+    """Parse one IAM form XML (bytes, so the encoding declaration is honoured)."""
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as err:
+        raise IAMFormatError(f"{path}: malformed XML ({err})") from None
+    if root.tag != "form" or "id" not in root.attrib:
+        raise IAMFormatError(f"{path}: root element is <{root.tag}>, expected <form id=...>")
+    form = FormRecord(root.attrib["id"], root.attrib.get("writer-id", ""))
+    part = root.find("handwritten-part")
+    if part is None:
+        raise IAMFormatError(f"{path}: no <handwritten-part>")
+    for line in part.iter("line"):
+        line_id = line.attrib.get("id", "?")
+        text = line.attrib.get("text", "")
+        boxes = [(int(c.attrib["x"]), int(c.attrib["y"]), int(c.attrib["width"]), int(c.attrib["height"]))
+                 for c in line.iter("cmp")]
+        if not text.strip():
+            form.problems.append(f"{path}: line {line_id}: empty transcription")
+            continue
+        if not boxes:
+            form.problems.append(f"{path}: line {line_id}: no <cmp> boxes to crop")
+            continue
+        x0 = min(b[0] for b in boxes)
+        y0 = min(b[1] for b in boxes)
+        x1 = max(b[0] + b[2] for b in boxes)
+        y1 = max(b[1] + b[3] for b in boxes)
+        form.lines.append(LineRecord(line_id, form.id, form.writer_id, text, (x0, y0, x1, y1),
+                                     line.attrib.get("segmentation", "ok")))
+    return form
+
+
+def parse_lines_txt(path: str) -> List[LineRecord]:
+    """Parse ``ascii/lines.txt``; a malformed data line raises IAMFormatError naming the file and line number."""
+    records = []
+    with open(path, encoding="utf-8", errors="strict") as f:
+        for number, raw in enumerate(f, 1):
+            if raw.startswith("#") or not raw.strip():
+                continue
+            parts = raw.rstrip("\n").split(" ", 8)
+            if len(parts) != 9:
+                raise IAMFormatError(f"{path}:{number}: expected 9 fields, got {len(parts)}: {raw.strip()!r}")
+            line_id, seg, _gray, _n, x, y, w, h, words = parts
+            try:
+                x, y, w, h = int(x), int(y), int(w), int(h)
+            except ValueError:
+                raise IAMFormatError(f"{path}:{number}: bad bounding box in {raw.strip()!r}") from None
+            form_id = "-".join(line_id.split("-")[:2])
+            records.append(LineRecord(line_id, form_id, "", words.replace("|", " "), (x, y, x + w, y + h), seg))
+    return records
+
+
+def read_split_lists(split_dir: str) -> Dict[str, str]:
+    """``form id -> train|val|test`` from ``*.uttlist`` files; a form in two lists is an error naming both."""
+    if not os.path.isdir(split_dir):
+        raise FileNotFoundError(f"split folder not found: {split_dir}")
+    out: Dict[str, str] = {}
+    files = sorted(glob.glob(os.path.join(split_dir, "*.uttlist")))
+    if not files:
+        raise IAMFormatError(f"{split_dir}: no *.uttlist files (expected train/validation/test.uttlist)")
+    for path in files:
+        stem = os.path.basename(path)[: -len(".uttlist")].lower()
+        split = SPLIT_NAMES.get(stem)
+        if split is None:
+            raise IAMFormatError(f"{path}: unknown split name {stem!r} (expected one of {sorted(SPLIT_NAMES)})")
+        with open(path, encoding="utf-8") as f:
+            for form_id in (x.strip() for x in f):
+                if not form_id:
+                    continue
+                if out.get(form_id, split) != split:
+                    raise IAMFormatError(f"{path}: form {form_id} is already in split {out[form_id]!r}")
+                out[form_id] = split
+    return out
+
+
+def find_form_image(root: str, form_id: str) -> Optional[str]:
+    for folder in FORM_FOLDERS:
+        for ext in (".png", ".jpg", ".tif"):
+            path = os.path.join(root, folder, form_id + ext)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def line_image_path(root: str, line_id: str) -> str:
+    parts = line_id.split("-")
+    return os.path.join(root, "lines", parts[0], "-".join(parts[:2]), line_id + ".png")
+
+
+def crop_line(form: np.ndarray, bbox: Tuple[int, int, int, int], margin: int = 8, scale: float = 1.0) -> np.ndarray:
+    """Crop ``bbox`` plus ``margin`` pixels (clipped to the form), optionally rescaled by ``scale``."""
+    from PIL import Image
+
+    h, w = form.shape
+    x0, y0, x1, y1 = bbox
+    x0, y0 = max(0, x0 - margin), max(0, y0 - margin)
+    x1, y1 = min(w, x1 + margin), min(h, y1 + margin)
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"empty crop for bbox {bbox} in a {w}x{h} form")
+    crop = form[y0:y1, x0:x1]
+    if scale != 1.0:
+        size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
+        crop = np.asarray(Image.fromarray(crop).resize(size, Image.BILINEAR))
+    return np.ascontiguousarray(crop)

@@ -1,0 +1,98 @@
+"""Preprocessing and augmentation of line images: pure functions of a gray uint8 array (and a numpy Generator).
+
+Lines arrive as IAM stores them: dark ink on light paper. The network sees a fixed H x W float image, inverted to
+[0, 1] (ink = 1), the line scaled to fit keeping its aspect ratio, centred, and padded with 0.
+
+Augmentation (training only) follows Retsinas et al.: random rescale, affine with shear and a slight rotation, a
+grid (elastic-like) distortion, dilation or erosion, brightness, contrast and gamma. The resize to H x W and every
+geometric change happen in ONE PIL mesh transform (C code, bilinear), which is why augmentation costs about as much as
+the plain resize; morphology uses PIL's min/max filters, photometry is a few numpy ops.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+PAPER = 255
+
+
+def _fit(h: int, w: int, height: int, width: int) -> float:
+    return min(height / h, width / w)
+
+
+def preprocess(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Gray uint8 (h, w) -> float32 (height, width) in [0, 1], inverted, aspect kept, centred, zero-padded."""
+    if img.ndim != 2 or img.dtype != np.uint8:
+        raise ValueError(f"expected a 2-D uint8 gray image, got shape {img.shape} dtype {img.dtype}")
+    h, w = img.shape
+    s = _fit(h, w, height, width)
+    nh, nw = max(1, min(height, round(h * s))), max(1, min(width, round(w * s)))
+    small = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BILINEAR), dtype=np.float32)
+    out = np.zeros((height, width), dtype=np.float32)
+    top, left = (height - nh) // 2, (width - nw) // 2
+    out[top : top + nh, left : left + nw] = 1.0 - small / 255.0
+    return out
+
+
+def _inverse_map(h: int, w: int, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    """2x3 matrix mapping output (u, v, 1) to source (x, y): random rescale, shear, rotation, placement."""
+    s = _fit(h, w, height, width) * rng.uniform(0.7, 1.0)  # shrink only, so the line stays inside the canvas
+    shear = rng.uniform(-0.35, 0.35)  # slant: x' = x + shear * (y - centre)
+    angle = math.radians(rng.uniform(-1.5, 1.5))
+    c, si = math.cos(angle), math.sin(angle)
+    # forward: source centred -> shear -> rotate -> scale -> placed in the output
+    fwd = s * np.array([[c, -si], [si, c]]) @ np.array([[1.0, shear], [0.0, 1.0]])
+    out_w = abs(fwd[0, 0]) * w + abs(fwd[0, 1]) * h
+    out_h = abs(fwd[1, 0]) * w + abs(fwd[1, 1]) * h
+    cu = width / 2 + rng.uniform(-0.5, 0.5) * max(0.0, width - out_w)
+    cv = height / 2 + rng.uniform(-0.5, 0.5) * max(0.0, height - out_h)
+    inv = np.linalg.inv(fwd)
+    offset = np.array([w / 2, h / 2]) - inv @ np.array([cu, cv])
+    return np.hstack([inv, offset[:, None]])
+
+
+def _mesh(inv: np.ndarray, height: int, width: int, rng: np.random.Generator, cols: int = 12, rows: int = 3,
+          jitter: float = 0.0) -> list:
+    """PIL MESH spec: output cells and the (jittered) source quads they sample from."""
+    us = np.linspace(0, width, cols + 1)
+    vs = np.linspace(0, height, rows + 1)
+    uu, vv = np.meshgrid(us, vs)  # (rows+1, cols+1)
+    pts = np.stack([uu, vv, np.ones_like(uu)], -1) @ inv.T  # (rows+1, cols+1, 2) source points
+    if jitter:
+        pts = pts + rng.normal(0.0, jitter, pts.shape)
+    mesh = []
+    for j in range(rows):
+        for i in range(cols):
+            box = (int(us[i]), int(vs[j]), int(us[i + 1]), int(vs[j + 1]))
+            nw, sw, se, ne = pts[j, i], pts[j + 1, i], pts[j + 1, i + 1], pts[j, i + 1]
+            mesh.append((box, (*nw, *sw, *se, *ne)))
+    return mesh
+
+
+def augment_preprocess(img: np.ndarray, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    """Training version of :func:`preprocess`: the same output format, with the reference augmentations."""
+    h, w = img.shape
+    inv = _inverse_map(h, w, height, width, rng)
+    # grid distortion: move each mesh vertex by a few source pixels (relative to the line's height)
+    jitter = rng.uniform(0.0, 0.03) * h if rng.random() < 0.5 else 0.0
+    pil = Image.fromarray(img).transform((width, height), Image.MESH, _mesh(inv, height, width, rng, jitter=jitter),
+                                         Image.BILINEAR, fillcolor=PAPER)
+    r = rng.random()
+    if r < 0.25:
+        pil = pil.filter(ImageFilter.MinFilter(3))  # thicker (dark) ink: dilation of the strokes
+    elif r < 0.5:
+        pil = pil.filter(ImageFilter.MaxFilter(3))  # thinner ink: erosion
+    x = 1.0 - np.asarray(pil, dtype=np.float32) / 255.0
+    gamma = math.exp(rng.uniform(-0.4, 0.4))
+    x = np.power(x, gamma, out=x)
+    x *= rng.uniform(0.7, 1.2)  # contrast of the ink
+    x += rng.uniform(-0.05, 0.1)  # brightness of the paper
+    return np.clip(x, 0.0, 1.0, out=x)
+
+
+def batch_shape(height: int, width: int) -> Tuple[int, int, int]:
+    return 1, height, width

@@ -1,0 +1,184 @@
+"""Every distributed helper in one place: ranks, backend, device and dtype.
+
+Rank and world size come from the environment that torchrun, the deepspeed launcher or SLURM set. Every helper returns
+a safe default (rank 0, world 1, no-op collectives) when torch.distributed is not initialised, so the same code runs in
+one plain process. Device, dtype and backend are decided here once and passed down; model code never re-detects them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as tdist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    """``nccl`` on CUDA, ``gloo`` on CPU."""
+    dtype: torch.dtype
+    """Compute dtype of the frozen LLM and of autocast: bf16 on CUDA, fp32 on CPU."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def autocast_enabled(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self):
+        """bf16 autocast on CUDA, a no-op context on CPU."""
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=self.autocast_enabled)
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if os.environ.get(name, "") != "":
+            return int(os.environ[name])
+    return default
+
+
+def env_rank() -> int:
+    return _env_int("RANK", "SLURM_PROCID", default=0)
+
+
+def env_world_size() -> int:
+    return _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+
+
+def env_local_rank() -> int:
+    return _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+
+
+def pick_device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def pick_backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def pick_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def attn_implementation(device: torch.device) -> str:
+    """flash-attn 2 where it is installed and the device is CUDA, else PyTorch SDPA (transformers does not fall back)."""
+    if device.type == "cuda":
+        from transformers.utils import is_flash_attn_2_available
+
+        if is_flash_attn_2_available():
+            return "flash_attention_2"
+    return "sdpa"
+
+
+def init_distributed(timeout_s: int = 1800, use_deepspeed: bool = False) -> DistEnv:
+    """Initialise the process group when launched with several processes; return the resolved environment.
+
+    SLURM without torchrun: MASTER_ADDR/MASTER_PORT must be exported by the batch script (launch/slurm_train.sh does).
+    """
+    rank, world, local_rank = env_rank(), env_world_size(), env_local_rank()
+    device = pick_device(local_rank)
+    backend = pick_backend(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not tdist.is_initialized():
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("WORLD_SIZE", str(world))
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if use_deepspeed:
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+        else:
+            tdist.init_process_group(backend=backend, timeout=timeout)
+    env = DistEnv(rank, world, local_rank, device, backend, pick_dtype(device))
+    log.info("rank %d/%d local %d device %s backend %s dtype %s", rank, world, local_rank, device, backend, env.dtype)
+    return env
+
+
+def is_initialized() -> bool:
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def get_rank() -> int:
+    return tdist.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return tdist.get_world_size() if is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_initialized():
+        tdist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if is_initialized():
+        t = t.clone()
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    return all_reduce_sum(t) / get_world_size()
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if is_initialized():
+        t = t.clone()
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return t
+
+
+def all_gather_objects(obj) -> list:
+    """Gather a picklable object from every rank (a list ordered by rank); ``[obj]`` in one process."""
+    if not is_initialized():
+        return [obj]
+    out = [None] * get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if not is_initialized():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def destroy() -> None:
+    if is_initialized():
+        tdist.destroy_process_group()
+
+
+def setup_logging(rank: Optional[int] = None, level: int = logging.INFO) -> None:
+    """Log lines carry the rank; ranks other than 0 only log warnings and errors."""
+    rank = env_rank() if rank is None else rank
+    logging.basicConfig(
+        level=level if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )

@@ -1,0 +1,265 @@
+"""The one place where modules are wrapped for distribution.
+
+The trainable part (backbone, heads, connector) and the frozen LLM teacher are wrapped separately:
+
+- ``ddp``:       trainable under DistributedDataParallel; the LLM replicated on every rank.
+- ``fsdp``:      trainable under DDP; the LLM sharded with FSDP2 ``fully_shard`` per decoder layer, then the root
+                 (``reshard_after_forward``; optional CPU offload; bf16 parameters on CUDA).
+- ``deepspeed``: trainable as a DeepSpeed engine (ZeRO 0/1/2, ``dist.deepspeed_config``); the LLM built under a live
+                 ``HfDeepSpeedConfig`` (so it is partitioned while loading) and wrapped as a ZeRO-3 engine without an
+                 optimizer (``dist.llm_deepspeed_config``, optionally offloaded). The teacher is that engine's
+                 ``.module``: DeepSpeed >= 0.18.3 refuses backward through ``llm_engine(...)`` itself, while the ZeRO-3
+                 gather/release hooks live on the module, so gradients still reach the connector.
+
+Every strategy exposes the same small API to the training loop: ``model``, ``teacher``, ``backward``, ``step``,
+``lr``, ``save`` / ``load`` and ``module`` (the unwrapped trainable model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from htr_dist.dist.env import DistEnv, attn_implementation
+from htr_dist.models.htr import HTRModel
+from htr_dist.models.llm import PrefixLM, load_causal_lm, load_tokenizer
+from htr_dist.train.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+def llm_param_bytes_on_rank(teacher: Optional[nn.Module]) -> int:
+    """Bytes of LLM parameters this rank holds on its compute device (shards count only their local part)."""
+    if teacher is None:
+        return 0
+    total = 0
+    for p in teacher.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p  # FSDP2 DTensor -> this rank's shard
+        if hasattr(p, "ds_tensor"):  # DeepSpeed ZeRO-3: the partition this rank owns
+            local = p.ds_tensor
+            if local.device.type == "cpu" and p.device.type != "cpu":
+                continue
+        total += local.numel() * local.element_size()
+    return total
+
+
+class Strategy:
+    """DDP for the trainable part; subclasses decide how the teacher is held."""
+
+    name = "ddp"
+
+    def __init__(self, cfg, env: DistEnv, model: HTRModel, total_steps: int):
+        self.cfg, self.env = cfg, env
+        self.module = model.to(env.device)
+        self.teacher = self.build_teacher() if cfg.train.use_llm else None
+        self.model = self.wrap_trainable(self.module)
+        self.optimizer = build_optimizer(self.module, cfg.train)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train, total_steps)
+        self._micro = 0
+
+    # -- building -----------------------------------------------------------------------------------------------
+    def load_teacher_lm(self):
+        return load_causal_lm(self.cfg.llm.name_or_path, self.cfg.llm.cache_dir, self.env.dtype,
+                              attn_implementation(self.env.device), device=str(self.env.device))
+
+    def build_teacher(self) -> nn.Module:
+        lm, tokenizer = self.load_teacher_lm()
+        return PrefixLM(lm, tokenizer)
+
+    def wrap_trainable(self, module: nn.Module) -> nn.Module:
+        if self.env.world_size == 1:
+            return module
+        ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+    # -- stepping -----------------------------------------------------------------------------------------------
+    def no_sync(self, last_micro: bool):
+        """Skip the DDP all-reduce on all but the last micro-batch of an accumulated step."""
+        if last_micro or not isinstance(self.model, nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.cfg.train.grad_accum).backward()
+
+    def step(self) -> float:
+        """Clip, step the optimizer and the schedule, zero the gradients; return the global gradient norm."""
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    # -- checkpoints: a folder per checkpoint; rank 0 writes one file ------------------------------------------
+    def save(self, folder: str, client_state: dict) -> None:
+        if self.env.is_main:
+            os.makedirs(folder, exist_ok=True)
+            state = dict(client_state, model=self.module.state_dict(), optimizer=self.optimizer.state_dict(),
+                         scheduler=self.scheduler.state_dict())
+            torch.save(state, os.path.join(folder, "trainer.pt"))
+
+    def load(self, folder: str) -> dict:
+        state = torch.load(os.path.join(folder, "trainer.pt"), map_location=self.env.device, weights_only=False)
+        self.module.load_state_dict(state.pop("model"))
+        self.optimizer.load_state_dict(state.pop("optimizer"))
+        self.scheduler.load_state_dict(state.pop("scheduler"))
+        return state
+
+
+class FSDPStrategy(Strategy):
+    """The frozen LLM sharded by FSDP2: each rank keeps 1/N of every decoder layer between uses."""
+
+    name = "fsdp"
+
+    def build_teacher(self) -> nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        lm, tokenizer = load_causal_lm(self.cfg.llm.name_or_path, self.cfg.llm.cache_dir, self.env.dtype,
+                                       attn_implementation(self.env.device), device="cpu")
+        teacher = PrefixLM(lm, tokenizer)
+        if self.env.world_size == 1:
+            return teacher.to(self.env.device)
+        mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
+        kwargs = {"mesh": mesh, "reshard_after_forward": True}
+        if self.cfg.dist.fsdp_cpu_offload:
+            kwargs["offload_policy"] = CPUOffloadPolicy()
+        if self.env.device.type == "cuda":
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=self.env.dtype, reduce_dtype=torch.float32)
+        for layer in lm.base_model.layers:
+            fully_shard(layer, **kwargs)
+        fully_shard(teacher, **kwargs)
+        # fully_shard moved each parameter's local shard to the mesh device; the full copies are freed.
+        return teacher
+
+
+class DeepSpeedStrategy(Strategy):
+    """Trainable part as a ZeRO 0/1/2 engine; the frozen LLM as a ZeRO-3 engine built partitioned."""
+
+    name = "deepspeed"
+
+    def __init__(self, cfg, env: DistEnv, model: HTRModel, total_steps: int):
+        import deepspeed
+
+        self.cfg, self.env = cfg, env
+        # DeepSpeed broadcasts parameters as byte views, which needs them contiguous (not channels_last).
+        self.module = model.to(env.device, memory_format=torch.contiguous_format)
+        self.teacher = self.build_teacher() if cfg.train.use_llm else None
+        optimizer = build_optimizer(self.module, cfg.train)
+        scheduler = build_scheduler(optimizer, cfg.train, total_steps)
+        ds_cfg = self.trainable_config()
+        self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
+            model_parameters=[p for p in self.module.parameters() if p.requires_grad])
+        self._last_norm = 0.0
+
+    def _read(self, path: str) -> dict:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"DeepSpeed config {path}: {err}") from None
+
+    def _batch_keys(self, ds: dict, micro: int, accum: int) -> dict:
+        # The YAML config is the one source of batch sizes: the JSON's values are replaced, never trusted.
+        ds = dict(ds)
+        ds["train_micro_batch_size_per_gpu"] = micro
+        ds["gradient_accumulation_steps"] = accum
+        ds["train_batch_size"] = micro * accum * self.env.world_size
+        ds.setdefault("steps_per_print", 1 << 30)
+        ds.setdefault("wall_clock_breakdown", False)
+        if self.env.device.type == "cuda":
+            ds.setdefault("bf16", {"enabled": self.env.dtype == torch.bfloat16})
+        return ds
+
+    def trainable_config(self) -> dict:
+        ds = self._batch_keys(self._read(self.cfg.dist.deepspeed_config), self.cfg.train.batch_size,
+                              self.cfg.train.grad_accum)
+        ds["gradient_clipping"] = self.cfg.train.grad_clip
+        ds.pop("optimizer", None)  # the optimizer and schedule come from train.* (build_optimizer)
+        ds.pop("scheduler", None)
+        if ds.get("zero_optimization", {}).get("stage", 0) >= 3:
+            raise ValueError(f"{self.cfg.dist.deepspeed_config}: the trainable part takes ZeRO stage 0, 1 or 2")
+        return ds
+
+    def build_teacher(self) -> nn.Module:
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+
+        ds = self._batch_keys(self._read(self.cfg.dist.llm_deepspeed_config), 1, 1)
+        if ds.get("zero_optimization", {}).get("stage") != 3:
+            raise ValueError(f"{self.cfg.dist.llm_deepspeed_config}: the LLM config must use ZeRO stage 3")
+        # A live HfDeepSpeedConfig makes from_pretrained build the model under zero.Init: parameters are
+        # partitioned as they load, so no rank ever holds the whole LLM.
+        self._hf_ds = HfDeepSpeedConfig(ds)
+        lm, tokenizer = self.load_teacher_lm()
+        engine, *_ = deepspeed.initialize(model=PrefixLM(lm, tokenizer), config=ds)
+        self.llm_engine = engine
+        return engine.module
+
+    def no_sync(self, last_micro: bool):
+        return contextlib.nullcontext()  # the engine accumulates itself (gradient_accumulation_steps)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The engine scales by 1/grad_accum itself and wants step() after EVERY micro-batch (it only updates the
+        # weights at accumulation boundaries); the boundary step is left to step() so the loop reads the same.
+        boundary = self.model.is_gradient_accumulation_boundary()
+        self.model.backward(loss)
+        if not boundary:
+            self.model.step()
+
+    def step(self) -> float:
+        self.model.step()
+        norm = self.model.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def save(self, folder: str, client_state: dict) -> None:
+        parent, tag = os.path.split(folder)
+        self.model.save_checkpoint(parent, tag=tag, client_state=client_state, save_latest=False,
+                                   exclude_frozen_parameters=True)
+
+    def load(self, folder: str) -> dict:
+        parent, tag = os.path.split(folder)
+        _, client_state = self.model.load_checkpoint(parent, tag=tag, load_module_strict=False,
+                                                     load_optimizer_states=True, load_lr_scheduler_states=True)
+        if client_state is None:
+            raise FileNotFoundError(f"{folder}: not a DeepSpeed checkpoint")
+        return client_state
+
+
+STRATEGIES = {"ddp": Strategy, "fsdp": FSDPStrategy, "deepspeed": DeepSpeedStrategy}
+
+
+def build_strategy(cfg, env: DistEnv, model: HTRModel, total_steps: int) -> Strategy:
+    try:
+        cls = STRATEGIES[cfg.dist.strategy]
+    except KeyError:
+        raise ValueError(f"dist.strategy: {cfg.dist.strategy!r} is not one of {sorted(STRATEGIES)}") from None
+    return cls(cfg, env, model, total_steps)
+
+
+def llm_hidden_size(cfg) -> Optional[int]:
+    """The connector's output width, read from the LLM's config (no weights loaded)."""
+    if not cfg.train.use_llm:
+        return None
+    from htr_dist.models.llm import load_llm_config
+
+    return load_llm_config(cfg.llm.name_or_path, cfg.llm.cache_dir).hidden_size
+
+
+def tokenizer_for(cfg):
+    return load_tokenizer(cfg.llm.name_or_path, cfg.llm.cache_dir)

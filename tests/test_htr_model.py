@@ -1,0 +1,221 @@
+"""The whole recogniser: LLM subset sampling, compute_losses (one teacher call, features reused), parameter counts,
+and an overfit run on rendered lines with and without the LLM loss."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from htr_dist.config import ArchConfig, ConnectorConfig, TrainConfig
+from htr_dist.models.htr import HTRModel, HTRSystem, compute_losses, count_parameters, num_llm_samples, \
+    sample_llm_index
+from htr_dist.train.metrics import cer, greedy_decode
+
+CHARS = "abcdefghijklmnopqrstuvwxyz "
+REFERENCE = [[2, 64], "M", [3, 128], "M", [2, 256]]
+SEED_HYBRID = [[2, 64], "M", "mobilevit1", [4, 128], "M", "mobilevit2", [4, 256]]
+
+
+def tiny_arch(**kw):
+    base = dict(cnn_cfg=[[1, 16], "M", "mobilevit1", [1, 32]], stem_channels=16, stem_stride=[2, 1],
+                mobilevit_patch_sizes=[4], mobilevit_depth=1, rnn_hidden_size=32, rnn_layers=2, rnn_dropout=0.0)
+    base.update(kw)
+    return ArchConfig(**base)
+
+
+TINY_CONNECTOR = ConnectorConfig(num_queries=4, dim=16, num_layers=1, num_heads=2, proj_hidden=32, dropout=0.0)
+
+
+def batch_of(texts, height=32, width=160, images=None):
+    ids = [[CHARS.index(c) + 1 for c in t] for t in texts]
+    return {"images": images if images is not None else torch.rand(len(texts), 1, height, width), "texts": list(texts),
+            "targets": torch.tensor([i for s in ids for i in s]), "target_lengths": torch.tensor([len(s) for s in ids]),
+            "keys": [f"k{i}" for i in range(len(texts))]}
+
+
+class CountingTeacher(nn.Module):
+    """Stands in for PrefixLM: counts calls, records what it was given; loss = mean square of the prefix."""
+
+    hidden_size = 12
+
+    def __init__(self):
+        super().__init__()
+        self.frozen = nn.Linear(2, 2).requires_grad_(False)
+        self.calls, self.rows, self.texts = 0, [], []
+
+    def tokenize(self, texts, max_tokens):
+        self.texts.append(list(texts))
+        ids = torch.ones(len(texts), min(max_tokens, 5), dtype=torch.long)
+        return ids, torch.ones_like(ids)
+
+    def forward(self, prefix, input_ids, attention_mask):
+        self.calls += 1
+        self.rows.append(prefix.shape[0])
+        assert input_ids.shape[0] == attention_mask.shape[0] == prefix.shape[0]
+        return prefix.pow(2).mean()
+
+
+@pytest.mark.parametrize("ratio", [0.01, 0.05, 0.0625, 0.1, 0.125, 0.25, 1 / 3, 0.5, 0.75, 0.99, 1.0])
+def test_llm_subset_size_and_indices(ratio):
+    gen = torch.Generator().manual_seed(0)
+    for batch in range(1, 18):
+        k = num_llm_samples(batch, ratio)
+        assert k == min(batch, max(1, math.floor(ratio * batch + 0.5))) and 1 <= k <= batch
+        idx = sample_llm_index(batch, ratio, gen)
+        assert idx.dtype == torch.long and len(idx) == k
+        assert idx.tolist() == sorted(set(idx.tolist())) and 0 <= int(idx.min()) and int(idx.max()) < batch
+
+
+def test_llm_subset_rounding_examples():
+    assert num_llm_samples(16, 0.125) == 2 and num_llm_samples(16, 1.0) == 16
+    assert num_llm_samples(12, 0.125) == 2  # 1.5 rounds half up
+    assert num_llm_samples(4, 0.125) == 1  # 0.5 rounds half up
+    assert num_llm_samples(3, 0.125) == 1  # 0.375 would round to 0: never 0 (a rank skipping the LLM hangs)
+    with pytest.raises(ValueError, match="llm_sample_ratio"):
+        num_llm_samples(16, 0.0)
+    with pytest.raises(ValueError, match="batch size"):
+        num_llm_samples(0, 0.5)
+
+
+def test_sampling_is_seeded():
+    a = sample_llm_index(16, 0.25, torch.Generator().manual_seed(5))
+    b = sample_llm_index(16, 0.25, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+def test_forward_outputs_and_connector_reads_tap_rows():
+    torch.manual_seed(0)
+    model = HTRModel(tiny_arch(), TINY_CONNECTOR, 10, 32, 160, llm_hidden=12).eval()
+    seen = {}
+    model.connector.register_forward_hook(lambda m, i, o: seen.__setitem__("feats", i[0]))
+    images = torch.rand(5, 1, 32, 160)
+    with torch.no_grad():
+        out = model(images, torch.tensor([1, 3]))
+        _, _, tap = model.head(model.backbone(images))
+    assert out["ctc_logits"].shape == (80, 5, 10) and out["shortcut_logits"].shape == (80, 5, 10)
+    assert out["visual_tokens"].shape == (2, 4, 12)
+    assert torch.allclose(seen["feats"], tap[[1, 3]], atol=1e-6)  # (k, T, 2 * hidden): after BiLSTM layer 1
+    assert seen["feats"].shape == (2, 80, 64)
+    assert model(images)["visual_tokens"] is None
+    # without llm_hidden there is no connector; export drops it anyway
+    assert HTRModel(tiny_arch(), TINY_CONNECTOR, 10, 32, 160).connector is None
+    assert not any(k.startswith("connector.") for k in model.export_state_dict())
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8, 17])
+def test_compute_losses_calls_teacher_once_on_the_sampled_lines(batch_size):
+    torch.manual_seed(0)
+    arch, train = tiny_arch(), TrainConfig(llm_sample_ratio=0.125, llm_loss_weight=0.5)
+    model = HTRModel(arch, TINY_CONNECTOR, len(CHARS) + 1, 32, 160, llm_hidden=CountingTeacher.hidden_size)
+    backbone_calls = []
+    model.backbone.register_forward_hook(lambda m, i, o: backbone_calls.append(i[0].shape[0]))
+    teacher = CountingTeacher()
+    texts = [f"line {chr(97 + i % 26)}" for i in range(batch_size)]
+    losses = compute_losses(model, teacher, batch_of(texts), train, arch, torch.Generator().manual_seed(3))
+    k = num_llm_samples(batch_size, 0.125)
+    assert teacher.calls == 1 and teacher.rows == [k]
+    assert backbone_calls == [batch_size]  # one backbone pass: the LLM subset reuses its features
+    index = sample_llm_index(batch_size, 0.125, torch.Generator().manual_seed(3))
+    assert teacher.texts == [[texts[i] for i in index.tolist()]]
+    for name in ("ctc", "ctc_shortcut", "llm", "total"):
+        assert losses[name].dim() == 0 and torch.isfinite(losses[name])
+    expected = losses["ctc"] + arch.shortcut_weight * losses["ctc_shortcut"] + 0.5 * losses["llm"]
+    assert torch.allclose(losses["total"], expected) and losses["llm"] > 0
+    # the LLM term trains the connector and everything below the tap, nothing above it
+    model.zero_grad()
+    losses["llm"].backward()
+    assert model.connector.queries.grad.abs().sum() > 0
+    assert model.backbone.stem[0].weight.grad.abs().sum() > 0
+    assert model.head.rnn.lower.weight_ih_l0.grad.abs().sum() > 0
+    assert model.head.rnn.out[-1].weight.grad is None and model.head.shortcut.conv.weight.grad is None
+
+
+def test_compute_losses_without_llm():
+    arch = tiny_arch()
+    model = HTRModel(arch, TINY_CONNECTOR, len(CHARS) + 1, 32, 160, llm_hidden=12)
+    teacher = CountingTeacher()
+    batch = batch_of(["abc", "de"])
+    for t, use in ((None, True), (teacher, False)):
+        losses = compute_losses(model, t, batch, TrainConfig(use_llm=use), arch)
+        assert losses["llm"].item() == 0.0
+        assert torch.allclose(losses["total"], losses["ctc"] + arch.shortcut_weight * losses["ctc_shortcut"])
+    assert teacher.calls == 0
+    # head 'rnn' has no shortcut: its loss is 0
+    arch_rnn = tiny_arch(head_type="rnn")
+    losses = compute_losses(HTRModel(arch_rnn, TINY_CONNECTOR, len(CHARS) + 1, 32, 160), None, batch,
+                            TrainConfig(), arch_rnn)
+    assert losses["ctc_shortcut"].item() == 0.0 and losses["ctc"] > 0
+
+
+def test_system_forward_returns_named_losses():
+    arch = tiny_arch()
+    teacher = CountingTeacher()
+    system = HTRSystem(HTRModel(arch, TINY_CONNECTOR, len(CHARS) + 1, 32, 160, 12), teacher, TrainConfig(), arch)
+    losses = system(batch_of(["abc", "de", "f"]))
+    assert {"ctc", "ctc_shortcut", "llm", "total"} <= set(losses) and teacher.calls == 1
+    losses["total"].backward()
+    counts = count_parameters(system)
+    assert counts["frozen"] == 6 and counts["trainable"] == count_parameters(system.model)["trainable"]
+    assert count_parameters(None) == {"trainable": 0, "frozen": 0}
+
+
+@pytest.mark.parametrize("cnn_cfg, low, high", [(REFERENCE, 7.3e6, 7.8e6), (SEED_HYBRID, 10.3e6, 11.5e6)])
+def test_parameter_counts(cnn_cfg, low, high):
+    model = HTRModel(ArchConfig(cnn_cfg=cnn_cfg), ConnectorConfig(), 80, 128, 1024)
+    n = count_parameters(model)
+    assert n["frozen"] == 0 and low < n["trainable"] < high
+    # the recurrent head: 3 BiLSTM layers of 256, LayerNorm + Linear + GELU + Linear; shortcut 1x3 conv
+    lstm = 2 * 4 * (256 * (256 + 256) + 2 * 256) + 2 * 2 * 4 * (256 * (512 + 256) + 2 * 256)
+    head = lstm + 2 * 512 + 512 * 512 + 512 + 512 * 80 + 80 + 256 * 80 * 3 + 80
+    assert count_parameters(model.head)["trainable"] == head
+
+
+def render(texts, height=32, width=160):
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=20)
+    out = []
+    for text in texts:
+        im = Image.new("L", (width, height), 255)
+        ImageDraw.Draw(im).text((3, 5), text, font=font, fill=0)
+        out.append(1.0 - np.asarray(im, dtype=np.float32) / 255.0)  # ink = 1, as the pipeline's batches
+    return torch.from_numpy(np.stack(out)).unsqueeze(1)
+
+
+@pytest.mark.parametrize("use_llm", [False, True])
+def test_overfit_four_rendered_lines(use_llm, request):
+    """A tiny model learns 4 lines to CER ~0 (about 350 steps, 10-20 s), with the LLM loss off and on."""
+    texts = ["abc def", "hello", "ink on paper", "zebra"]
+    batch = batch_of(texts, images=render(texts))
+    teacher = None
+    if use_llm:
+        from htr_dist.models.llm import PrefixLM, load_causal_lm
+
+        lm, tokenizer = load_causal_lm(request.getfixturevalue("tiny_llama"), "/nonexistent-cache")
+        teacher = PrefixLM(lm, tokenizer)
+    torch.manual_seed(0)
+    arch = tiny_arch()
+    model = HTRModel(arch, TINY_CONNECTOR, len(CHARS) + 1, 32, 160, teacher.hidden_size if use_llm else None)
+    system = HTRSystem(model, teacher, TrainConfig(use_llm=use_llm, llm_sample_ratio=0.5), arch)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    error, hyps = 1.0, []
+    for step in range(1, 451):
+        losses = system(batch)
+        opt.zero_grad()
+        losses["total"].backward()
+        opt.step()
+        if step % 25 == 0 and losses["ctc"] < 0.2:
+            model.eval()
+            with torch.no_grad():
+                logits = model(batch["images"])["ctc_logits"]
+            model.train()
+            hyps = ["".join(CHARS[i - 1] for i in line) for line in greedy_decode(logits)]
+            error = cer(texts, hyps)
+            if error == 0:
+                break
+    assert error < 0.05, hyps
+    assert (losses["llm"].item() > 0) == use_llm
+    if use_llm:
+        assert all(p.grad is None for p in teacher.parameters()) and not teacher.lm.training

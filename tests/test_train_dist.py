@@ -1,0 +1,132 @@
+"""Real 2-rank CPU runs (gloo) of every strategy, through torchrun and through the deepspeed launcher."""
+
+import glob
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import PY, ROOT, free_port
+
+DS = os.path.join(os.path.dirname(PY), "deepspeed")
+
+
+def torchrun(script, args, nproc=2, timeout=300):
+    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
+           script] + args
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def deepspeed_launch(script, args, nproc=2, timeout=300):
+    cmd = [DS, "--num_gpus", str(nproc), "--master_port", str(free_port()), script] + args
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed"])
+def test_strategy_two_ranks_different_batch_sizes(strategy, tiny_overrides, tmp_path):
+    out = str(tmp_path / "result.json")
+    args = [out] + tiny_overrides + [f"dist.strategy={strategy}", "train.llm_sample_ratio=0.5"]
+    launch = deepspeed_launch if strategy == "deepspeed" else torchrun
+    proc = launch(os.path.join(ROOT, "tests", "_dist_check.py"), args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.load(open(out))
+    assert res["llm_calls"] == [3, 3]
+    assert all(math.isfinite(l["total"]) and l["llm"] > 0 for l in res["losses"])
+    assert res["weights_equal"] is True
+    if strategy != "deepspeed":
+        assert res["grads_equal"] == [True, True, True]
+    assert res["llm_after"] == pytest.approx(res["llm_before"], rel=0, abs=0)  # the frozen LLM never moves
+    assert res["teacher_training"] is False
+    if strategy == "ddp":
+        assert res["held"] == res["full"]  # replicated
+    else:
+        assert 0 < res["held"]
+
+
+def read_scalars(tb_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(tb_dir)
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}, acc
+
+
+EXPECTED_TAGS = {"train/loss_total", "train/loss_ctc", "train/loss_ctc_shortcut", "train/loss_llm", "train/lr",
+                 "train/grad_norm", "perf/lines_per_s", "perf/step_s", "perf/data_wait_s", "perf/llm_s",
+                 "perf/mem_peak", "data/skipped", "val/cer", "val/wer"}
+
+
+@pytest.mark.parametrize("launcher, strategy", [("torchrun", "fsdp"), ("deepspeed", "deepspeed")])
+def test_train_script_two_ranks(launcher, strategy, tiny_overrides, tmp_path):
+    """launch/train.py end to end: TensorBoard scalars, checkpoints (last k), export, then an exact resume."""
+    run = str(tmp_path / "run")
+    args = ["--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml")] + tiny_overrides + [
+        f"dist.strategy={strategy}", "train.max_steps=6", "train.save_every=2", "train.keep_last=2",
+        "train.eval_every=3", "train.batch_size=3", f"run.dir={run}"]
+    launch = deepspeed_launch if launcher == "deepspeed" else torchrun
+    proc = launch(os.path.join(ROOT, "launch", "train.py"), args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    scalars, acc = read_scalars(os.path.join(run, "tb"))
+    assert EXPECTED_TAGS <= set(scalars)
+    assert len(scalars["train/loss_total"]) == 6 and all(math.isfinite(v) for v in scalars["train/loss_total"])
+    assert scalars["train/loss_llm"][0] > 0
+    assert len(scalars["val/cer"]) == 2  # at step 3 and at the end
+    assert "val/line_0" in acc.Tags()["images"]
+    ckpts = sorted(os.listdir(os.path.join(run, "checkpoints")))
+    assert [c for c in ckpts if c.startswith("step_")] == ["step_0000004", "step_0000006"]
+    assert not [c for c in ckpts if c.startswith(".tmp")]
+    blob = torch.load(os.path.join(run, "model.pt"), weights_only=True)
+    assert not any(k.startswith("connector.") for k in blob["state_dict"])
+    assert "world size 2, strategy " + strategy in proc.stderr + proc.stdout
+    # resume: a finished run resumes at its last step and only re-exports
+    proc = launch(os.path.join(ROOT, "launch", "train.py"), args + ["train.resume=auto"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr + proc.stdout and "at step 6" in proc.stderr + proc.stdout
+
+
+def _final_weights(run_dir):
+    return torch.load(os.path.join(run_dir, "model.pt"), weights_only=True)["state_dict"]
+
+
+def test_resume_is_exact(tiny_overrides, tmp_path):
+    """6 steps in one go == 3 steps + 3 resumed steps (same weights), one process on CPU."""
+    base = ["--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml")] + tiny_overrides + ["train.batch_size=3"]
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    script = os.path.join(ROOT, "launch", "train.py")
+    for args in ([f"run.dir={straight}", "train.max_steps=6", "train.save_every=3"],
+                 [f"run.dir={split}", "train.max_steps=6", "train.save_every=3", "train.stop_after=3"],
+                 [f"run.dir={split}", "train.max_steps=6", "train.save_every=3", "train.resume=auto"]):
+        proc = subprocess.run([PY, script] + base + args, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _final_weights(straight), _final_weights(split)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), rtol=0, atol=1e-6), k
+
+
+def test_sigterm_checkpoints_and_exits_zero(tiny_overrides, tmp_path):
+    run = str(tmp_path / "run")
+    args = ["--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml")] + tiny_overrides + [
+        f"run.dir={run}", "train.max_steps=100000", "train.batch_size=2"]
+    proc = subprocess.Popen([PY, os.path.join(ROOT, "launch", "train.py")] + args, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    tb = os.path.join(run, "tb")
+    while time.time() < deadline and not glob.glob(os.path.join(tb, "events.*")):
+        time.sleep(0.5)
+    time.sleep(3)  # a few steps in
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopped by SIGTERM at step" in out
+    ckpts = [c for c in os.listdir(os.path.join(run, "checkpoints")) if c.startswith("step_")]
+    assert len(ckpts) == 1
+    step = int(ckpts[0][5:])
+    assert 0 < step < 100000
+    assert not os.path.exists(os.path.join(run, "model.pt"))  # not finished: no export
