@@ -190,8 +190,10 @@ class StreamDataset(torch.utils.data.IterableDataset):
 
 
 def _loader(ds: StreamDataset, workers: int) -> torch.utils.data.DataLoader:
+    # A private generator: creating a loader iterator must not draw from the global torch RNG (dropout's), or a
+    # resumed run, which creates its loader at a different moment, would not reproduce an uninterrupted one.
     return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=False,
-                                       prefetch_factor=4 if workers else None)
+                                       prefetch_factor=4 if workers else None, generator=torch.Generator())
 
 
 class SkipStats:
