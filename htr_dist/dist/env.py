@@ -107,6 +107,10 @@ def init_distributed(timeout_s: int = 1800, use_deepspeed: bool = False) -> Dist
             deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
         else:
             tdist.init_process_group(backend=backend, timeout=timeout)
+    if device.type == "cpu" and world > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # Several CPU ranks on one machine: split the cores, or the ranks' thread pools fight over them.
+        local_world = _env_int("LOCAL_WORLD_SIZE", default=world)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     env = DistEnv(rank, world, local_rank, device, backend, pick_dtype(device))
     log.info("rank %d/%d local %d device %s backend %s dtype %s", rank, world, local_rank, device, backend, env.dtype)
     return env
