@@ -68,3 +68,24 @@ def test_every_key_documented():
     undocumented = [key for key, _, doc in rows if not doc]
     assert undocumented == []
     assert isinstance(Config(), Config)
+
+
+def test_readme_config_reference_in_sync():
+    """The README's table is generated from the dataclasses; regenerate with python -m htr_dist.config --reference."""
+    import os
+
+    from htr_dist.config import reference_markdown
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    table = readme.split("<!-- config-reference:start -->\n")[1].split("\n<!-- config-reference:end -->")[0]
+    assert table == reference_markdown()
+
+
+def test_shipped_configs_load():
+    import glob
+    import os
+
+    files = glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml"))
+    assert len(files) >= 5
+    for path in files:
+        load_config(path)
