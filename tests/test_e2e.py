@@ -1,0 +1,58 @@
+"""End to end, as a user runs it: synth -> prepare -> 2-rank training -> export -> evaluate (2 ranks) -> recognize."""
+
+import csv
+import json
+import os
+import subprocess
+import tarfile
+
+import pytest
+
+from conftest import PY, ROOT, TINY_ARCH, free_port
+
+
+def run(cmd, timeout=300):
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_end_to_end(tmp_path, tiny_llama):
+    iam_dir, shards, run_dir = str(tmp_path / "iam"), str(tmp_path / "shards"), str(tmp_path / "run")
+    run([PY, "launch/synth_iam.py", iam_dir, "--forms", "10", "--seed", "11", "--workers", "2"])
+    out = run([PY, "launch/prepare_iam.py", "--iam", iam_dir, "--out", shards, "--scale", "0.5", "--workers", "2"])
+    assert "no problems: every line was written" in out.stdout
+    manifest = json.load(open(os.path.join(shards, "manifest.json")))
+    run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "launch/train.py", "--config", "configs/tiny_cpu.yaml"] + TINY_ARCH +
+        [f"data.path={shards}", f"llm.name_or_path={tiny_llama}", f"run.dir={run_dir}", "train.max_steps=8",
+         "dist.strategy=ddp"])
+    for name in ("config.yaml", "model.pt", "tb"):
+        assert os.path.exists(os.path.join(run_dir, name)), name
+    preds, scores = str(tmp_path / "preds.tsv"), str(tmp_path / "scores.json")
+    out = run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               "launch/evaluate.py", "--checkpoint", run_dir, "--data", shards, "--split", "test", "--json", scores,
+               "--predictions", preds])
+    result = json.load(open(scores))
+    assert result["lines"] == manifest["splits"]["test"]["lines"]  # every line once across the 2 ranks
+    assert 0.0 <= result["cer"] and 0.0 <= result["wer"]
+    assert f"test CER {100 * result['cer']:.1f}% WER {100 * result['wer']:.1f}% ({result['lines']} lines)" in out.stdout
+    rows = list(csv.DictReader(open(preds), delimiter="\t"))
+    assert len(rows) == result["lines"] and {r["id"] for r in rows} == {r["id"] for r in rows}
+    # recognize.py on the same line images gives the same text as evaluate.py
+    with tarfile.open(os.path.join(shards, manifest["splits"]["test"]["shards"][0]["file"])) as tar:
+        pngs = [m for m in tar.getmembers() if m.name.endswith(".png")][:4]
+        paths = []
+        for m in pngs:
+            path = str(tmp_path / m.name)
+            open(path, "wb").write(tar.extractfile(m).read())
+            paths.append(path)
+    missing = str(tmp_path / "missing.png")
+    proc = subprocess.run([PY, "launch/recognize.py", "--checkpoint", os.path.join(run_dir, "model.pt")] + paths +
+                          [missing], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 1 and f"{missing}: no such image file" in proc.stderr
+    got = dict(line.split("\t", 1) for line in proc.stdout.splitlines())
+    expected = {r["id"]: r["prediction"] for r in rows}
+    assert len(got) == 4
+    for path, text in got.items():
+        assert text == expected[os.path.basename(path)[: -len(".png")]]
