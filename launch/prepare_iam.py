@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Pack IAM text lines (real IAM, or the IAM-format data of launch/synth_iam.py) into WebDataset shards.
 
-  python launch/prepare_iam.py --iam DIR --out shards/NAME [--source forms|lines] [--scale 0.5] [--workers N]
+  python launch/prepare_iam.py --iam DIR --out shards/NAME [--source forms|lines] [--scale 0.5] [--margin N]
+                               [--shard-size N] [--workers N]
   python launch/prepare_iam.py FORMS XML SPLITS OUT          (the seed's positional form)
 
 DIR holds formsA-D/ formsE-H/ formsI-Z/ (or forms/), xml/, splits/*.uttlist, and for --source lines also lines/ and
@@ -14,6 +15,7 @@ import logging
 import os
 import sys
 
+from htr_dist.data.iam import DEFAULT_MARGIN
 from htr_dist.data.prepare import PrepareOptions, prepare, summary
 
 
@@ -25,10 +27,13 @@ def parse_args(argv=None):
     p.add_argument("--source", choices=["forms", "lines"], default="forms",
                    help="crop lines from the forms with the XML cmp boxes (default), or read lines/ + lines.txt")
     p.add_argument("--splits", help="folder of *.uttlist split files (default: IAM/splits)")
+    p.add_argument("--lines-txt", help="IAM's lines.txt for --source lines (default: IAM/ascii/lines.txt)")
     p.add_argument("--scale", type=float, default=1.0, help="rescale each line crop (the reference uses 0.5)")
-    p.add_argument("--margin", type=int, default=8, help="pixels added around the cmp-box union (default: 8)")
+    p.add_argument("--margin", type=int, default=DEFAULT_MARGIN,
+                   help=f"pixels of paper added around the cmp-box union, before scaling (default: {DEFAULT_MARGIN})")
     p.add_argument("--shard-size", type=int, default=2000, help="lines per shard (default: 2000)")
-    p.add_argument("--workers", type=int, default=0, help="parallel processes (default: all cores)")
+    p.add_argument("--workers", type=int, default=0, help="parallel processes (default: 0 = all cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in batch jobs)")
     p.add_argument("--name", default="", help="data set name in the manifest (default: the output folder name)")
     args = p.parse_args(argv)
     if args.positional:
@@ -36,31 +41,37 @@ def parse_args(argv=None):
             p.error("the positional form takes exactly FORMS XML SPLITS OUT (and no --iam/--out)")
     elif not (args.iam and args.out):
         p.error("give --iam DIR --out OUT, or FORMS XML SPLITS OUT")
+    if not args.scale > 0:
+        p.error(f"--scale must be > 0, got {args.scale}")
+    if args.margin < 0 or args.shard_size < 1 or args.workers < 0:
+        p.error("--margin and --workers must be >= 0 and --shard-size >= 1")
     return args
 
 
 def options(args) -> PrepareOptions:
     if args.positional:
         forms, xml, splits, out = args.positional
-        return PrepareOptions(forms, xml, splits, out, args.source, None, args.scale, args.margin, args.shard_size,
-                              args.workers, args.name)
+        return PrepareOptions(forms, xml, splits, out, args.source, args.lines_txt, args.scale, args.margin,
+                              args.shard_size, args.workers, args.name)
     if not os.path.isdir(args.iam):
         raise FileNotFoundError(f"IAM folder not found: {args.iam}")
+    lines_txt = args.lines_txt or os.path.join(args.iam, "ascii", "lines.txt")
     return PrepareOptions(args.iam, os.path.join(args.iam, "xml"), args.splits or os.path.join(args.iam, "splits"),
-                          args.out, args.source, os.path.join(args.iam, "ascii", "lines.txt"), args.scale,
-                          args.margin, args.shard_size, args.workers, args.name)
+                          args.out, args.source, lines_txt, args.scale, args.margin, args.shard_size, args.workers,
+                          args.name)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
-        manifest = prepare(options(args))
-    except (FileNotFoundError, ValueError) as err:
+        opt = options(args)
+        manifest = prepare(opt, progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as err:  # missing folders, malformed lines.txt or split lists
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(summary(manifest))
-    print(f"manifest: {os.path.join(manifest['_folder'] if '_folder' in manifest else options(args).out_dir, 'manifest.json')}")
+    print(f"manifest: {os.path.join(opt.out_dir, 'manifest.json')}")
     return 0
 
 

@@ -6,6 +6,9 @@
 - ``ascii/lines.txt``: ``a01-000u-00 ok 154 19 408 746 1661 89 A|MOVE|to|stop`` (id, segmentation, gray level,
   components, x y w h, words joined by '|'), with ``lines/a01/a01-000u/a01-000u-00.png`` the pre-cropped lines
 - split lists: ``*.uttlist`` files of form ids (Aachen split: train / validation / test)
+
+A line image is the crop of the union of its ``cmp`` boxes plus :data:`DEFAULT_MARGIN` pixels on every side (the
+boxes are tight to the ink, so a few pixels of paper keep stroke ends and anti-aliasing intact), clipped to the form.
 """
 
 from __future__ import annotations
@@ -13,12 +16,16 @@ from __future__ import annotations
 import glob
 import os
 import xml.etree.ElementTree as ET
+from xml.sax.saxutils import unescape
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 FORM_FOLDERS = ("formsA-D", "formsE-H", "formsI-Z", "forms")
+DEFAULT_MARGIN = 8
+"""Pixels of paper kept around the union of a line's cmp boxes (at the form's full resolution, before scaling)."""
+_XML_ENTITIES = {"&quot;": '"', "&apos;": "'"}  # plus &amp; &lt; &gt;, which unescape() always decodes
 SPLIT_NAMES = {"train": "train", "trainset": "train", "validation": "val", "valid": "val", "val": "val",
                "validationset1": "val", "test": "test", "testset": "test"}
 
@@ -51,7 +58,7 @@ def parse_form_xml(path: str) -> FormRecord:
     """Parse one IAM form XML (bytes, so the encoding declaration is honoured)."""
     try:
         root = ET.parse(path).getroot()
-    except ET.ParseError as err:
+    except (ET.ParseError, LookupError) as err:  # LookupError: an encoding declaration Python does not know
         raise IAMFormatError(f"{path}: malformed XML ({err})") from None
     if root.tag != "form" or "id" not in root.attrib:
         raise IAMFormatError(f"{path}: root element is <{root.tag}>, expected <form id=...>")
@@ -62,8 +69,7 @@ def parse_form_xml(path: str) -> FormRecord:
     for line in part.iter("line"):
         line_id = line.attrib.get("id", "?")
         text = line.attrib.get("text", "")
-        boxes = [(int(c.attrib["x"]), int(c.attrib["y"]), int(c.attrib["width"]), int(c.attrib["height"]))
-                 for c in line.iter("cmp")]
+        boxes = [_cmp_box(path, line_id, c) for c in line.iter("cmp")]
         if not text.strip():
             form.problems.append(f"{path}: line {line_id}: empty transcription")
             continue
@@ -79,23 +85,52 @@ def parse_form_xml(path: str) -> FormRecord:
     return form
 
 
+def _cmp_box(path: str, line_id: str, cmp: ET.Element) -> Tuple[int, int, int, int]:
+    """(x, y, width, height) of one ``<cmp>``; a missing or non-integer attribute names the file and line."""
+    try:
+        x, y, w, h = (int(cmp.attrib[k]) for k in ("x", "y", "width", "height"))
+    except (KeyError, ValueError) as err:
+        raise IAMFormatError(f"{path}: line {line_id}: bad <cmp> box {cmp.attrib} ({err!r})") from None
+    if w < 0 or h < 0:
+        raise IAMFormatError(f"{path}: line {line_id}: negative <cmp> size {cmp.attrib}")
+    return x, y, w, h
+
+
+def _read_text(path: str) -> str:
+    """UTF-8 if it decodes, else ISO-8859-1 (IAM's own encoding; every byte string decodes)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
 def parse_lines_txt(path: str) -> List[LineRecord]:
-    """Parse ``ascii/lines.txt``; a malformed data line raises IAMFormatError naming the file and line number."""
+    """Parse ``ascii/lines.txt``; a malformed data line raises IAMFormatError naming the file and line number.
+
+    Words are joined by '|' in the file and by one space here; XML entities (``&quot;`` ...) are decoded. A data line
+    without a transcription is returned with ``text == ""`` so the caller reports it (it is not dropped here).
+    """
     records = []
-    with open(path, encoding="utf-8", errors="strict") as f:
-        for number, raw in enumerate(f, 1):
-            if raw.startswith("#") or not raw.strip():
-                continue
-            parts = raw.rstrip("\n").split(" ", 8)
-            if len(parts) != 9:
-                raise IAMFormatError(f"{path}:{number}: expected 9 fields, got {len(parts)}: {raw.strip()!r}")
-            line_id, seg, _gray, _n, x, y, w, h, words = parts
-            try:
-                x, y, w, h = int(x), int(y), int(w), int(h)
-            except ValueError:
-                raise IAMFormatError(f"{path}:{number}: bad bounding box in {raw.strip()!r}") from None
-            form_id = "-".join(line_id.split("-")[:2])
-            records.append(LineRecord(line_id, form_id, "", words.replace("|", " "), (x, y, x + w, y + h), seg))
+    for number, raw in enumerate(_read_text(path).splitlines(), 1):
+        if raw.startswith("#") or not raw.strip():
+            continue
+        parts = raw.rstrip("\r\n").split(" ", 8)
+        if len(parts) == 8:  # the transcription itself is missing
+            parts.append("")
+        if len(parts) != 9:
+            raise IAMFormatError(f"{path}:{number}: expected 9 fields, got {len(parts)}: {raw.strip()!r}")
+        line_id, seg, _gray, _n, x, y, w, h, words = parts
+        try:
+            x, y, w, h = int(x), int(y), int(w), int(h)
+        except ValueError:
+            raise IAMFormatError(f"{path}:{number}: bad bounding box in {raw.strip()!r}") from None
+        if line_id.count("-") != 2:
+            raise IAMFormatError(f"{path}:{number}: line id {line_id!r} is not of the form a01-000u-00")
+        form_id = "-".join(line_id.split("-")[:2])
+        text = unescape(words.replace("|", " "), _XML_ENTITIES)
+        records.append(LineRecord(line_id, form_id, "", text, (x, y, x + w, y + h), seg))
     return records
 
 
@@ -122,7 +157,16 @@ def read_split_lists(split_dir: str) -> Dict[str, str]:
     return out
 
 
+def form_folders(root: str) -> List[str]:
+    """The form image folders (``formsA-D`` ... or ``forms``) present under ``root``; an error names what is missing."""
+    found = [os.path.join(root, f) for f in FORM_FOLDERS if os.path.isdir(os.path.join(root, f))]
+    if not found:
+        raise FileNotFoundError(f"form image folder not found: {root} holds none of {', '.join(FORM_FOLDERS)}")
+    return found
+
+
 def find_form_image(root: str, form_id: str) -> Optional[str]:
+    """Path of ``form_id``'s image under ``root`` (any of :data:`FORM_FOLDERS`), or None."""
     for folder in FORM_FOLDERS:
         for ext in (".png", ".jpg", ".tif"):
             path = os.path.join(root, folder, form_id + ext)
@@ -132,14 +176,19 @@ def find_form_image(root: str, form_id: str) -> Optional[str]:
 
 
 def line_image_path(root: str, line_id: str) -> str:
+    """IAM's ``lines/a01/a01-000u/a01-000u-00.png`` for a line id."""
     parts = line_id.split("-")
     return os.path.join(root, "lines", parts[0], "-".join(parts[:2]), line_id + ".png")
 
 
-def crop_line(form: np.ndarray, bbox: Tuple[int, int, int, int], margin: int = 8, scale: float = 1.0) -> np.ndarray:
-    """Crop ``bbox`` plus ``margin`` pixels (clipped to the form), optionally rescaled by ``scale``."""
+def crop_line(form: np.ndarray, bbox: Tuple[int, int, int, int], margin: int = DEFAULT_MARGIN,
+              scale: float = 1.0) -> np.ndarray:
+    """Crop ``bbox`` (x0, y0, x1, y1 exclusive) plus ``margin`` pixels, clipped to the form, then rescale by ``scale``
+    (bilinear; the reference uses 0.5). ``form`` is a (H, W) uint8 array; returns a (h, w) uint8 array."""
     from PIL import Image
 
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale!r}")
     h, w = form.shape
     x0, y0, x1, y1 = bbox
     x0, y0 = max(0, x0 - margin), max(0, y0 - margin)

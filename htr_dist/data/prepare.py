@@ -10,7 +10,7 @@ import logging
 import multiprocessing as mp
 import os
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -52,20 +52,23 @@ def _form_samples(job: Tuple[str, PrepareOptions, list]) -> Tuple[List[dict], Li
     samples = []
     if opt.source == "forms":
         path = iam.find_form_image(opt.forms_dir, form_id)
-        if path is None:
-            msg = f"form image of {form_id} not found under {opt.forms_dir} ({len(lines)} lines not written: " \
-                  f"{', '.join(l.id for l in lines)})"
-            return [], [("missing_form_image", msg)] * len(lines)
+        if path is None:  # one message per line, so each unwritten line is named
+            where = f"form image {form_id}.png not found in {' or '.join(iam.FORM_FOLDERS)} under {opt.forms_dir}"
+            return [], [("missing_form_image", f"{where}: line {l.id} not written") for l in lines]
         try:
             page = _load_gray(path)
         except (OSError, ValueError) as err:
-            return [], [("unreadable_image", f"{path}: cannot decode ({err}); lines {[l.id for l in lines]}")] * len(lines)
+            return [], [("unreadable_image", f"{path}: cannot decode ({err}); line {l.id} not written") for l in lines]
     for line in lines:
         try:
             if opt.source == "forms":
                 crop = iam.crop_line(page, line.bbox, opt.margin, opt.scale)
             else:
-                crop = _load_gray(iam.line_image_path(opt.forms_dir, line.id))
+                line_path = iam.line_image_path(opt.forms_dir, line.id)
+                if not os.path.isfile(line_path):
+                    problems.append(("missing_line_image", f"{line_path}: not found; line {line.id} not written"))
+                    continue
+                crop = _load_gray(line_path)
                 if opt.scale != 1.0:
                     crop = iam.crop_line(crop, (0, 0, crop.shape[1], crop.shape[0]), 0, opt.scale)
         except (OSError, ValueError) as err:
@@ -93,17 +96,18 @@ def collect_lines(opt: PrepareOptions) -> Tuple[Dict[str, list], Counter]:
             log.error("%s", err)
             continue
         writers[record.id] = record.writer_id
-        for msg in record.problems:
-            counts["empty_transcription" if "empty transcription" in msg else "no_boxes"] += 1
-            opt.problems.append(msg)
-            log.warning("%s", msg)
-        if opt.source == "forms":
+        if opt.source == "forms":  # with source=lines the XML only gives writer ids; lines.txt is checked below
+            for msg in record.problems:
+                counts["empty_transcription" if "empty transcription" in msg else "no_boxes"] += 1
+                opt.problems.append(msg)
+                log.warning("%s", msg)
             forms[record.id].extend(record.lines)
     if opt.source == "lines":
         for line in iam.parse_lines_txt(opt.lines_txt):
             if not line.text.strip():
                 counts["empty_transcription"] += 1
                 opt.problems.append(f"{opt.lines_txt}: line {line.id}: empty transcription")
+                log.warning("%s", opt.problems[-1])
                 continue
             line.writer_id = writers.get(line.form_id, "")
             forms[line.form_id].append(line)
@@ -117,6 +121,12 @@ def prepare(opt: PrepareOptions, progress: bool = True) -> dict:
             raise FileNotFoundError(f"{label} folder not found: {folder}")
     if opt.source == "lines" and not (opt.lines_txt and os.path.isfile(opt.lines_txt)):
         raise FileNotFoundError(f"lines.txt not found: {opt.lines_txt}")
+    if opt.source == "lines" and not os.path.isdir(os.path.join(opt.forms_dir, "lines")):
+        raise FileNotFoundError(f"line image folder not found: {os.path.join(opt.forms_dir, 'lines')}")
+    if opt.source == "forms":
+        iam.form_folders(opt.forms_dir)  # raises naming the folder when no forms*/ folder is there
+    if not any(f.endswith(".xml") for f in os.listdir(opt.xml_dir)):
+        raise FileNotFoundError(f"no *.xml files in the xml folder {opt.xml_dir}")
     split_of = iam.read_split_lists(opt.splits_dir)
     forms, counts = collect_lines(opt)
     by_split: Dict[str, List[str]] = defaultdict(list)
@@ -124,17 +134,22 @@ def prepare(opt: PrepareOptions, progress: bool = True) -> dict:
         split = split_of.get(form_id)
         if split is None:
             counts["form_in_no_split"] += len(forms[form_id])
-            opt.problems.append(f"form {form_id}: in no *.uttlist; its {len(forms[form_id])} lines are not written")
+            ids = ", ".join(l.id for l in forms[form_id])
+            opt.problems.append(f"form {form_id}: in no *.uttlist under {opt.splits_dir}; lines not written: {ids}")
+            log.warning("%s", opt.problems[-1])
             continue
         by_split[split].append(form_id)
     workers = opt.workers or os.cpu_count() or 1
+    log.info("%s source, %d forms with usable lines; forms per split: %s; %d worker(s) -> %s", opt.source, len(forms),
+             {k: len(by_split.get(k, [])) for k in ("train", "val", "test")}, workers, opt.out_dir)
+    job_opt = replace(opt, problems=[])  # the workers need the options, not the messages gathered so far
     bar = tqdm(total=sum(len(v) for v in by_split.values()), desc="forms", unit="form", disable=not progress)
     texts: Dict[str, List[str]] = defaultdict(list)
     entries = {}
     ctx = mp.get_context("fork") if hasattr(os, "fork") else mp.get_context()
     with ctx.Pool(workers) as pool:
         for split in ("train", "val", "test"):
-            jobs = [(f, opt, forms[f]) for f in by_split.get(split, [])]
+            jobs = [(f, job_opt, forms[f]) for f in by_split.get(split, [])]
 
             def stream(jobs=jobs, split=split) -> Iterator[dict]:
                 for samples, problems in pool.imap(_form_samples, jobs, chunksize=4):
@@ -148,6 +163,8 @@ def prepare(opt: PrepareOptions, progress: bool = True) -> dict:
                         yield s
 
             entries[split] = write_split(stream(), opt.out_dir, split, opt.shard_size)
+            log.info("%s: %d lines in %d shard(s)", split, sum(e["count"] for e in entries[split]),
+                     len(entries[split]))
     bar.close()
     alphabet = "".join(sorted(set("".join(texts["train"]))))
     problems = {"counts": dict(counts), "total": sum(counts.values()), "messages": opt.problems[:1000]}

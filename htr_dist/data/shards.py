@@ -29,12 +29,16 @@ class ManifestError(ValueError):
 
 
 def png_bytes(gray: np.ndarray) -> bytes:
+    """8-bit grayscale PNG bytes of a (h, w) uint8 array (fast compression: shards are written once, read often)."""
+    if gray.ndim != 2 or gray.dtype != np.uint8:
+        raise ValueError(f"expected a (h, w) uint8 image, got shape {gray.shape} dtype {gray.dtype}")
     buf = io.BytesIO()
-    Image.fromarray(gray, mode="L").save(buf, format="PNG", compress_level=1)
+    Image.fromarray(np.ascontiguousarray(gray)).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
 def sha256(path: str) -> str:
+    """Hex SHA-256 of a file's bytes."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -46,19 +50,28 @@ def write_split(samples: Iterable[dict], out_dir: str, split: str, max_count: in
     """Write ``samples`` (dicts with key, png bytes, text, meta) as ``split-%06d.tar``; return the shard entries.
 
     Each shard is written as ``.split-%06d.tar.tmp`` and renamed once closed. Old shards of the split are removed
-    only after the new ones are complete.
+    only after the new ones are complete; if writing fails or is interrupted, the temporary files are removed and the
+    old shards stay as they were. A key with a dot is refused (WebDataset would split it into key and extension).
     """
     os.makedirs(out_dir, exist_ok=True)
     pattern = os.path.join(out_dir, f".{split}-%06d.tar.tmp")
+    _remove(glob.glob(os.path.join(out_dir, f".{split}-*.tar.tmp")))  # left by a run that was killed (SIGKILL)
     counts: dict = {}
-    # a fixed mtime makes the shards byte-for-byte reproducible (the manifest sha256 then identifies the content)
-    with wds.ShardWriter(pattern, maxcount=max_count, verbose=0, mtime=0.0) as writer:
-        for s in samples:
-            writer.write({"__key__": s["key"], "png": s["png"], "txt": s["text"].encode("utf-8"),
-                          "json": json.dumps(s["meta"], ensure_ascii=False).encode("utf-8")})
-            counts[writer.fname] = counts.get(writer.fname, 0) + 1
-    for old in glob.glob(os.path.join(out_dir, f"{split}-*.tar")):
-        os.unlink(old)
+    try:
+        # a fixed mtime makes the shards byte-for-byte reproducible (the manifest sha256 then identifies the content)
+        with wds.ShardWriter(pattern, maxcount=max_count, verbose=0, mtime=0.0) as writer:
+            for s in samples:
+                if "." in s["key"] or "/" in s["key"]:
+                    raise ValueError(f"sample key {s['key']!r}: '.' and '/' are not allowed in WebDataset keys")
+                writer.write({"__key__": s["key"], "png": s["png"], "txt": s["text"].encode("utf-8"),
+                              "json": json.dumps(s["meta"], ensure_ascii=False).encode("utf-8")})
+                counts[writer.fname] = counts.get(writer.fname, 0) + 1
+    except BaseException:
+        _remove(glob.glob(os.path.join(out_dir, f".{split}-*.tar.tmp")))
+        raise
+    # ShardWriter opens its first file before any sample arrives: an empty split leaves one empty temporary tar
+    _remove(p for p in glob.glob(os.path.join(out_dir, f".{split}-*.tar.tmp")) if p not in counts)
+    _remove(glob.glob(os.path.join(out_dir, f"{split}-*.tar")))
     entries = []
     for tmp in sorted(counts):
         final = os.path.join(out_dir, os.path.basename(tmp)[1:-4])
@@ -67,7 +80,14 @@ def write_split(samples: Iterable[dict], out_dir: str, split: str, max_count: in
     return entries
 
 
+def _remove(paths: Iterable[str]) -> None:
+    for path in list(paths):
+        if os.path.exists(path):
+            os.unlink(path)
+
+
 def write_manifest(out_dir: str, name: str, source: str, splits: dict, alphabet: str, problems: dict) -> dict:
+    """Write ``out_dir/manifest.json`` atomically; ``splits`` maps split -> the shard entries of :func:`write_split`."""
     manifest = {
         "version": 1,
         "name": name,
@@ -92,12 +112,25 @@ def load_manifest(folder: str) -> dict:
             manifest = json.load(f)
     except json.JSONDecodeError as err:
         raise ManifestError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
     for key in ("alphabet", "splits"):
         if key not in manifest:
             raise ManifestError(f"{path}: no '{key}' entry")
+    if manifest.get("version", 1) != 1:
+        raise ManifestError(f"{path}: version {manifest['version']!r} is not supported (expected 1)")
+    if not isinstance(manifest["alphabet"], str) or not isinstance(manifest["splits"], dict):
+        raise ManifestError(f"{path}: 'alphabet' must be a string and 'splits' an object")
     for split, info in manifest["splits"].items():
-        for entry in info.get("shards", []):
+        if not isinstance(info, dict) or not isinstance(info.get("shards"), list):
+            raise ManifestError(f"{path}: split {split!r} has no 'shards' list")
+        for entry in info["shards"]:
+            if not isinstance(entry, dict) or not {"file", "count"} <= set(entry):
+                raise ManifestError(f"{path}: split {split!r}: shard entry {entry!r} lacks 'file' or 'count'")
             if not os.path.isfile(os.path.join(folder, entry["file"])):
                 raise ManifestError(f"{path}: split {split!r} lists {entry['file']}, which is not in {folder}")
+        total = sum(e["count"] for e in info["shards"])
+        if info.get("lines", total) != total:
+            raise ManifestError(f"{path}: split {split!r} says {info['lines']} lines but its shards hold {total}")
     manifest["_folder"] = folder
     return manifest

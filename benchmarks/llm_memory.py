@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""Bytes of frozen-LLM parameters each rank holds, per strategy, at N CPU ranks (gloo). Prints one JSON object.
+
+For ddp, fsdp, deepspeed (ZeRO-3) and deepspeed with parameter offload, each rank builds the real strategy
+(htr_dist.dist.strategy.build_strategy) and reports:
+- held_bytes: LLM parameter bytes resident on the rank after set-up (a shard counts its local part only);
+- peak_bytes: the largest number of LLM parameter bytes materialised at once during one training step, sampled in a
+  forward pre-hook of every LLM submodule (gathered ZeRO-3 parameters and unsharded FSDP parameters count in full);
+- the ratios of both to the full model's parameter bytes.
+On a CPU machine the "device" is the CPU itself, so offloading to CPU cannot lower these figures here; on GPU,
+llm_param_bytes_on_rank counts offloaded partitions as not held on the device.
+"""
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tempfile
+
+import torch
+import torch.multiprocessing as mp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STRATEGIES = {
+    "ddp": ["dist.strategy=ddp"],
+    "fsdp": ["dist.strategy=fsdp"],
+    "deepspeed": ["dist.strategy=deepspeed"],
+    "deepspeed_offload": ["dist.strategy=deepspeed",
+                          f"dist.llm_deepspeed_config={ROOT}/configs/deepspeed/llm_zero3_offload.json"],
+}
+
+
+def materialised_bytes(teacher) -> int:
+    total = 0
+    for p in teacher.parameters():
+        if hasattr(p, "ds_tensor"):  # ZeRO-3: gathered -> p.data is the full tensor; released -> empty
+            total += p.data.numel() * p.element_size() + p.ds_tensor.numel() * p.ds_tensor.element_size()
+        elif hasattr(p, "to_local"):  # FSDP2 sharded DTensor between uses
+            total += p.to_local().numel() * p.element_size()
+        else:
+            total += p.numel() * p.element_size()
+    return total
+
+
+def worker(rank, world, port, overrides, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    from htr_dist.config import load_config
+    from htr_dist.dist import env as dist_env
+    from htr_dist.dist.strategy import build_strategy, llm_hidden_size, llm_param_bytes_on_rank
+    from htr_dist.models.htr import HTRModel, compute_losses
+
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny_cpu.yaml"), overrides)
+    env = dist_env.init_distributed(120, use_deepspeed=cfg.dist.strategy == "deepspeed")
+    model = HTRModel(cfg.arch, cfg.connector, 30, 32, 256, llm_hidden_size(cfg))
+    strategy = build_strategy(cfg, env, model, total_steps=10)
+    teacher = strategy.teacher
+    held = llm_param_bytes_on_rank(teacher)
+    peak = [materialised_bytes(teacher)]
+    hooks = [m.register_forward_pre_hook(lambda *_: peak.append(materialised_bytes(teacher)))
+             for m in teacher.lm.modules()]
+    texts = ["a line of handwritten text"] * 4
+    chars = sorted(set("".join(texts)))
+    ids = [[chars.index(c) + 1 for c in t] for t in texts]
+    batch = {"images": torch.rand(4, 1, 32, 256), "texts": texts, "targets": torch.tensor(sum(ids, [])),
+             "target_lengths": torch.tensor([len(i) for i in ids])}
+    losses = compute_losses(strategy.model, teacher, batch, cfg.train, cfg.arch)
+    strategy.backward(losses["total"])
+    strategy.step()
+    for h in hooks:
+        h.remove()
+    full = None
+    if cfg.dist.strategy == "ddp":
+        full = sum(p.numel() * p.element_size() for p in teacher.parameters())
+    report = dist_env.all_gather_objects({"held": held, "peak": max(peak), "full": full})
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(report, f)
+    dist_env.destroy()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--llm", default="smollm2-135m", help="llm.name_or_path (default: smollm2-135m)")
+    p.add_argument("--nproc", type=int, default=2, help="ranks (default: 2)")
+    p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), help="subset of " + " ".join(STRATEGIES))
+    args = p.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    out = {"llm": args.llm, "nproc": args.nproc}
+    full = None
+    for name in args.strategies:
+        path = tempfile.mktemp(suffix=".json")
+        overrides = STRATEGIES[name] + [f"llm.name_or_path={args.llm}", "train.use_llm=true"]
+        mp.spawn(worker, args=(args.nproc, free_port(), overrides, path), nprocs=args.nproc, join=True)
+        ranks = json.load(open(path))
+        full = full or ranks[0]["full"]
+        out[name] = {"held_bytes": [r["held"] for r in ranks], "peak_bytes": [r["peak"] for r in ranks]}
+    for name in args.strategies:
+        if full:
+            out[name]["held_ratio"] = max(out[name]["held_bytes"]) / full
+            out[name]["peak_ratio"] = max(out[name]["peak_bytes"]) / full
+    out["full_bytes"] = full
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

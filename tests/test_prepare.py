@@ -1,0 +1,409 @@
+"""IAM -> shards on small IAM-format folders drawn here with PIL (no synth module): parsing, crops, splits, round trip,
+re-runs, interruption, and every kind of bad input being named and counted."""
+
+import glob
+import hashlib
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+from xml.sax.saxutils import quoteattr
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from htr_dist.data import iam
+from htr_dist.data.prepare import PrepareOptions, prepare
+from htr_dist.data.shards import ManifestError, load_manifest, png_bytes, write_split
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "launch"))
+import prepare_iam  # noqa: E402  (the launch script, called in-process)
+
+# form id -> folder, writer, lines [(text, [word boxes (x, y, w, h) ...])]; words split on spaces, one cmp per word,
+# except the first word of a01-000u-00, which has two cmp boxes (IAM splits words into connected components)
+FORMS = {
+    "a01-000u": ("formsA-D", "000", [('"Café" & co\'s <b>', [(40, 60, 60, 30), (120, 55, 30, 40), (170, 62, 50, 25)]),
+                                      ("naïve Zoë", [(40, 140, 80, 35), (140, 138, 60, 30)])]),
+    "b02-001": ("formsA-D", "017", [("A MOVE to", [(30, 70, 20, 30), (70, 72, 90, 28), (180, 75, 30, 20)]),
+                                     ("stop Mr.", [(30, 150, 60, 30), (110, 152, 50, 28)])]),
+    "e03-010": ("formsE-H", "102", [("Labour life", [(50, 80, 100, 40), (170, 85, 60, 35)])]),
+    "n04-002x": ("formsI-Z", "551", [("Peers is", [(60, 90, 90, 30), (170, 95, 30, 25)]),
+                                      ("from 1957.", [(60, 170, 70, 30), (150, 172, 80, 30)])]),
+}
+SPLITS = {"train": ["a01-000u", "n04-002x"], "validation": ["b02-001"], "test": ["e03-010"]}
+SPLIT_OF = {"a01-000u": "train", "n04-002x": "train", "b02-001": "val", "e03-010": "test"}
+
+
+def line_boxes(spec):
+    """[(word text, [cmp boxes])] for one line spec; the first word of a01-000u-00 gets two cmp boxes."""
+    text, boxes = spec
+    words = text.split(" ")
+    if len(boxes) == len(words) + 1:
+        return [(words[0], boxes[:2])] + [(w, [b]) for w, b in zip(words[1:], boxes[2:])]
+    return [(w, [b]) for w, b in zip(words, boxes)]
+
+
+def union(boxes):
+    return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[0] + b[2] for b in boxes),
+            max(b[1] + b[3] for b in boxes))
+
+
+def form_xml(form_id, writer, lines, text_override=None):
+    """IAM's XML for one form, as ISO-8859-1 bytes (attributes escaped as IAM does: &quot; &amp; &apos; ...)."""
+    esc = lambda s: quoteattr(s, {'"': "&quot;", "'": "&apos;"})  # noqa: E731
+    out = ['<?xml version="1.0" encoding="ISO-8859-1"?>',
+           f'<form created="2000-01-01" height="400" id="{form_id}" width="600" writer-id="{writer}">',
+           "<machine-printed-part>", f"<machine-print-line text={esc(' '.join(t for t, _ in lines))}/>",
+           "</machine-printed-part>", "<handwritten-part>"]
+    for i, spec in enumerate(lines):
+        line_id = f"{form_id}-{i:02d}"
+        text = (text_override or {}).get(line_id, spec[0])
+        out.append(f'<line id="{line_id}" segmentation="ok" text={esc(text)} threshold="154">')
+        for j, (word, boxes) in enumerate(line_boxes(spec)):
+            out.append(f'<word id="{line_id}-{j:02d}" tag="NN" text={esc(word)}>')
+            out += [f'<cmp x="{x}" y="{y}" width="{w}" height="{h}"/>' for x, y, w, h in boxes]
+            out.append("</word>")
+        out.append("</line>")
+    out += ["</handwritten-part>", "</form>", ""]
+    return "\n".join(out).encode("latin-1")
+
+
+def make_iam(root, text_override=None):
+    """A small IAM folder: 600x400 PIL forms in formsA-D/E-H/I-Z, xml/, splits/*.uttlist, ascii/lines.txt."""
+    rng = np.random.default_rng(0)
+    os.makedirs(os.path.join(root, "xml"))
+    os.makedirs(os.path.join(root, "splits"))
+    os.makedirs(os.path.join(root, "ascii"))
+    lines_txt = ["#--- lines.txt ---#", "# format: a01-000u-00 ok 154 19 408 746 1661 89 A|MOVE|to|stop|Mr.", "#"]
+    for form_id, (folder, writer, lines) in FORMS.items():
+        os.makedirs(os.path.join(root, folder), exist_ok=True)
+        page = Image.fromarray(rng.integers(225, 256, (400, 600), dtype=np.uint8))  # noisy paper
+        draw = ImageDraw.Draw(page)
+        for i, spec in enumerate(lines):
+            all_boxes = [b for _, boxes in line_boxes(spec) for b in boxes]
+            for x, y, w, h in all_boxes:  # "ink" filling each cmp box exactly, a different grey per box
+                draw.rectangle([x, y, x + w - 1, y + h - 1], fill=int(rng.integers(0, 90)))
+            x0, y0, x1, y1 = union(all_boxes)
+            words = "|".join(spec[0].split(" ")).replace('"', "&quot;")
+            lines_txt.append(f"{form_id}-{i:02d} ok 154 {len(all_boxes)} {x0} {y0} {x1 - x0} {y1 - y0} {words}")
+        page.save(os.path.join(root, folder, form_id + ".png"))
+        with open(os.path.join(root, "xml", form_id + ".xml"), "wb") as f:
+            f.write(form_xml(form_id, writer, lines, text_override))
+    for name, ids in SPLITS.items():
+        with open(os.path.join(root, "splits", name + ".uttlist"), "w") as f:
+            f.write("\n".join(ids) + "\n")
+    with open(os.path.join(root, "ascii", "lines.txt"), "wb") as f:
+        f.write(("\n".join(lines_txt) + "\n").encode("latin-1"))  # IAM's own encoding
+    return str(root)
+
+
+def expected_lines():
+    """line id -> (text, form id, writer id, cmp union)."""
+    out = {}
+    for form_id, (_, writer, lines) in FORMS.items():
+        for i, spec in enumerate(lines):
+            boxes = [b for _, bs in line_boxes(spec) for b in bs]
+            out[f"{form_id}-{i:02d}"] = (spec[0], form_id, writer, union(boxes))
+    return out
+
+
+def read_shards(folder, split):
+    """key -> {ext: bytes}, read with plain tarfile; also checks each key appears once."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(folder, f"{split}-*.tar"))):
+        with tarfile.open(path) as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                assert ext not in out.get(key, {}), f"{key}.{ext} twice"
+                out.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return out
+
+
+def run_prepare(root, out, **kw):
+    kw.setdefault("workers", 1)
+    opt = PrepareOptions(root, os.path.join(root, "xml"), os.path.join(root, "splits"), out, **kw)
+    return prepare(opt, progress=False)
+
+
+@pytest.fixture
+def iam_root(tmp_path):
+    return make_iam(tmp_path / "iam")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Parsing
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_xml_entities_latin1_and_cmp_union(iam_root):
+    raw = open(os.path.join(iam_root, "xml", "a01-000u.xml"), "rb").read()
+    # really ISO-8859-1 bytes and XML entities, as in IAM
+    assert b"Caf\xe9" in raw and b"&quot;" in raw and b"&amp;" in raw and b"&lt;b&gt;" in raw
+    form = iam.parse_form_xml(os.path.join(iam_root, "xml", "a01-000u.xml"))
+    assert (form.id, form.writer_id, form.problems) == ("a01-000u", "000", [])
+    truth = expected_lines()
+    assert [(l.id, l.text, l.bbox) for l in form.lines] == [
+        ("a01-000u-00", '"Café" & co\'s <b>', (40, 55, 220, 95)),  # union of 4 cmp boxes, exclusive right/bottom
+        ("a01-000u-01", "naïve Zoë", truth["a01-000u-01"][3])]
+    assert all(l.form_id == "a01-000u" and l.writer_id == "000" and l.segmentation == "ok" for l in form.lines)
+
+
+def test_lines_txt_latin1_entities_and_empty(iam_root):
+    path = os.path.join(iam_root, "ascii", "lines.txt")
+    with open(path, "ab") as f:
+        f.write(b"e03-010-01 err 154 0 10 20 30 40\n")  # no transcription at all
+    lines = iam.parse_lines_txt(path)
+    truth = expected_lines()
+    assert [l.id for l in lines] == list(truth) + ["e03-010-01"]
+    for line in lines[:-1]:
+        text, form_id, _, bbox = truth[line.id]
+        assert (line.text, line.form_id, line.bbox) == (text, form_id, bbox)
+    assert lines[0].text == '"Café" & co\'s <b>'  # &quot; decoded, é read as ISO-8859-1
+    assert (lines[-1].text, lines[-1].segmentation, lines[-1].bbox) == ("", "err", (10, 20, 40, 60))
+
+
+def test_bad_cmp_names_file_and_line(tmp_path):
+    path = tmp_path / "c01-000.xml"
+    path.write_bytes(b'<?xml version="1.0" encoding="ISO-8859-1"?><form id="c01-000" writer-id="1"><handwritten-part>'
+                     b'<line id="c01-000-00" text="x"><word id="c01-000-00-00" text="x"><cmp x="1" y="a" width="2" '
+                     b'height="3"/></word></line></handwritten-part></form>')
+    with pytest.raises(iam.IAMFormatError, match=r"c01-000.xml: line c01-000-00: bad <cmp> box"):
+        iam.parse_form_xml(str(path))
+
+
+def test_form_folders_error_names_root(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"form image folder not found: {tmp_path}"):
+        iam.form_folders(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Round trip
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_round_trip_crops_splits_manifest(iam_root, tmp_path):
+    out = str(tmp_path / "shards")
+    manifest = run_prepare(iam_root, out, margin=6, shard_size=2, workers=2)
+    assert manifest == {k: v for k, v in load_manifest(out).items() if k != "_folder"}
+    truth = expected_lines()
+    pages = {f: np.asarray(Image.open(os.path.join(iam_root, d, f + ".png"))) for f, (d, _, _) in FORMS.items()}
+    seen = set()
+    for split in ("train", "val", "test"):
+        samples = read_shards(out, split)
+        info = manifest["splits"][split]
+        assert info["lines"] == len(samples) == sum(e["count"] for e in info["shards"])
+        assert [e["file"] for e in info["shards"]] == [f"{split}-{i:06d}.tar" for i in range(len(info["shards"]))]
+        assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, f"{split}-*.tar"))) == \
+            [e["file"] for e in info["shards"]]
+        for entry in info["shards"]:
+            assert entry["sha256"] == hashlib.sha256(open(os.path.join(out, entry["file"]), "rb").read()).hexdigest()
+            assert 1 <= entry["count"] <= 2
+        for key, s in samples.items():
+            text, form_id, writer, (x0, y0, x1, y1) = truth[key]
+            assert SPLIT_OF[form_id] == split  # split assignment by the uttlist of the line's form
+            assert s["txt"].decode("utf-8") == text
+            assert json.loads(s["json"]) == {"form_id": form_id, "writer_id": writer, "bbox": [x0, y0, x1, y1],
+                                             "segmentation": "ok"}
+            img = Image.open(io.BytesIO(s["png"]))
+            assert img.mode == "L"
+            # the crop is the union of the cmp boxes plus the margin, cut from the form pixel for pixel
+            assert np.array_equal(np.asarray(img), pages[form_id][y0 - 6 : y1 + 6, x0 - 6 : x1 + 6])
+            seen.add(key)
+    assert seen == set(truth)
+    train_text = "".join(truth[k][0] for k in truth if SPLIT_OF[truth[k][1]] == "train")
+    assert manifest["alphabet"] == "".join(sorted(set(train_text)))
+    assert "Z" in manifest["alphabet"] and "M" not in manifest["alphabet"]  # train only ("MOVE" is in val)
+    assert manifest["problems"]["total"] == 0 and manifest["version"] == 1 and manifest["name"] == "shards"
+    assert not [p for p in os.listdir(out) if p.startswith(".")]
+
+
+def test_scale_half(iam_root, tmp_path):
+    out = str(tmp_path / "half")
+    run_prepare(iam_root, out, margin=8, scale=0.5)
+    samples = read_shards(out, "test")
+    x0, y0, x1, y1 = expected_lines()["e03-010-00"][3]
+    img = np.asarray(Image.open(io.BytesIO(samples["e03-010-00"]["png"])))
+    assert img.shape == (round((y1 - y0 + 16) * 0.5), round((x1 - x0 + 16) * 0.5))
+    page = Image.open(os.path.join(iam_root, "formsE-H", "e03-010.png"))
+    full = page.crop((x0 - 8, y0 - 8, x1 + 8, y1 + 8))
+    ref = np.asarray(full.resize((img.shape[1], img.shape[0]), Image.BILINEAR))
+    assert np.abs(img.astype(int) - ref).max() <= 1  # the half-size image of the full-resolution crop
+    assert img[:2].min() > 200 and img.min() < 90  # paper margin on top, dark ink inside
+
+
+def test_lines_source(iam_root, tmp_path):
+    """IAM's pre-cropped lines/ + ascii/lines.txt (latin-1) as the source; writer ids still come from the XML."""
+    truth = expected_lines()
+    for line_id, (_, form_id, _, (x0, y0, x1, y1)) in truth.items():
+        path = iam.line_image_path(iam_root, line_id)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.new("L", (x1 - x0, y1 - y0), 30).save(path)
+    os.unlink(iam.line_image_path(iam_root, "b02-001-01"))
+    with open(os.path.join(iam_root, "ascii", "lines.txt"), "ab") as f:
+        f.write(b"b02-001-02 ok 154 1 10 20 30 40\n")  # no transcription
+    out = str(tmp_path / "lines")
+    manifest = run_prepare(iam_root, out, source="lines", lines_txt=os.path.join(iam_root, "ascii", "lines.txt"),
+                           scale=0.5)
+    assert manifest["problems"]["counts"] == {"missing_line_image": 1, "empty_transcription": 1}
+    messages = "\n".join(manifest["problems"]["messages"])
+    assert "b02-001-01.png: not found; line b02-001-01 not written" in messages
+    assert "lines.txt: line b02-001-02: empty transcription" in messages
+    got = {}
+    for split in ("train", "val", "test"):
+        got.update(read_shards(out, split))
+    assert {k: v["txt"].decode() for k, v in got.items()} == {k: v[0] for k, v in truth.items() if k != "b02-001-01"}
+    meta = json.loads(got["n04-002x-01"]["json"])
+    assert meta["writer_id"] == "551"
+    w, h = Image.open(io.BytesIO(got["n04-002x-01"]["png"])).size
+    x0, y0, x1, y1 = truth["n04-002x-01"][3]
+    assert (w, h) == (round((x1 - x0) * 0.5), round((y1 - y0) * 0.5))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Re-runs and interruption
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_rerun_is_deterministic_and_replaces_old_shards(iam_root, tmp_path):
+    out = str(tmp_path / "shards")
+    first = run_prepare(iam_root, out, shard_size=1)
+    assert len(first["splits"]["train"]["shards"]) == 4
+    again = run_prepare(iam_root, out, shard_size=1, workers=2)
+    assert again["splits"] == first["splits"]  # same bytes (sha256), whatever the worker count
+    bigger = run_prepare(iam_root, out, shard_size=100)
+    assert [e["file"] for e in bigger["splits"]["train"]["shards"]] == ["train-000000.tar"]
+    assert sorted(os.listdir(out)) == ["manifest.json", "test-000000.tar", "train-000000.tar", "val-000000.tar"]
+    assert len(read_shards(out, "train")) == 4
+
+
+def test_interrupted_split_leaves_old_shards_and_no_temp(tmp_path):
+    out = str(tmp_path)
+    gray = np.full((10, 20), 200, np.uint8)
+    sample = lambda i: {"key": f"a01-000-{i:02d}", "png": png_bytes(gray), "text": f"t{i}", "meta": {}}  # noqa: E731
+    old = write_split([sample(i) for i in range(3)], out, "train", max_count=2)
+    before = {e["file"]: open(os.path.join(out, e["file"]), "rb").read() for e in old}
+
+    def interrupted():
+        for i in range(5):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield sample(10 + i)
+
+    with pytest.raises(KeyboardInterrupt):
+        write_split(interrupted(), out, "train", max_count=2)
+    assert sorted(os.listdir(out)) == sorted(before)  # no temporary file, no half-written shard
+    assert all(open(os.path.join(out, f), "rb").read() == b for f, b in before.items())
+    open(os.path.join(out, ".val-000007.tar.tmp"), "wb").close()  # left by a killed run
+    assert write_split([], out, "val") == []  # an empty split writes nothing and cleans up
+    assert sorted(os.listdir(out)) == sorted(before)
+    with pytest.raises(ValueError, match="'a01.x'"):
+        write_split([dict(sample(0), key="a01.x")], out, "test")
+    assert sorted(os.listdir(out)) == sorted(before)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Bad inputs: named, counted, in the manifest, never silently dropped
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_reported_counted_and_in_manifest(tmp_path, capsys, caplog):
+    root = make_iam(tmp_path / "iam", text_override={"n04-002x-01": "  "})
+    os.unlink(os.path.join(root, "formsE-H", "e03-010.png"))  # missing form image (1 line)
+    with open(os.path.join(root, "xml", "b02-001.xml"), "ab") as f:
+        f.write(b"<oops>")  # malformed XML (its 2 lines cannot be read)
+    with open(os.path.join(root, "xml", "p05-000.xml"), "wb") as f:  # a form in no split list
+        f.write(form_xml("p05-000", "9", [("orphan line", [(10, 10, 50, 20), (70, 10, 40, 20)])]))
+    os.makedirs(os.path.join(root, "formsI-Z"), exist_ok=True)
+    Image.new("L", (600, 400), 255).save(os.path.join(root, "formsI-Z", "p05-000.png"))
+    out = str(tmp_path / "shards")
+    caplog.set_level(logging.INFO)
+    assert prepare_iam.main(["--iam", root, "--out", out, "--workers", "2", "--no-progress"]) == 0
+    stdout = capsys.readouterr().out
+    manifest = load_manifest(out)
+    counts = manifest["problems"]["counts"]
+    assert counts == {"missing_form_image": 1, "malformed_xml": 1, "empty_transcription": 1, "form_in_no_split": 1}
+    assert manifest["problems"]["total"] == 4
+    assert "NOT written: 4 line(s): empty_transcription 1, form_in_no_split 1, malformed_xml 1, " \
+           "missing_form_image 1" in stdout
+    messages = "\n".join(manifest["problems"]["messages"])
+    log_text = caplog.text
+    for needle in ("e03-010.png not found", "e03-010-00 not written", os.path.join(root, "xml", "b02-001.xml"),
+                   "malformed XML", "n04-002x.xml: line n04-002x-01: empty transcription", "p05-000-00"):
+        assert needle in messages and needle in log_text, needle
+    written = {k for s in ("train", "val", "test") for k in read_shards(out, s)}
+    assert written == {"a01-000u-00", "a01-000u-01", "n04-002x-00"}
+    assert manifest["splits"]["val"] == {"lines": 0, "shards": []} and manifest["splits"]["test"]["lines"] == 0
+    assert not [p for p in os.listdir(out) if p != "manifest.json" and not p.startswith("train-")]
+
+
+@pytest.mark.parametrize("remove, message", [
+    ("", "IAM folder not found: {root}"),
+    ("xml", "xml folder not found: {root}/xml"),
+    ("splits", "splits folder not found: {root}/splits"),
+    ("forms", "form image folder not found: {root} holds none of formsA-D"),
+    ("lines", "line image folder not found: {root}/lines"),
+])
+def test_missing_input_folder_is_named(iam_root, tmp_path, capsys, remove, message):
+    import shutil
+
+    root = iam_root
+    argv = ["--iam", root, "--out", str(tmp_path / "o"), "--workers", "1", "--no-progress"]
+    if remove == "":
+        root = str(tmp_path / "nope")
+        argv[1] = root
+    elif remove == "forms":
+        for d in ("formsA-D", "formsE-H", "formsI-Z"):
+            shutil.rmtree(os.path.join(root, d))
+    elif remove == "lines":
+        argv += ["--source", "lines"]
+    else:
+        shutil.rmtree(os.path.join(root, remove))
+    assert prepare_iam.main(argv) == 1
+    assert message.format(root=root) in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o" / "manifest.json")
+
+
+def test_load_manifest_errors(iam_root, tmp_path):
+    out = str(tmp_path / "s")
+    run_prepare(iam_root, out)
+    path = os.path.join(out, "manifest.json")
+    data = json.load(open(path))
+    data["splits"]["train"]["lines"] += 1
+    json.dump(data, open(path, "w"))
+    with pytest.raises(ManifestError, match=r"manifest.json: split 'train' says 5 lines but its shards hold 4"):
+        load_manifest(out)
+    os.unlink(os.path.join(out, "val-000000.tar"))
+    data["splits"]["train"]["lines"] -= 1
+    json.dump(data, open(path, "w"))
+    with pytest.raises(ManifestError, match=r"split 'val' lists val-000000.tar, which is not in"):
+        load_manifest(out)
+    open(path, "w").write("{")
+    with pytest.raises(ManifestError, match=r"manifest.json: not valid JSON"):
+        load_manifest(out)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The command line, as a user runs it
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_cli_help_and_positional_form(iam_root, tmp_path):
+    script = os.path.join(ROOT, "launch", "prepare_iam.py")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0
+    for option in ("--iam", "--out", "--source", "--scale", "--margin", "--shard-size", "--workers", "FORMS XML"):
+        assert option in proc.stdout, option
+    out = str(tmp_path / "pos")
+    proc = subprocess.run([sys.executable, script, iam_root, os.path.join(iam_root, "xml"),
+                           os.path.join(iam_root, "splits"), out, "--workers", "2", "--scale", "0.5"],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "train: 4 lines in 1 shard(s)" in proc.stdout and "no problems" in proc.stdout
+    assert "forms: 100%" in proc.stderr  # the tqdm progress bar
+    assert {s: v["lines"] for s, v in load_manifest(out)["splits"].items()} == {"train": 4, "val": 2, "test": 1}
