@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -28,17 +29,22 @@ def make_tokenizer(vocab_size: int = 320):
 
 
 def make_tiny_llama(folder: str, hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int = 128,
-                    seed: int = 0) -> str:
-    """Save a tiny random LlamaForCausalLM and its tokenizer into ``folder`` (save_pretrained); return ``folder``."""
+                    seed: int = 0, vocab: int = 320, kv_heads: Optional[int] = None,
+                    tie_embeddings: bool = False) -> str:
+    """Save a tiny random LlamaForCausalLM and its tokenizer into ``folder`` (save_pretrained); return ``folder``.
+
+    ``vocab`` caps the BPE vocabulary (the model's vocab_size is the tokenizer's real size); ``kv_heads`` < ``heads``
+    gives grouped-query attention and ``tie_embeddings`` shares embedding and LM head, as Llama-3.2 and SmolLM2 do.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = make_tokenizer()
+    tokenizer = make_tokenizer(vocab)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
                          max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         tie_word_embeddings=False)
+                         tie_word_embeddings=tie_embeddings)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     os.makedirs(folder, exist_ok=True)

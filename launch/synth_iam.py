@@ -1,9 +1,17 @@
 #!/usr/bin/env python
-"""Generate a synthetic IAM-format data set (forms/, xml/, ascii/lines.txt, splits/*.uttlist) from handwriting-style
-fonts and English prose, deterministic for a seed. Feed it to launch/prepare_iam.py like the real IAM.
+"""Generate a synthetic IAM-format data set from handwriting-style fonts and English prose, deterministic for a seed:
 
-Fonts come from Debian packages (fonts-dkg-handwriting fonts-breip fonts-femkeklaver fonts-rufscript
-fonts-ecolier-court fonts-dancingscript fonts-kaushanscript fonts-comic-neue); each font plays one writer.
+  OUT/forms/<id>.png                       grayscale forms (1800 px wide): printed header, then handwritten lines
+  OUT/xml/<id>.xml                         IAM XML (ISO-8859-1): lines, words and their ink boxes
+  OUT/ascii/lines.txt                      IAM's line list (id ok graylevel components x y w h word|word|...)
+  OUT/splits/{train,validation,test}.uttlist   form ids, about 70/10/20; no text line is repeated across the set
+
+Form ids are s01-000, s01-001, ...; a font plays a writer (writer-id 000, 001, ... = its index in --fonts).
+Handwritten lines are 100-125 px from ascender to descender, so line crops are about 100-140 px tall.
+Feed OUT to launch/prepare_iam.py exactly like the real IAM. The same seed and fonts give the same bytes.
+
+Fonts come from Debian packages: sudo apt-get install fonts-dkg-handwriting fonts-breip fonts-femkeklaver
+fonts-rufscript fonts-ecolier-court fonts-dancingscript fonts-kaushanscript fonts-comic-neue
 """
 
 import argparse
@@ -13,27 +21,38 @@ import sys
 from htr_dist.data.synth import FontsNotFound, synthesize
 
 
+def _range(text: str):
+    try:
+        lo, hi = (int(v) for v in text.split("-"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a range like 6-10, got {text!r}") from None
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected 1 <= a <= b, got {text!r}")
+    return lo, hi
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out", metavar="OUT", help="output folder (replaced atomically if it exists)")
-    p.add_argument("--forms", type=int, default=100, help="number of forms (default: 100)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--fonts", nargs="+", default=None, metavar="FONT",
-                   help="font files or installed font file names (default: every known handwriting font found)")
-    p.add_argument("--lines-per-form", default="6-10", help="handwritten lines per form, a range a-b (default: 6-10)")
-    p.add_argument("--workers", type=int, default=0, help="parallel processes (default: all cores)")
+    p.add_argument("out", metavar="OUT", help="output folder (written to a temporary folder, then renamed; an "
+                                              "existing OUT is replaced)")
+    p.add_argument("--forms", type=int, default=100, help="number of forms (default: 100; the prose lasts for "
+                                                          "about 850 forms of 6-10 lines)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of text, writers and rendering (default: 0)")
+    p.add_argument("--fonts", nargs="+", default=None, metavar="PATH_OR_NAME",
+                   help="font files or installed font file names, e.g. dkg.ttf Breip.ttf (default: every known "
+                        "handwriting font that is installed)")
+    p.add_argument("--lines-per-form", type=_range, default=(6, 10), metavar="A-B",
+                   help="handwritten lines per form, drawn uniformly from A..B (default: 6-10)")
+    p.add_argument("--workers", type=int, default=0, help="processes (default 0 = all cores; 1 = no subprocess)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        lo, hi = (int(v) for v in args.lines_per_form.split("-"))
-    except ValueError:
-        print(f"error: --lines-per-form: expected a range like 6-10, got {args.lines_per_form!r}", file=sys.stderr)
-        return 2
-    try:
-        summary = synthesize(args.out, args.forms, args.seed, args.fonts, (lo, hi), args.workers)
+        summary = synthesize(args.out, args.forms, args.seed, args.fonts, args.lines_per_form, args.workers,
+                             progress=not args.no_progress)
     except (FontsNotFound, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

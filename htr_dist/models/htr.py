@@ -136,6 +136,7 @@ def count_parameters(module: Optional[nn.Module]) -> dict:
     """Trainable and frozen parameter counts."""
     if module is None:
         return {"trainable": 0, "frozen": 0}
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+    # ZeRO-3 leaves partitioned parameters empty between uses; ds_numel keeps their full size.
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters() if p.requires_grad)
+    frozen = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters() if not p.requires_grad)
     return {"trainable": trainable, "frozen": frozen}

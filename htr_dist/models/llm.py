@@ -59,10 +59,12 @@ def convert_gguf(gguf_path: str, out_dir: str) -> str:
     try:
         fresh.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if os.path.isdir(out_dir):  # another rank/process won the race: keep its copy
-            shutil.rmtree(tmp)
-        else:
+        try:
             os.replace(tmp, out_dir)
+        except OSError:
+            if not os.path.isfile(os.path.join(out_dir, "config.json")):
+                raise
+            shutil.rmtree(tmp)  # another process converted it meanwhile: keep its copy
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -80,6 +82,11 @@ def resolve_llm_path(name_or_path: str, cache_dir: str) -> str:
             raise LLMLoadError(f"llm.name_or_path: GGUF file not found: {name_or_path}")
         stem = os.path.splitext(os.path.basename(name_or_path))[0]
         return convert_gguf(name_or_path, os.path.join(cache_dir, stem))
+    path = os.path.expanduser(name_or_path)
+    if os.path.isdir(path):
+        return path
+    if path.startswith((os.sep, ".", "~")):  # clearly meant as a local path, not a hub id ("org/name")
+        raise LLMLoadError(f"llm.name_or_path: folder not found: {name_or_path}")
     return name_or_path
 
 
@@ -110,14 +117,19 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 def load_causal_lm(name_or_path: str, cache_dir: str, dtype: torch.dtype = torch.float32,
-                   attn_implementation: str = "sdpa", device: str = "cpu") -> Tuple[nn.Module, object]:
-    """One loader for a hub id, a local folder or a GGUF file -> (frozen causal LM in eval mode, tokenizer)."""
+                   attn_implementation: str = "sdpa", device: str = "cpu",
+                   low_cpu_mem_usage: bool = True) -> Tuple[nn.Module, object]:
+    """One loader for a hub id, a local folder or a GGUF file -> (frozen causal LM in eval mode, tokenizer).
+
+    ``dtype`` and ``attn_implementation`` come from the caller (``htr_dist.dist.env``). ``low_cpu_mem_usage`` is
+    passed on for transformers 4.x; transformers 5 always loads without a second full copy and ignores it.
+    """
     from transformers import AutoModelForCausalLM
 
     path = resolve_llm_path(name_or_path, cache_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
-                                                     low_cpu_mem_usage=True)
+                                                     low_cpu_mem_usage=low_cpu_mem_usage)
     except OSError as err:
         raise LLMLoadError(f"llm.name_or_path={name_or_path!r}: cannot load the model ({err})") from None
     return freeze(model.to(device)), load_tokenizer(name_or_path, cache_dir)
@@ -154,6 +166,8 @@ class PrefixLM(nn.Module):
 
     def tokenize(self, texts: List[str], max_tokens: int = 48) -> Tuple[torch.Tensor, torch.Tensor]:
         """Texts -> (input_ids (k, L), attention_mask (k, L)): [BOS] text [EOS], right-padded to the longest."""
+        if not texts:
+            raise ValueError("PrefixLM.tokenize: no texts (every rank must score at least one line per step)")
         tok = self.tokenizer
         rows = []
         for ids in tok(list(texts), add_special_tokens=False)["input_ids"]:
@@ -178,11 +192,15 @@ class PrefixLM(nn.Module):
         return scored
 
     def forward(self, prefix: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        emb = self.lm.get_input_embeddings()(input_ids)  # (k, L, H)
+        if prefix.dim() != 3 or prefix.shape[2] != self.hidden_size or prefix.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"PrefixLM: prefix {tuple(prefix.shape)} does not match (k={input_ids.shape[0]}, Q, "
+                             f"hidden_size={self.hidden_size}) for input_ids {tuple(input_ids.shape)}")
+        emb = self.lm.get_input_embeddings()(input_ids)  # (k, L, H); a module call, so ZeRO-3/FSDP gather it
         q = prefix.shape[1]
         x = torch.cat([prefix.to(emb.dtype), emb], dim=1)  # (k, Q + L, H)
         mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
-        hidden = self.lm.base_model(inputs_embeds=x, attention_mask=mask).last_hidden_state  # (k, Q + L, H)
+        # use_cache=False: eval mode would otherwise fill a KV cache nobody reads
+        hidden = self.lm.base_model(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state
         # position Q - 1 + j predicts text token j
         pred = hidden[:, q - 1 : q - 1 + input_ids.shape[1]]  # (k, L, H)
         scored = self.label_mask(input_ids, attention_mask)

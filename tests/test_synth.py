@@ -1,0 +1,228 @@
+"""Synthetic IAM-format data (htr_dist/data/synth.py, launch/synth_iam.py), checked with xml.etree and numpy only:
+layout, ink boxes, lines.txt against the XML, splits, determinism, XML entities, font errors, prose cleaning."""
+
+import glob
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from htr_dist.data import synth
+from htr_dist.data.synth import CHARSET, FontsNotFound, find_fonts, synthesize
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LINE_ATTRS = ("id", "text", "segmentation", "threshold", "lbx", "lby", "lrx", "lry", "ubx", "uby", "asx", "asy",
+              "dsx", "dsy")
+
+
+@pytest.fixture(scope="module")
+def synth_set(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("synth") / "iam")
+    summary = synthesize(out, forms=10, seed=5, workers=1, progress=False)
+    return out, summary
+
+
+def forms_of(folder):
+    return sorted(os.path.basename(p)[:-4] for p in glob.glob(os.path.join(folder, "xml", "*.xml")))
+
+
+def cmp_box(word):
+    c = word.find("cmp").attrib
+    return tuple(int(c[k]) for k in ("x", "y", "width", "height"))
+
+
+def read_lines_txt(folder):
+    rows = {}
+    with open(os.path.join(folder, "ascii", "lines.txt"), encoding="utf-8") as f:
+        for raw in f:
+            if raw.startswith("#"):
+                continue
+            parts = raw.rstrip("\n").split(" ")
+            assert len(parts) == 9, raw
+            rows[parts[0]] = parts[1:]
+    return rows
+
+
+def digest(folder):
+    h = hashlib.sha256()
+    for p in sorted(glob.glob(os.path.join(folder, "**", "*"), recursive=True)):
+        if os.path.isfile(p):
+            h.update(os.path.relpath(p, folder).encode())
+            with open(p, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
+def test_layout_files_parse(synth_set):
+    out, summary = synth_set
+    ids = forms_of(out)
+    assert ids == [f"s01-{i:03d}" for i in range(10)]
+    assert summary["forms"] == 10 and summary["lines"] == len(read_lines_txt(out))
+    for form_id in ids:
+        path = os.path.join(out, "xml", form_id + ".xml")
+        with open(path, "rb") as f:
+            assert f.readline().strip() == b"<?xml version='1.0' encoding='ISO-8859-1'?>"
+        root = ET.parse(path).getroot()
+        assert root.tag == "form" and root.get("id") == form_id
+        assert len(root.get("writer-id")) == 3 and root.get("writer-id").isdigit()
+        page = Image.open(os.path.join(out, "forms", form_id + ".png"))
+        assert page.mode == "L" and page.size == (int(root.get("width")), int(root.get("height")))
+        gray = np.asarray(page)
+        assert np.median(gray) > 180 and gray.min() < 110  # dark ink on light paper
+        printed = root.find("machine-printed-part").findall("machine-print-line")
+        lines = root.find("handwritten-part").findall("line")
+        assert printed and 6 <= len(lines) <= 10
+        # the printed part holds the text the writer copied, as in IAM
+        assert " ".join(p.get("text") for p in printed) == " ".join(l.get("text") for l in lines)
+        for i, line in enumerate(lines):
+            assert all(a in line.attrib for a in LINE_ATTRS), line.attrib
+            assert line.get("id") == f"{form_id}-{i:02d}" and line.get("segmentation") == "ok"
+            words = line.findall("word")
+            assert " ".join(w.get("text") for w in words) == line.get("text")
+            assert [w.get("id") for w in words] == [f"{form_id}-{i:02d}-{j:02d}" for j in range(len(words))]
+            assert all(w.get("tag") for w in words)
+            assert 1 <= len(line.get("text")) <= synth.MAX_LINE_CHARS
+
+
+def test_boxes_enclose_ink(synth_set):
+    out, _ = synth_set
+    heights = []
+    for form_id in forms_of(out):
+        root = ET.parse(os.path.join(out, "xml", form_id + ".xml")).getroot()
+        page = np.asarray(Image.open(os.path.join(out, "forms", form_id + ".png")))
+        ink = np.median(page) - 50  # clearly darker than the (shaded, specked) paper
+        covered = np.zeros(page.shape, bool)
+        lines = root.find("handwritten-part").findall("line")
+        for line in lines:
+            for word in line.findall("word"):
+                x, y, w, h = cmp_box(word)
+                assert w > 0 and h > 0 and x >= 0 and y >= 0
+                assert x + w <= page.shape[1] and y + h <= page.shape[0], word.get("id")
+                crop = page[y : y + h, x : x + w]
+                assert (crop < ink).sum() >= 10, f"no ink inside the box of {word.get('id')}"
+                # the box is tight: ink touches each of its four sides (paper = the brightest pixels nearby)
+                dark = crop < np.percentile(crop, 95) - 10
+                assert dark[0].any() and dark[-1].any() and dark[:, 0].any() and dark[:, -1].any(), word.get("id")
+                covered[y : y + h, x : x + w] = True
+            heights.append(int(line.get("dsy")) - int(line.get("asy")))
+        top = min(int(l.get("asy")) for l in lines)
+        outside = page[top:][~covered[top:]]
+        assert (outside < ink).mean() < 1e-4, form_id  # no handwriting outside the word boxes
+        assert (page[top:] < ink).sum() > 1000
+    # documented size: ascender-to-descender 100-125 px, line crops about 100-140 px
+    assert 95 <= np.median(heights) <= 145, heights
+
+
+def test_lines_txt_matches_xml(synth_set):
+    out, _ = synth_set
+    rows = read_lines_txt(out)
+    seen = []
+    for form_id in forms_of(out):
+        root = ET.parse(os.path.join(out, "xml", form_id + ".xml")).getroot()
+        for line in root.iter("line"):
+            seg, gray, n_comp, x, y, w, h, words = rows[line.get("id")]
+            boxes = [cmp_box(word) for word in line.findall("word")]
+            x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+            x1, y1 = max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)
+            assert (seg, gray) == (line.get("segmentation"), line.get("threshold"))
+            assert int(n_comp) == len(boxes)
+            assert (int(x), int(y), int(w), int(h)) == (x0, y0, x1 - x0, y1 - y0)
+            assert (x0, y0, x1, y1) == tuple(int(line.get(k)) for k in ("asx", "asy", "dsx", "dsy"))
+            assert words.split("|") == [word.get("text") for word in line.findall("word")]
+            seen.append(line.get("id"))
+    assert seen == list(rows)  # same lines, same order
+
+
+def test_splits_partition_forms_and_text(synth_set):
+    out, summary = synth_set
+    splits = {}
+    for name in ("train", "validation", "test"):
+        with open(os.path.join(out, "splits", f"{name}.uttlist")) as f:
+            splits[name] = f.read().split()
+    assert (len(splits["train"]), len(splits["validation"]), len(splits["test"])) == (7, 1, 2)
+    assert sorted(sum(splits.values(), [])) == forms_of(out)  # a partition: every form exactly once
+    assert summary["splits"] == {k: len(v) for k, v in splits.items()}
+    texts = {}
+    for form_id in forms_of(out):
+        texts[form_id] = [l.get("text") for l in ET.parse(os.path.join(out, "xml", form_id + ".xml")).iter("line")]
+    every = sum(texts.values(), [])
+    assert len(every) == len(set(every))  # drawn without replacement: no line is written twice
+    train = {t for f in splits["train"] for t in texts[f]}
+    assert train and not train & {t for f in splits["test"] for t in texts[f]}
+    assert len({ET.parse(os.path.join(out, "xml", f + ".xml")).getroot().get("writer-id") for f in texts}) >= 3
+
+
+def test_deterministic_and_atomic(tmp_path):
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    synthesize(a, forms=3, seed=7, workers=1, progress=False)
+    synthesize(b, forms=3, seed=7, workers=2, progress=False)  # the worker count does not change a byte
+    synthesize(c, forms=3, seed=8, workers=1, progress=False)
+    assert digest(a) == digest(b)
+    assert digest(a) != digest(c)
+    for sub in ("forms", "xml"):  # every file differs with the seed, not just one
+        for name in os.listdir(os.path.join(a, sub)):
+            with open(os.path.join(a, sub, name), "rb") as fa, open(os.path.join(c, sub, name), "rb") as fc:
+                assert fa.read() != fc.read(), name
+    synthesize(a, forms=2, seed=7, workers=1, progress=False)  # re-run over an existing set replaces it
+    assert forms_of(a) == ["s01-000", "s01-001"]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary folder left
+
+
+def test_xml_entities_round_trip(tmp_path):
+    prose = ['Tom & Jerry said "no" to the cat\'s dinner again.', "Fish & chips (with salt) cost 3 pounds!",
+             'She wrote "A & B" on the board; then she left.', "Nothing here but plain words to fill a line."]
+    out = str(tmp_path / "iam")
+    synthesize(out, forms=2, seed=1, workers=1, progress=False, lines_per_form=(2, 2), prose=prose)
+    raw = b"".join(open(p, "rb").read() for p in glob.glob(os.path.join(out, "xml", "*.xml")))
+    assert b"&amp;" in raw and b"&quot;" in raw and b' & ' not in raw
+    parsed = [l.get("text") for p in sorted(glob.glob(os.path.join(out, "xml", "*.xml"))) for l in
+              ET.parse(p).iter("line")]
+    tokens = " ".join(parsed).split()
+    assert set(tokens) <= set(" ".join(prose).split())
+    assert "&" in tokens and ('"no"' in tokens or '"A' in tokens) and "cat's" in tokens
+    listed = [row[-1].replace("|", " ") for row in read_lines_txt(out).values()]
+    assert listed == parsed  # lines.txt holds the plain text, not entities
+    with pytest.raises(ValueError, match="outside the synthetic character set"):
+        synthesize(str(tmp_path / "bad"), forms=1, workers=1, progress=False, prose=["a <b> c d e f g h"])
+
+
+def test_missing_fonts_name_apt_packages(monkeypatch, tmp_path):
+    with pytest.raises(FontsNotFound, match="no-such-font.ttf"):
+        find_fonts(["no-such-font.ttf"])
+    monkeypatch.setattr(synth, "FONT_DIRS", ("/nonexistent",))
+    with pytest.raises(FontsNotFound, match="apt-get install fonts-dkg-handwriting .*fonts-comic-neue") as err:
+        synthesize(str(tmp_path / "x"), forms=1, progress=False)
+    for package, _ in synth.FONT_PACKAGES:
+        assert package in str(err.value)
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_cli_generates_and_reports(tmp_path):
+    out = str(tmp_path / "cli")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch/synth_iam.py"), out, "--forms", "2",
+                           "--seed", "4", "--fonts", "Breip.ttf", "--lines-per-form", "3-4", "--workers", "1",
+                           "--no-progress"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["forms"] == 2 and summary["fonts"] == ["Breip.ttf"] and 6 <= summary["lines"] <= 8
+    assert {ET.parse(p).getroot().get("writer-id") for p in glob.glob(os.path.join(out, "xml", "*.xml"))} == {"000"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch/synth_iam.py"), str(tmp_path / "y"),
+                           "--fonts", "missing.otf"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 1 and "missing.otf" in proc.stderr
+
+
+def test_prose_is_clean_and_lines_fit():
+    sentences = synth.prose_sentences()
+    assert len(sentences) > 2000
+    assert set("".join(sentences)) <= set(CHARSET + " ")
+    specs = synth.plan_forms(40, 0, find_fonts(), (6, 10))
+    lines = [t for s in specs for t in s.lines]
+    assert len(lines) == len(set(lines))
+    lengths = np.array([len(t) for t in lines])
+    assert lengths.max() <= synth.MAX_LINE_CHARS and np.median(lengths) >= 25  # lines fill the writer's width
