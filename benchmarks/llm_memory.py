@@ -44,6 +44,7 @@ def materialised_bytes(teacher) -> int:
 
 
 def worker(rank, world, port, overrides, out):
+    os.dup2(2, 1)  # DeepSpeed prints to stdout; keep the benchmark's stdout for its one JSON object
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     from htr_dist.config import load_config
