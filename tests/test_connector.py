@@ -1,0 +1,63 @@
+"""The Q-Former connector: shapes, widths taken from the LLM's config, positions, gradients."""
+
+import pytest
+import torch
+
+from htr_dist.config import ConnectorConfig
+from htr_dist.models.connector import QFormerConnector
+
+SMALL = ConnectorConfig(num_queries=6, dim=32, num_layers=2, num_heads=4, proj_hidden=48, dropout=0.0)
+
+
+def test_default_config_shapes_for_llama_3b_width():
+    torch.manual_seed(0)
+    conn = QFormerConnector(512, 3072, ConnectorConfig())  # the production defaults: 64 queries of 512
+    out = conn(torch.randn(2, 128, 512))  # (k, T, in_dim) from the BiLSTM tap
+    assert out.shape == (2, 64, 3072)
+    assert conn.queries.shape == (64, 512) and len(conn.blocks) == 2
+
+
+def test_llm_hidden_comes_from_the_llm_config(tiny_llama):
+    from htr_dist.models.llm import load_llm_config
+
+    hidden = load_llm_config(tiny_llama, "/nonexistent-cache").hidden_size  # config only, no weights
+    assert hidden == 64
+    out = QFormerConnector(40, hidden, SMALL)(torch.randn(3, 17, 40))
+    assert out.shape == (3, SMALL.num_queries, 64)
+
+
+def test_output_is_layer_normed_and_any_frame_count_works():
+    torch.manual_seed(0)
+    conn = QFormerConnector(40, 24, SMALL).eval()
+    for frames in (1, 128, 301):
+        out = conn(torch.randn(2, frames, 40))
+        assert out.shape == (2, 6, 24)
+        assert torch.allclose(out.mean(-1), torch.zeros(2, 6), atol=1e-5)  # final LayerNorm (weight 1, bias 0)
+        assert torch.allclose(out.std(-1, unbiased=False), torch.ones(2, 6), atol=1e-3)
+
+
+def test_rows_are_independent_and_frame_order_matters():
+    torch.manual_seed(0)
+    conn = QFormerConnector(40, 24, SMALL).eval()
+    feats = torch.randn(3, 20, 40)
+    with torch.no_grad():
+        out = conn(feats)
+        assert torch.allclose(conn(feats[1:2]), out[1:2], atol=1e-5)  # no mixing between lines
+        reversed_out = conn(feats.flip(1))
+    # positions on the frames: a reversed line is a different line (without them attention is order-blind)
+    assert (reversed_out - out).abs().max() > 1e-2
+
+
+def test_gradients_reach_queries_and_input_projection():
+    torch.manual_seed(0)
+    conn = QFormerConnector(40, 24, SMALL)
+    feats = torch.randn(2, 20, 40, requires_grad=True)
+    (conn(feats) * torch.randn(2, 6, 24)).sum().backward()
+    assert conn.queries.grad.abs().sum() > 0 and conn.inp.weight.grad.abs().sum() > 0
+    assert feats.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in conn.parameters())
+
+
+def test_bad_heads_are_named():
+    with pytest.raises(ValueError, match="connector.num_heads"):
+        QFormerConnector(40, 24, ConnectorConfig(dim=30, num_heads=8))

