@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+import htr_dist.data.prepare as prepare_mod
 from htr_dist.data import iam
 from htr_dist.data.prepare import PrepareOptions, prepare
 from htr_dist.data.shards import ManifestError, load_manifest, png_bytes, write_split
@@ -304,6 +306,117 @@ def test_interrupted_split_leaves_old_shards_and_no_temp(tmp_path):
     with pytest.raises(ValueError, match="'a01.x'"):
         write_split([dict(sample(0), key="a01.x")], out, "test")
     assert sorted(os.listdir(out)) == sorted(before)
+
+
+def snapshot(folder):
+    """name -> bytes of the files directly in ``folder``; sub-folders (a staging folder) are listed as None."""
+    return {n: None if os.path.isdir(os.path.join(folder, n)) else open(os.path.join(folder, n), "rb").read()
+            for n in sorted(os.listdir(folder))}
+
+
+def assert_whole(folder):
+    """``folder`` holds the manifest and exactly the shards it names, with their sha256s; returns the manifest."""
+    manifest = load_manifest(folder)
+    named = {e["file"]: e["sha256"] for info in manifest["splits"].values() for e in info["shards"]}
+    assert sorted(os.listdir(folder)) == sorted(["manifest.json", *named])
+    for name, digest in named.items():
+        assert hashlib.sha256(open(os.path.join(folder, name), "rb").read()).hexdigest() == digest, name
+    return manifest
+
+
+def test_killed_run_leaves_previous_output_and_next_run_cleans_up(iam_root, tmp_path, caplog):
+    """A real SIGKILL in the middle of the second split (val): no clean-up code runs at all."""
+    out = str(tmp_path / "shards")
+    first = run_prepare(iam_root, out, shard_size=1)
+    before = snapshot(out)
+    code = f"""if True:
+        import os, signal
+        import htr_dist.data.prepare as p
+        real = p.write_split
+        def write_split(samples, out_dir, split, max_count):
+            def killed():
+                for i, s in enumerate(samples):
+                    if split == "val" and i == 1:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    yield s
+            return real(killed(), out_dir, split, max_count)
+        p.write_split = write_split
+        root = {iam_root!r}
+        p.prepare(p.PrepareOptions(root, os.path.join(root, "xml"), os.path.join(root, "splits"), {out!r},
+                                   scale=0.5, workers=1), progress=False)
+    """
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    staging = [n for n in os.listdir(out) if n.startswith(".staging-")]
+    assert len(staging) == 1
+    assert sorted(os.listdir(os.path.join(out, staging[0]))) == [".val-000000.tar.tmp", "train-000000.tar"]
+    assert {n: b for n, b in snapshot(out).items() if n != staging[0]} == before  # byte for byte, nothing else
+    assert load_manifest(out)["splits"] == first["splits"]
+    assert len(read_shards(out, "train")) == 4 and len(read_shards(out, "val")) == 2  # loadable, old content
+    caplog.set_level(logging.WARNING, logger="htr_dist.data.prepare")
+    again = run_prepare(iam_root, out, scale=0.5)
+    assert f"{staging[0]}: removing the staging folder left by an interrupted run" in caplog.text
+    assert assert_whole(out)["splits"] == again["splits"]  # staging gone, train-000001..3.tar gone
+    assert [len(v["shards"]) for v in again["splits"].values()] == [1, 1, 1]
+
+
+def test_interrupted_move_is_completed_by_next_run(iam_root, tmp_path, monkeypatch, caplog):
+    """Killed while moving the complete staging folder in: readers find no manifest (never a mix of runs), and the
+    next run first completes the move, so the output is whole again even if that run fails in turn."""
+    out = str(tmp_path / "shards")
+    run_prepare(iam_root, out, shard_size=1)
+    ref = run_prepare(iam_root, str(tmp_path / "ref"), shard_size=2, scale=0.5)
+    real_replace, moved = os.replace, []
+
+    def replace(src, dst):
+        if os.path.dirname(dst) == out:
+            if len(moved) == 2:
+                raise KeyboardInterrupt
+            moved.append(os.path.basename(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        run_prepare(iam_root, out, shard_size=2, scale=0.5)
+    monkeypatch.undo()
+    assert moved == ["train-000000.tar", "train-000001.tar"]
+    with pytest.raises(ManifestError, match="manifest.json: missing"):
+        load_manifest(out)
+    staging = [n for n in os.listdir(out) if n.startswith(".staging-")]
+    assert len(staging) == 1 and os.path.isfile(os.path.join(out, staging[0], "manifest.json"))
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(prepare_mod, "write_split", fail)
+    caplog.set_level(logging.WARNING, logger="htr_dist.data.prepare")
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run_prepare(iam_root, out, shard_size=1)
+    assert f"{staging[0]}: completing the replacement of {out}" in caplog.text
+    got = assert_whole(out)  # train-000002.tar, train-000003.tar and val-000001.tar of the first run are gone
+    assert got["splits"] == ref["splits"] and got["alphabet"] == ref["alphabet"]
+
+
+def test_staging_folder_of_running_process_left_alone(iam_root, tmp_path, caplog):
+    out = str(tmp_path / "shards")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = os.path.join(out, f".staging-{sleeper.pid}")
+        os.makedirs(live)
+        open(os.path.join(live, "train-000000.tar"), "wb").close()
+        dead = os.path.join(out, ".staging-junk")  # no process id: removed
+        os.makedirs(dead)
+        caplog.set_level(logging.WARNING, logger="htr_dist.data.prepare")
+        run_prepare(iam_root, out)
+        assert f"staging folder of process {sleeper.pid}, which is still running: left alone" in caplog.text
+        assert os.listdir(live) == ["train-000000.tar"] and not os.path.exists(dead)
+        assert [e["file"] for e in load_manifest(out)["splits"]["train"]["shards"]] == ["train-000000.tar"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    run_prepare(iam_root, out)  # its process has ended: now it is a leftover
+    assert_whole(out)
 
 
 # ------------------------------------------------------------------------------------------------------------------

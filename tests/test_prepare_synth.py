@@ -3,6 +3,7 @@
 import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import htr_dist.data.prepare as prepare_mod
 from htr_dist.data import iam
 from htr_dist.data.prepare import PrepareOptions, prepare
 from htr_dist.data.shards import ManifestError, load_manifest
@@ -196,3 +198,96 @@ def test_load_manifest_errors(tmp_path):
         load_manifest(str(tmp_path / "x"))
     with pytest.raises(ManifestError, match="manifest.json: missing"):
         load_manifest(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# A run replaces the previous output as a whole, or leaves it untouched
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _prepare_synth(synth_dir, out, **kw):
+    kw.setdefault("workers", 2)
+    return prepare(PrepareOptions(synth_dir, os.path.join(synth_dir, "xml"), os.path.join(synth_dir, "splits"), out,
+                                  **kw), progress=False)
+
+
+def _files(folder):
+    """name -> bytes of every entry directly in ``folder`` (a sub-folder is listed as None)."""
+    return {n: None if os.path.isdir(os.path.join(folder, n)) else open(os.path.join(folder, n), "rb").read()
+            for n in sorted(os.listdir(folder))}
+
+
+def check_consistent(folder):
+    """``folder`` holds exactly the manifest and the shards it names, each with its sha256 and line count."""
+    manifest = load_manifest(folder)
+    named = {e["file"]: e for info in manifest["splits"].values() for e in info["shards"]}
+    assert sorted(os.listdir(folder)) == sorted(["manifest.json", *named])  # no stale shard, no staging leftover
+    for name, entry in named.items():
+        path = os.path.join(folder, name)
+        assert hashlib.sha256(open(path, "rb").read()).hexdigest() == entry["sha256"], name
+        with tarfile.open(path) as tar:
+            assert len({m.name.split(".", 1)[0] for m in tar.getmembers()}) == entry["count"], name
+    for split, info in manifest["splits"].items():
+        assert len(read_shards(folder, split)) == info["lines"]
+    return manifest
+
+
+def fail_in_split(monkeypatch, split, after, exc):
+    """Make prepare's ``split`` raise ``exc`` after ``after`` samples have gone to the shard writer."""
+    real = prepare_mod.write_split
+
+    def write_split(samples, out_dir, name, max_count):
+        def failing():
+            for i, s in enumerate(samples):
+                if i == after:
+                    raise exc
+                yield s
+
+        return real(failing() if name == split else samples, out_dir, name, max_count)
+
+    monkeypatch.setattr(prepare_mod, "write_split", write_split)
+
+
+def test_failed_rerun_leaves_previous_output_untouched(synth_dir, tmp_path, monkeypatch, caplog):
+    out = str(tmp_path / "shards")
+    first = _prepare_synth(synth_dir, out, shard_size=40, scale=0.5)
+    check_consistent(out)
+    before = _files(out)
+    # the second run differs in every shard (other scale and shard size) and fails in the middle of val, the second
+    # split: train is complete in the staging folder by then and val has 2 full temporary shards
+    fail_in_split(monkeypatch, "val", 7, RuntimeError("injected failure"))
+    with pytest.raises(RuntimeError, match="injected failure"):
+        _prepare_synth(synth_dir, out, shard_size=3, scale=0.4)
+    assert _files(out) == before  # same names, same bytes: manifest and every old shard; no staging folder
+    assert check_consistent(out)["splits"] == first["splits"]
+    # the same failure, as if the process had been killed (no clean-up): the staging folder stays behind ...
+    monkeypatch.setattr(prepare_mod, "_discard", lambda path: None)
+    with pytest.raises(KeyboardInterrupt):
+        fail_in_split(monkeypatch, "val", 7, KeyboardInterrupt())
+        _prepare_synth(synth_dir, out, shard_size=3, scale=0.4)
+    staging = [n for n in os.listdir(out) if n.startswith(".staging-")]
+    assert len(staging) == 1 and glob.glob(os.path.join(out, staging[0], "train-*.tar"))
+    assert not os.path.exists(os.path.join(out, staging[0], "manifest.json"))  # incomplete: never moved in
+    assert {n: b for n, b in _files(out).items() if n not in staging} == before  # ... and the output is untouched
+    assert load_manifest(out)["splits"] == first["splits"]  # the staging is no data
+    # ... until the next successful run, which removes it and replaces everything
+    monkeypatch.undo()
+    caplog.set_level(logging.WARNING, logger="htr_dist.data.prepare")
+    again = _prepare_synth(synth_dir, out, shard_size=3, scale=0.4)
+    assert f"{staging[0]}: removing the staging folder left by an interrupted run" in caplog.text
+    assert check_consistent(out)["splits"] == again["splits"]
+    assert len(again["splits"]["train"]["shards"]) == 30
+    fresh = _prepare_synth(synth_dir, str(tmp_path / "fresh"), shard_size=3, scale=0.4)
+    assert fresh["splits"] == again["splits"]  # the same bytes as a run into an empty folder
+
+
+def test_rerun_replaces_everything_consistently(synth_dir, tmp_path):
+    out = str(tmp_path / "shards")
+    many = _prepare_synth(synth_dir, out, shard_size=4, scale=0.5)
+    assert len(many["splits"]["train"]["shards"]) == 23
+    check_consistent(out)
+    open(os.path.join(out, ".train-000099.tar.tmp"), "wb").close()  # left by a killed run of older code
+    few = _prepare_synth(synth_dir, out, shard_size=20, scale=0.4)
+    assert [len(v["shards"]) for v in few["splits"].values()] == [5, 1, 2]
+    assert check_consistent(out)["splits"] == few["splits"]  # no train-000005.tar ... train-000022.tar left over
+    assert few["splits"]["train"]["shards"][0]["sha256"] != many["splits"]["train"]["shards"][0]["sha256"]

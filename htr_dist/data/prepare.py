@@ -2,13 +2,21 @@
 
 Every line that cannot be used (missing form image, malformed XML, empty transcription, form in no split list) is
 named in the log, counted in the summary and recorded in the manifest's ``problems``: nothing is dropped silently.
+
+A run replaces the previous output as a whole or not at all: every split and the manifest are first written into a
+staging folder ``OUT/.staging-<pid>`` (hidden, never named by a manifest, so never read as data), and only a complete
+staging folder is moved into ``OUT`` (:func:`_commit`). A failed or interrupted run leaves ``OUT`` as it was; the
+staging folder a killed run leaves behind is removed, or its move completed, by the next run (:func:`_recover`).
 """
 
 from __future__ import annotations
 
+import glob
+import json
 import logging
 import multiprocessing as mp
 import os
+import shutil
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -18,9 +26,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from htr_dist.data import iam
-from htr_dist.data.shards import png_bytes, write_manifest, write_split
+from htr_dist.data.shards import MANIFEST, SPLITS, png_bytes, write_manifest, write_split
 
 log = logging.getLogger(__name__)
+
+STAGING = ".staging-"
+"""Prefix of the staging folder inside the output folder; the process id follows."""
 
 
 @dataclass
@@ -114,8 +125,97 @@ def collect_lines(opt: PrepareOptions) -> Tuple[Dict[str, list], Counter]:
     return forms, counts
 
 
+def _pid_running(pid: int) -> bool:
+    """Whether another process with this id runs on this machine (our own id: an earlier call in this process)."""
+    if pid == os.getpid() or os.name != "posix":  # (on Windows os.kill would end the process)
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _discard(staging: str) -> None:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _staged_files(staging: str) -> Optional[List[str]]:
+    """The shard files named by the staging folder's manifest; None when the folder holds no complete manifest."""
+    try:
+        with open(os.path.join(staging, MANIFEST), encoding="utf-8") as f:
+            manifest = json.load(f)
+        return [e["file"] for info in manifest["splits"].values() for e in info["shards"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _commit(staging: str, out_dir: str) -> None:
+    """Move the shards and manifest of a complete staging folder into ``out_dir``, replacing the previous output.
+
+    Order: the old manifest is removed first, then the new shards are renamed in (over same-named old ones), then
+    the new manifest is renamed in, and only then are the old shards that it does not name removed. A reader that
+    checks the manifest therefore sees the old output, no manifest (during these few renames), or the new output;
+    never a manifest beside shards of another run. Interrupted half-way, the staging folder still holds the new
+    manifest and the shards not yet moved, and the next run completes the move (:func:`_recover`).
+    """
+    files = _staged_files(staging)
+    if files is None:
+        raise RuntimeError(f"{staging}: no complete {MANIFEST}; not moved into {out_dir}")
+    old = os.path.join(out_dir, MANIFEST)
+    if os.path.exists(old):
+        os.unlink(old)
+    for name in files:
+        if os.path.exists(os.path.join(staging, name)):  # absent: moved already by an interrupted commit
+            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    os.replace(os.path.join(staging, MANIFEST), old)
+    keep, folder = set(files), glob.escape(out_dir)
+    for split in SPLITS:
+        stale = [p for p in glob.glob(os.path.join(folder, f"{split}-*.tar")) if os.path.basename(p) not in keep]
+        stale += glob.glob(os.path.join(folder, f".{split}-*.tar.tmp"))  # left in OUT by a run of older code
+        for path in stale:
+            os.unlink(path)
+    _discard(staging)
+
+
+def _recover(out_dir: str) -> None:
+    """Deal with the staging folders that earlier runs left in ``out_dir`` (killed, so they could not clean up).
+
+    A complete staging folder (its manifest written) whose move was interrupted (``out_dir`` has no manifest) is
+    moved in, so the output is whole again; any other is removed. A folder of a process that is still running
+    (e.g. another prepare writing to the same output) is left alone and reported.
+    """
+    for staging in sorted(glob.glob(os.path.join(glob.escape(out_dir), STAGING + "*"))):
+        if not os.path.isdir(staging):
+            continue
+        suffix = os.path.basename(staging)[len(STAGING):]
+        pid = int(suffix) if suffix.isdigit() else None
+        if pid is not None and _pid_running(pid):
+            log.warning("%s: staging folder of process %d, which is still running: left alone (remove it by hand "
+                        "if no prepare_iam.py is writing to %s)", staging, pid, out_dir)
+            continue
+        files = _staged_files(staging)
+        if (files is not None and not os.path.exists(os.path.join(out_dir, MANIFEST))
+                and all(os.path.isfile(os.path.join(staging, f)) or os.path.isfile(os.path.join(out_dir, f))
+                        for f in files)):
+            log.warning("%s: completing the replacement of %s that an interrupted run started", staging, out_dir)
+            _commit(staging, out_dir)
+        else:
+            log.warning("%s: removing the staging folder left by an interrupted run", staging)
+            _discard(staging)
+
+
 def prepare(opt: PrepareOptions, progress: bool = True) -> dict:
-    """Write ``opt.out_dir/{train,val,test}-%06d.tar`` and ``manifest.json``; return the manifest."""
+    """Write ``opt.out_dir/{train,val,test}-%06d.tar`` and ``manifest.json``; return the manifest.
+
+    All of it is written into ``opt.out_dir/.staging-<pid>`` first and moved in only once complete (see the module
+    docstring): if writing fails or is interrupted, ``opt.out_dir`` holds the previous output, untouched; if the
+    final renames are interrupted, the next run completes them.
+    """
     for label, folder in (("form images", opt.forms_dir), ("xml", opt.xml_dir), ("splits", opt.splits_dir)):
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"{label} folder not found: {folder}")
@@ -139,6 +239,25 @@ def prepare(opt: PrepareOptions, progress: bool = True) -> dict:
             log.warning("%s", opt.problems[-1])
             continue
         by_split[split].append(form_id)
+    _recover(opt.out_dir)
+    staging = os.path.join(opt.out_dir, f"{STAGING}{os.getpid()}")
+    os.makedirs(staging)
+    try:
+        manifest = _write_staging(opt, staging, forms, counts, by_split, progress)
+    except BaseException:  # failed or interrupted (Ctrl-C): the previous output stays as it was
+        _discard(staging)
+        raise
+    try:
+        _commit(staging, opt.out_dir)
+    except BaseException:
+        log.error("moving %s into %s was interrupted; the next run completes it", staging, opt.out_dir)
+        raise
+    return manifest
+
+
+def _write_staging(opt: PrepareOptions, staging: str, forms: Dict[str, list], counts: Counter,
+                   by_split: Dict[str, List[str]], progress: bool) -> dict:
+    """Write every split's shards, then the manifest, into ``staging``; return the manifest."""
     workers = opt.workers or os.cpu_count() or 1
     log.info("%s source, %d forms with usable lines; forms per split: %s; %d worker(s) -> %s", opt.source, len(forms),
              {k: len(by_split.get(k, [])) for k in ("train", "val", "test")}, workers, opt.out_dir)
@@ -162,16 +281,15 @@ def prepare(opt: PrepareOptions, progress: bool = True) -> dict:
                         texts[split].append(s["text"])
                         yield s
 
-            entries[split] = write_split(stream(), opt.out_dir, split, opt.shard_size)
+            entries[split] = write_split(stream(), staging, split, opt.shard_size)
             log.info("%s: %d lines in %d shard(s)", split, sum(e["count"] for e in entries[split]),
                      len(entries[split]))
     bar.close()
     alphabet = "".join(sorted(set("".join(texts["train"]))))
     problems = {"counts": dict(counts), "total": sum(counts.values()), "messages": opt.problems[:1000]}
     source = f"{opt.source}: {os.path.abspath(opt.forms_dir)}"
-    manifest = write_manifest(opt.out_dir, opt.name or os.path.basename(os.path.normpath(opt.out_dir)), source,
-                              entries, alphabet, problems)
-    return manifest
+    return write_manifest(staging, opt.name or os.path.basename(os.path.normpath(opt.out_dir)), source, entries,
+                          alphabet, problems)  # last: a staging folder with a manifest is complete
 
 
 def summary(manifest: dict) -> str:
