@@ -86,6 +86,20 @@ def attn_implementation(device: torch.device) -> str:
     return "sdpa"
 
 
+def _restart_store(world: int, timeout: datetime.timedelta):
+    """The rendezvous store for this torchrun attempt, or None outside torchrun (then ``env://`` does the job).
+
+    torchrun keeps one agent store across ``--max-restarts`` restarts and ``env://`` keys nothing by attempt, so the
+    workers of a restart would read the dead attempt's gloo/NCCL addresses and fail to connect (pytorch#135712).
+    Prefixing the keys with the restart count gives every attempt a clean namespace in the same store.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    base = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    return tdist.PrefixStore(f"htr_dist/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", base)
+
+
 def init_distributed(timeout_s: int = 1800, use_deepspeed: bool = False) -> DistEnv:
     """Initialise the process group when launched with several processes; return the resolved environment.
 
@@ -101,11 +115,14 @@ def init_distributed(timeout_s: int = 1800, use_deepspeed: bool = False) -> Dist
         os.environ.setdefault("WORLD_SIZE", str(world))
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
         timeout = datetime.timedelta(seconds=timeout_s)
+        store = _restart_store(world, timeout)
+        if store is not None:
+            tdist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
         if use_deepspeed:
             import deepspeed
 
-            deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
-        else:
+            deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # adopts an existing process group
+        elif store is None:
             tdist.init_process_group(backend=backend, timeout=timeout)
     if device.type == "cpu" and world > 1 and "OMP_NUM_THREADS" not in os.environ:
         # Several CPU ranks on one machine: split the cores, or the ranks' thread pools fight over them.
