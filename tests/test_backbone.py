@@ -34,6 +34,7 @@ def expected_shapes(cnn_cfg, stem, stride, size):
     (SMALL, (48, 136), (4, 2), (4, 8)),  # maps smaller than a patch
     ([[1, 8], "mobilevit1", "M", [2, 16], "mobilevit2"], (32, 96), (2, 2), (4, 3)),
     ([[1, 8], "M", [1, 16]], (32, 256), (4, 2), (4, 8)),  # reference-style, no MobileViT
+    (REFERENCE, (64, 256), (4, 2), (4, 8)),  # the reference layout itself: 32 frames of 256
 ])
 def test_shapes_through_every_block(cnn_cfg, size, stride, patches):
     net = HybridBackboneCRNNMobileViT(cnn_cfg, 8, stride, patches, vit_depth=1, vit_heads=2)

@@ -104,6 +104,23 @@ def test_forward_outputs_and_connector_reads_tap_rows():
     assert not any(k.startswith("connector.") for k in model.export_state_dict())
 
 
+@pytest.mark.parametrize("head_type", ["both", "rnn", "cnn"])
+def test_head_type_and_tap_layer_set_what_the_connector_reads(head_type):
+    torch.manual_seed(0)
+    arch = tiny_arch(head_type=head_type, rnn_hidden_size=24, rnn_layers=3, llm_tap_layer=2)
+    model = HTRModel(arch, TINY_CONNECTOR, 10, 32, 160, llm_hidden=40).eval()
+    seen = {}
+    model.connector.register_forward_hook(lambda m, i, o: seen.__setitem__("feats", i[0]))
+    with torch.no_grad():
+        out = model(torch.rand(3, 1, 32, 160), torch.tensor([0, 2]))
+    assert out["ctc_logits"].shape == (80, 3, 10)
+    assert (out["shortcut_logits"] is not None) == (head_type == "both")
+    assert out["visual_tokens"].shape == (2, TINY_CONNECTOR.num_queries, 40)
+    # BiLSTM layer 2 of 3 (2 x 24 wide); without a recurrent head, the pooled sequence
+    width = model.backbone.out_channels if head_type == "cnn" else 48
+    assert model.head.tap_dim == width and seen["feats"].shape == (2, 80, width)
+
+
 @pytest.mark.parametrize("batch_size", [1, 3, 8, 17])
 def test_compute_losses_calls_teacher_once_on_the_sampled_lines(batch_size):
     torch.manual_seed(0)
@@ -155,6 +172,9 @@ def test_system_forward_returns_named_losses():
     system = HTRSystem(HTRModel(arch, TINY_CONNECTOR, len(CHARS) + 1, 32, 160, 12), teacher, TrainConfig(), arch)
     losses = system(batch_of(["abc", "de", "f"]))
     assert {"ctc", "ctc_shortcut", "llm", "total"} <= set(losses) and teacher.calls == 1
+    # the default weights: shortcut 0.1, LLM 1.0
+    assert torch.allclose(losses["total"], losses["ctc"] + 0.1 * losses["ctc_shortcut"] + 1.0 * losses["llm"])
+    assert losses["llm"] > 0
     losses["total"].backward()
     counts = count_parameters(system)
     assert counts["frozen"] == 6 and counts["trainable"] == count_parameters(system.model)["trainable"]
@@ -186,7 +206,11 @@ def render(texts, height=32, width=160):
 
 @pytest.mark.parametrize("use_llm", [False, True])
 def test_overfit_four_rendered_lines(use_llm, request):
-    """A tiny model learns 4 lines to CER ~0 (about 350 steps, 10-20 s), with the LLM loss off and on."""
+    """A tiny model learns 4 lines to CER ~0 (about 200 steps, 5-10 s), with the LLM loss off and on.
+
+    Gradients are clipped at 1.0 as train.grad_clip does: without it, batch-4 training spikes and a seed can end on
+    "heo" for "hello" after 450 steps; with it, every seed tried (0-3, lr 2e-3 and 3e-3) reaches CER 0 by step 250.
+    """
     texts = ["abc def", "hello", "ink on paper", "zebra"]
     batch = batch_of(texts, images=render(texts))
     teacher = None
@@ -205,6 +229,7 @@ def test_overfit_four_rendered_lines(use_llm, request):
         losses = system(batch)
         opt.zero_grad()
         losses["total"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % 25 == 0 and losses["ctc"] < 0.2:
             model.eval()
