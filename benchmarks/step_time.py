@@ -6,15 +6,25 @@ them alike. Prints one JSON object: min / median / max seconds per configuration
 ``torch.utils.flop_counter.FlopCounterMode``).
 
     .venv/bin/python benchmarks/step_time.py --steps 5 --warmup 1
+
+Strategy mode times the real training script instead: ``perf/step_s`` of launch/train.py for each ``--strategy`` at
+1 rank and at ``--nproc`` ranks (torchrun, or the deepspeed launcher for ``deepspeed``), and their ratio:
+
+    .venv/bin/python benchmarks/step_time.py --strategy ddp fsdp deepspeed --nproc 2 --data shards/demo \\
+        --config configs/demo.yaml --steps 5 --warmup 2 --repeats 2 [key=value ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -147,6 +157,51 @@ class Case:
         return out
 
 
+def _train_step_seconds(args, strategy: str, nproc: int) -> list:
+    """Run launch/train.py for warm-up + steps optimizer steps; the per-step seconds it logged after the warm-up."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix=f"step-{strategy}-{nproc}-") as run_dir:
+        train = [os.path.join(root, "launch", "train.py"), "--config", args.config, f"data.path={args.data}",
+                 f"run.dir={run_dir}", f"dist.strategy={strategy}", f"train.max_steps={args.warmup + args.steps}",
+                 "train.log_every=1", "train.eval_every=0", "train.save_every=0", "run.progress=false"]
+        if strategy == "deepspeed":
+            cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(nproc),
+                   "--master_port", str(port)]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+                   str(port)]
+        subprocess.run(cmd + train + args.overrides, check=True, stdout=sys.stderr, stderr=sys.stderr)
+        acc = EventAccumulator(os.path.join(run_dir, "tb"))
+        acc.Reload()
+        return [e.value for e in acc.Scalars("perf/step_s")][args.warmup:]
+
+
+def strategy_mode(args) -> dict:
+    """Seconds per optimizer step of the real training script, per strategy, at 1 rank and at ``nproc`` ranks."""
+    if not args.data:
+        raise SystemExit("--strategy needs --data SHARD_FOLDER")
+    out = {"config": args.config, "nproc": args.nproc, "steps": args.steps, "repeats": args.repeats,
+           "overrides": args.overrides}
+    times = {(s, n): [] for s in args.strategy for n in (1, args.nproc)}
+    for r in range(args.repeats):  # round robin over runs, so machine noise hits every configuration alike
+        for strategy, n in times:
+            print(f"repeat {r + 1}/{args.repeats}: {strategy} at {n} rank(s)", file=sys.stderr, flush=True)
+            times[strategy, n] += _train_step_seconds(args, strategy, n)
+    for strategy in args.strategy:
+        entry = {}
+        for n in (1, args.nproc):
+            t = times[strategy, n]
+            entry[f"{n}_ranks"] = {"min_s": min(t), "median_s": statistics.median(t), "max_s": max(t)}
+        entry["ratio"] = entry[f"{args.nproc}_ranks"]["median_s"] / entry["1_ranks"]["median_s"]
+        out[strategy] = entry
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
@@ -161,7 +216,17 @@ def main(argv=None) -> None:
     parser.add_argument("--num-queries", type=int, default=0, help="connector.num_queries (0 = the default)")
     parser.add_argument("--bf16", action="store_true", help="run the steps under CPU bf16 autocast")
     parser.add_argument("--only", default="", help="comma-separated subset of case names")
+    parser.add_argument("--strategy", nargs="+", default=None, choices=["ddp", "fsdp", "deepspeed"],
+                        help="strategy mode: time launch/train.py per strategy at 1 rank and at --nproc ranks")
+    parser.add_argument("--nproc", type=int, default=2, help="ranks for the strategy mode (default: 2)")
+    parser.add_argument("--repeats", type=int, default=1, help="strategy mode: runs per configuration, round robin")
+    parser.add_argument("--data", default="", help="strategy mode: shard folder to train on")
+    parser.add_argument("--config", default="configs/demo.yaml", help="strategy mode: training config")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="strategy mode: extra config overrides")
     args = parser.parse_args(argv)
+    if args.strategy:
+        print(json.dumps(strategy_mode(args), indent=1))
+        return
     torch.set_num_threads(args.threads)
 
     teacher = load_teacher(args.llm, args.llm_cache) if args.llm else None

@@ -212,7 +212,7 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="Prepare (download or convert once) the frozen LLM of a config.")
-    parser.add_argument("--prepare", default=SMOLLM2, metavar="NAME_OR_PATH",
+    parser.add_argument("--prepare", nargs="?", default=SMOLLM2, const=SMOLLM2, metavar="NAME_OR_PATH",
                         help=f"llm.name_or_path to prepare (default: {SMOLLM2})")
     parser.add_argument("--cache-dir", default="~/.cache/htr_dist", help="conversion cache (default: ~/.cache/htr_dist)")
     args = parser.parse_args()
