@@ -165,6 +165,9 @@ class DistConfig:
     """FSDP: keep the LLM's parameter shards on the CPU between uses."""
     timeout_s: int = 1800
     """Process-group timeout, seconds (a hung collective fails after this)."""
+    precision: str = "auto"
+    """``auto`` (bf16 on CUDA, fp32 on CPU), ``fp32``, or ``bf16``: the frozen LLM's weights and the trainable
+    part's autocast. bf16 on CPU pays off where the CPU has native bf16 (avx512_bf16 or AMX); CTC stays fp32."""
 
 
 @dataclass
@@ -194,6 +197,7 @@ _CHOICES = {
     "arch.head_type": ("both", "rnn", "cnn"),
     "arch.rnn_type": ("lstm", "gru"),
     "train.schedule": ("multistep", "cosine"),
+    "dist.precision": ("auto", "fp32", "bf16"),
     "dist.strategy": ("ddp", "fsdp", "deepspeed"),
 }
 _POSITIVE = (

@@ -28,7 +28,8 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    env = dist_env.init_distributed(cfg.dist.timeout_s, use_deepspeed=cfg.dist.strategy.startswith("deepspeed"))
+    env = dist_env.init_distributed(cfg.dist.timeout_s, use_deepspeed=cfg.dist.strategy.startswith("deepspeed"),
+                                     precision=cfg.dist.precision)
     try:
         result = train(cfg, env)
         logging.getLogger("train").info("finished: %s", result)

@@ -28,7 +28,7 @@ class DistEnv:
     backend: str
     """``nccl`` on CUDA, ``gloo`` on CPU."""
     dtype: torch.dtype
-    """Compute dtype of the frozen LLM and of autocast: bf16 on CUDA, fp32 on CPU."""
+    """Compute dtype of the frozen LLM and of autocast (``dist.precision``: by default bf16 on CUDA, fp32 on CPU)."""
 
     @property
     def is_main(self) -> bool:
@@ -36,10 +36,10 @@ class DistEnv:
 
     @property
     def autocast_enabled(self) -> bool:
-        return self.device.type == "cuda"
+        return self.dtype != torch.float32
 
     def autocast(self):
-        """bf16 autocast on CUDA, a no-op context on CPU."""
+        """bf16 autocast of the trainable part (weights stay fp32), or a no-op context in fp32."""
         return torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=self.autocast_enabled)
 
 
@@ -72,8 +72,16 @@ def pick_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def pick_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+def pick_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """``dist.precision`` -> dtype: ``auto`` is bf16 on CUDA and fp32 on CPU."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return torch.float32
+    if precision not in ("auto", "bf16"):
+        raise ValueError(f"dist.precision: expected auto, fp32 or bf16, got {precision!r}")
+    if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        log.warning("dist.precision=bf16 on a CPU without native bf16 (avx512_bf16 or AMX): emulated, expect it slower "
+                    "than fp32")
+    return torch.bfloat16
 
 
 def attn_implementation(device: torch.device) -> str:
@@ -100,7 +108,7 @@ def _restart_store(world: int, timeout: datetime.timedelta):
     return tdist.PrefixStore(f"htr_dist/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", base)
 
 
-def init_distributed(timeout_s: int = 1800, use_deepspeed: bool = False) -> DistEnv:
+def init_distributed(timeout_s: int = 1800, use_deepspeed: bool = False, precision: str = "auto") -> DistEnv:
     """Initialise the process group when launched with several processes; return the resolved environment.
 
     SLURM without torchrun: MASTER_ADDR/MASTER_PORT must be exported by the batch script (launch/slurm_train.sh does).
@@ -128,7 +136,7 @@ def init_distributed(timeout_s: int = 1800, use_deepspeed: bool = False) -> Dist
         # Several CPU ranks on one machine: split the cores, or the ranks' thread pools fight over them.
         local_world = _env_int("LOCAL_WORLD_SIZE", default=world)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    env = DistEnv(rank, world, local_rank, device, backend, pick_dtype(device))
+    env = DistEnv(rank, world, local_rank, device, backend, pick_dtype(device, precision))
     log.info("rank %d/%d local %d device %s backend %s dtype %s", rank, world, local_rank, device, backend, env.dtype)
     return env
 

@@ -171,7 +171,7 @@ class DeepSpeedStrategy(Strategy):
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"DeepSpeed config {path}: {err}") from None
 
-    def _batch_keys(self, ds: dict, micro: int, accum: int) -> dict:
+    def _batch_keys(self, ds: dict, micro: int, accum: int, bf16: bool) -> dict:
         # The YAML config is the one source of batch sizes: the JSON's values are replaced, never trusted.
         ds = dict(ds)
         ds["train_micro_batch_size_per_gpu"] = micro
@@ -179,13 +179,14 @@ class DeepSpeedStrategy(Strategy):
         ds["train_batch_size"] = micro * accum * self.env.world_size
         ds.setdefault("steps_per_print", 1 << 30)
         ds.setdefault("wall_clock_breakdown", False)
-        if self.env.device.type == "cuda":
-            ds.setdefault("bf16", {"enabled": self.env.dtype == torch.bfloat16})
+        ds.setdefault("bf16", {"enabled": bf16})
         return ds
 
     def trainable_config(self) -> dict:
+        # bf16 engine (bf16 weights, fp32 master copy) on CUDA; on CPU the trainable part stays fp32 under autocast
+        bf16 = self.env.dtype == torch.bfloat16 and self.env.device.type == "cuda"
         ds = self._batch_keys(self._read(self.cfg.dist.deepspeed_config), self.cfg.train.batch_size,
-                              self.cfg.train.grad_accum)
+                              self.cfg.train.grad_accum, bf16)
         ds["gradient_clipping"] = self.cfg.train.grad_clip
         ds.pop("optimizer", None)  # the optimizer and schedule come from train.* (build_optimizer)
         ds.pop("scheduler", None)
@@ -197,7 +198,7 @@ class DeepSpeedStrategy(Strategy):
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
-        ds = self._batch_keys(self._read(self.cfg.dist.llm_deepspeed_config), 1, 1)
+        ds = self._batch_keys(self._read(self.cfg.dist.llm_deepspeed_config), 1, 1, self.env.dtype == torch.bfloat16)
         if ds.get("zero_optimization", {}).get("stage") != 3:
             raise ValueError(f"{self.cfg.dist.llm_deepspeed_config}: the LLM config must use ZeRO stage 3")
         # A live HfDeepSpeedConfig makes from_pretrained build the model under zero.Init: parameters are

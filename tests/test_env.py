@@ -1,0 +1,48 @@
+"""Device, backend, dtype and autocast are decided in one place (htr_dist.dist.env)."""
+
+import pytest
+import torch
+
+from htr_dist.config import ConfigError, load_config
+from htr_dist.dist import env as dist_env
+
+
+def test_cpu_choices():
+    cpu = torch.device("cpu")
+    assert dist_env.pick_backend(cpu) == "gloo"
+    assert dist_env.pick_dtype(cpu) == torch.float32  # auto: fp32 on CPU
+    assert dist_env.pick_dtype(cpu, "fp32") == torch.float32
+    assert dist_env.pick_dtype(cpu, "bf16") == torch.bfloat16
+    assert dist_env.attn_implementation(cpu) == "sdpa"
+
+
+def test_cuda_choices_without_a_gpu():
+    cuda = torch.device("cuda", 0)
+    assert dist_env.pick_backend(cuda) == "nccl"
+    assert dist_env.pick_dtype(cuda) == torch.bfloat16  # auto: bf16 on CUDA
+    assert dist_env.pick_dtype(cuda, "fp32") == torch.float32
+    with pytest.raises(ValueError, match="dist.precision"):
+        dist_env.pick_dtype(cuda, "fp16")
+
+
+@pytest.mark.parametrize("dtype, enabled", [(torch.float32, False), (torch.bfloat16, True)])
+def test_autocast_follows_the_dtype(dtype, enabled):
+    env = dist_env.DistEnv(0, 1, 0, torch.device("cpu"), "gloo", dtype)
+    assert env.autocast_enabled is enabled
+    layer = torch.nn.Linear(4, 4)
+    with env.autocast():
+        out = layer(torch.randn(2, 4))
+    assert out.dtype == dtype and layer.weight.dtype == torch.float32  # weights stay fp32 under autocast
+
+
+def test_precision_key_is_validated():
+    assert load_config(None, ["dist.precision=bf16"]).dist.precision == "bf16"
+    with pytest.raises(ConfigError, match="dist.precision"):
+        load_config(None, ["dist.precision=fp16"])
+
+
+def test_single_process_needs_no_process_group(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "TORCHELASTIC_USE_AGENT_STORE"):
+        monkeypatch.delenv(name, raising=False)
+    env = dist_env.init_distributed()
+    assert (env.rank, env.world_size, env.backend) == (0, 1, "gloo") and not dist_env.is_initialized()
