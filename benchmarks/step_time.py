@@ -32,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from htr_dist.config import ArchConfig, ConnectorConfig, LLMConfig, TrainConfig
 from htr_dist.models.htr import HTRModel, compute_losses, count_parameters, num_llm_samples
+from htr_dist.train.optim import build_optimizer
 
 REFERENCE_CFG = [[2, 64], "M", [3, 128], "M", [2, 256]]
 SEED_CFG = [[2, 64], "M", "mobilevit1", [4, 128], "M", "mobilevit2", [4, 256]]
@@ -118,7 +119,7 @@ class Case:
         hidden = teacher.hidden_size if teacher is not None else None
         connector = ConnectorConfig(num_queries=args.num_queries or ConnectorConfig().num_queries)
         self.model = HTRModel(self.arch, connector, len(CHARS) + 1, args.height, args.width, hidden).train()
-        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
+        self.opt = build_optimizer(self.model, self.train_cfg)  # what training uses
         self.generator = torch.Generator().manual_seed(0)
         self.times: list = []
         self.max_tokens = LLMConfig().max_text_tokens
