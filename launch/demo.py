@@ -49,6 +49,19 @@ def stage(title: str, cmd: list) -> float:
     return took
 
 
+def start_background(title: str, cmd: list):
+    """Start a stage that overlaps the next ones (its log lines interleave with theirs); :func:`finish` waits."""
+    print(f"\n=== {title} (in the background)\n$ {' '.join(cmd)}", flush=True)
+    return title, time.time(), subprocess.Popen(cmd, cwd=ROOT)
+
+
+def finish(job) -> None:
+    title, start, proc = job
+    if proc.wait() != 0:
+        sys.exit(f"demo: stage '{title}' failed with exit code {proc.returncode}")
+    print(f"=== {title}: done in {time.time() - start:.0f} s", flush=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     py = sys.executable
@@ -56,8 +69,9 @@ def main(argv=None) -> int:
     shard_dir = os.path.join(args.workdir, "shards", "synth")
     run_dir = os.path.join(args.workdir, "runs", f"demo_{args.variant}")
     t0 = time.time()
-    stage("prepare the LLM teacher (SmolLM2-135M, converted once)",
-          [py, "-m", "htr_dist.models.llm", "--prepare", "smollm2-135m"])
+    # one core converts the LLM (once) while the other renders forms
+    llm_job = start_background("prepare the LLM teacher (SmolLM2-135M, converted once)",
+                               [py, "-m", "htr_dist.models.llm", "--prepare", "smollm2-135m"])
     if not os.path.isfile(os.path.join(synth_dir, "ascii", "lines.txt")):
         stage(f"generate {args.forms} synthetic IAM-format forms",
               [py, "launch/synth_iam.py", synth_dir, "--forms", str(args.forms), "--seed", "0"])
@@ -68,6 +82,7 @@ def main(argv=None) -> int:
               [py, "launch/prepare_iam.py", "--iam", synth_dir, "--out", shard_dir])
     else:
         print(f"=== shards: reusing {shard_dir}")
+    finish(llm_job)
     if args.fresh and os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
     train_args = ["launch/train.py", "--config", args.config, f"data.path={shard_dir}", f"run.dir={run_dir}",
