@@ -14,12 +14,13 @@ llm_param_bytes_on_rank counts offloaded partitions as not held on the device.
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 
 import torch
 import torch.multiprocessing as mp
+
+from htr_dist.dist.env import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STRATEGIES = {
@@ -79,12 +80,6 @@ def worker(rank, world, port, overrides, out):
         with open(out, "w") as f:
             json.dump(report, f)
     dist_env.destroy()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv=None):

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from htr_dist.config import ArchConfig, ConnectorConfig, LLMConfig, TrainConfig
+from htr_dist.dist.env import launcher_command
 from htr_dist.models.htr import HTRModel, compute_losses, count_parameters, num_llm_samples
 from htr_dist.train.optim import build_optimizer
 
@@ -163,19 +163,11 @@ def _train_step_seconds(args, strategy: str, nproc: int) -> list:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     with tempfile.TemporaryDirectory(prefix=f"step-{strategy}-{nproc}-") as run_dir:
         train = [os.path.join(root, "launch", "train.py"), "--config", args.config, f"data.path={args.data}",
                  f"run.dir={run_dir}", f"dist.strategy={strategy}", f"train.max_steps={args.warmup + args.steps}",
                  "train.log_every=1", "train.eval_every=0", "train.save_every=0", "run.progress=false"]
-        if strategy == "deepspeed":
-            cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(nproc),
-                   "--master_port", str(port)]
-        else:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-                   str(port)]
+        cmd = launcher_command("deepspeed" if strategy == "deepspeed" else "torchrun", nproc)
         subprocess.run(cmd + train + args.overrides, check=True, stdout=sys.stderr, stderr=sys.stderr)
         acc = EventAccumulator(os.path.join(run_dir, "tb"))
         acc.Reload()

@@ -9,10 +9,11 @@ exists is reused, so the demo is safe to re-run (``--fresh`` starts the training
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
+
+from htr_dist.dist.env import launcher_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,12 +30,6 @@ def parse_args(argv=None):
     p.add_argument("--fresh", action="store_true", help="delete the previous demo run and train from scratch")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="extra training config overrides")
     return p.parse_args(argv)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stage(title: str, cmd: list) -> float:
@@ -88,14 +83,11 @@ def main(argv=None) -> int:
     train_args = ["launch/train.py", "--config", args.config, f"data.path={shard_dir}", f"run.dir={run_dir}",
                   "train.resume=auto"]
     if args.variant == "deepspeed":
-        launcher = ["deepspeed", "--num_gpus", str(args.nproc), "--master_port", str(free_port())]
+        launcher = launcher_command("deepspeed", args.nproc)
         train_args.append("dist.strategy=deepspeed")
     else:
-        launcher = [py, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-                    "--master_port", str(free_port())]
+        launcher = launcher_command("torchrun", args.nproc)
         train_args.append("dist.strategy=fsdp")
-    if args.variant == "deepspeed":
-        launcher[0] = os.path.join(os.path.dirname(py), "deepspeed")
     stage(f"train on {args.nproc} CPU ranks ({args.variant})", launcher + train_args + list(args.overrides))
     stage("evaluate on the held-out test forms",
           [py, "launch/evaluate.py", "--checkpoint", run_dir, "--data", shard_dir, "--split", "test", "--show", "5",

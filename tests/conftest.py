@@ -1,10 +1,11 @@
 """Shared test settings (offline, quiet) and session fixtures: a small synthetic IAM set, its shards, a tiny Llama."""
 
 import os
-import socket
 import sys
 
 import pytest
+
+from htr_dist.dist.env import free_port  # noqa: F401  (the tests import it from here)
 
 # Nothing in the suite may reach a model hub; the tiny models are built locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,10 +27,6 @@ TINY_ARCH = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

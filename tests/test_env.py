@@ -46,3 +46,18 @@ def test_single_process_needs_no_process_group(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     env = dist_env.init_distributed()
     assert (env.rank, env.world_size, env.backend) == (0, 1, "gloo") and not dist_env.is_initialized()
+
+
+def test_launcher_commands_start_local_ranks_from_this_environment():
+    import os
+    import sys
+
+    assert dist_env.launcher_command("torchrun", 3, 1234) == [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port", "1234"]
+    ds = dist_env.launcher_command("deepspeed", 2, 1234)
+    assert ds == [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", "1234"]
+    assert os.access(ds[0], os.X_OK)  # the launcher the dev extra installs beside this interpreter
+    port = int(dist_env.launcher_command("torchrun", 2)[-1])
+    assert 0 < port < 65536
+    with pytest.raises(ValueError, match="launcher"):
+        dist_env.launcher_command("mpirun", 2)

@@ -12,19 +12,17 @@ import time
 import pytest
 import torch
 
-from conftest import PY, ROOT, free_port
-
-DS = os.path.join(os.path.dirname(PY), "deepspeed")
+from conftest import PY, ROOT
+from htr_dist.dist.env import launcher_command
 
 
 def torchrun(script, args, nproc=2, timeout=300):
-    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-           script] + args
+    cmd = launcher_command("torchrun", nproc) + [script] + args
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 def deepspeed_launch(script, args, nproc=2, timeout=300):
-    cmd = [DS, "--num_gpus", str(nproc), "--master_port", str(free_port()), script] + args
+    cmd = launcher_command("deepspeed", nproc) + [script] + args
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 

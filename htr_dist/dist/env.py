@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import socket
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -92,6 +94,26 @@ def attn_implementation(device: torch.device) -> str:
         if is_flash_attn_2_available():
             return "flash_attention_2"
     return "sdpa"
+
+
+def free_port() -> int:
+    """A TCP port free on this machine right now, for a single-machine ``--master_port``."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launcher_command(launcher: str, nproc: int, port: Optional[int] = None) -> list:
+    """Command prefix that starts ``nproc`` local ranks of a script: ``torchrun`` (run as this interpreter's
+    ``-m torch.distributed.run``) or the ``deepspeed`` launcher installed beside this interpreter."""
+    port = port or free_port()
+    if launcher == "deepspeed":
+        return [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(nproc),
+                "--master_port", str(port)]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+                str(port)]
+    raise ValueError(f"launcher: expected torchrun or deepspeed, got {launcher!r}")
 
 
 def _restart_store(world: int, timeout: datetime.timedelta):
