@@ -166,8 +166,12 @@ class DistConfig:
     timeout_s: int = 1800
     """Process-group timeout, seconds (a hung collective fails after this)."""
     precision: str = "auto"
-    """``auto`` (bf16 on CUDA, fp32 on CPU), ``fp32``, or ``bf16``: the frozen LLM's weights and the trainable
-    part's autocast. bf16 on CPU pays off where the CPU has native bf16 (avx512_bf16 or AMX); CTC stays fp32."""
+    """``auto`` (bf16 on CUDA, fp32 on CPU), ``fp32``, or ``bf16``: the trainable part's autocast and, unless
+    ``llm_precision`` says otherwise, the frozen LLM's weights. bf16 compute on CPU pays off only where the CPU has
+    native bf16 (avx512_bf16 or AMX); CTC stays fp32."""
+    llm_precision: str = "auto"
+    """The frozen LLM's weights and compute: ``auto`` (= ``precision``), ``fp32`` or ``bf16``. bf16 halves the bytes
+    that ZeRO-3/FSDP gather every step, which pays off on CPU ranks even where bf16 compute does not."""
 
 
 @dataclass
@@ -198,6 +202,7 @@ _CHOICES = {
     "arch.rnn_type": ("lstm", "gru"),
     "train.schedule": ("multistep", "cosine"),
     "dist.precision": ("auto", "fp32", "bf16"),
+    "dist.llm_precision": ("auto", "fp32", "bf16"),
     "dist.strategy": ("ddp", "fsdp", "deepspeed"),
 }
 _POSITIVE = (

@@ -29,7 +29,7 @@ def main(argv=None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     env = dist_env.init_distributed(cfg.dist.timeout_s, use_deepspeed=cfg.dist.strategy.startswith("deepspeed"),
-                                     precision=cfg.dist.precision)
+                                     precision=cfg.dist.precision, llm_precision=cfg.dist.llm_precision)
     try:
         result = train(cfg, env)
         logging.getLogger("train").info("finished: %s", result)

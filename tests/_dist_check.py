@@ -32,9 +32,16 @@ def llm_checksum(teacher) -> float:
 
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
-    out_path, overrides = args[0], args[1:]
+    try:
+        check(args[0], args[1:])
+    finally:
+        dist_env.destroy()  # after check() returned: the wrapped modules that hold the process group are gone
+
+
+def check(out_path, overrides):
     cfg = load_config(None, overrides)
-    env = dist_env.init_distributed(cfg.dist.timeout_s, use_deepspeed=cfg.dist.strategy == "deepspeed")
+    env = dist_env.init_distributed(cfg.dist.timeout_s, use_deepspeed=cfg.dist.strategy == "deepspeed",
+                                    precision=cfg.dist.precision, llm_precision=cfg.dist.llm_precision)
     torch.manual_seed(0)
     chars = "abcdefghijklmnopqrstuvwxyz "
     model = HTRModel(cfg.arch, cfg.connector, len(chars) + 1, 32, 256, llm_hidden_size(cfg))
@@ -68,8 +75,8 @@ def main():
         with open(out_path, "w") as f:
             json.dump({"losses": losses_seen, "grads_equal": grads_equal, "weights_equal": weights_equal,
                        "llm_before": before, "llm_after": after, "llm_calls": calls, "held": held, "full": full,
-                       "teacher_training": strategy.teacher.lm.training}, f)
-    dist_env.destroy()
+                       "teacher_training": strategy.teacher.lm.training,
+                       "llm_dtypes": sorted({str(p.dtype) for p in strategy.teacher.parameters()})}, f)
 
 
 if __name__ == "__main__":

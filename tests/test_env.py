@@ -39,6 +39,23 @@ def test_precision_key_is_validated():
     assert load_config(None, ["dist.precision=bf16"]).dist.precision == "bf16"
     with pytest.raises(ConfigError, match="dist.precision"):
         load_config(None, ["dist.precision=fp16"])
+    assert load_config(None, ["dist.llm_precision=bf16"]).dist.llm_precision == "bf16"
+    with pytest.raises(ConfigError, match="dist.llm_precision"):
+        load_config(None, ["dist.llm_precision=half"])
+
+
+def test_llm_precision_follows_precision_unless_set():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert dist_env.pick_llm_dtype(cpu, torch.float32) == torch.float32
+    assert dist_env.pick_llm_dtype(cuda, torch.bfloat16) == torch.bfloat16
+    assert dist_env.pick_llm_dtype(cpu, torch.float32, "bf16") == torch.bfloat16  # the CPU demo: bf16 LLM only
+    assert dist_env.pick_llm_dtype(cuda, torch.bfloat16, "fp32") == torch.float32
+    with pytest.raises(ValueError, match="dist.llm_precision"):
+        dist_env.pick_llm_dtype(cpu, torch.float32, "fp16")
+    env = dist_env.DistEnv(0, 1, 0, cpu, "gloo", torch.float32)
+    assert env.llm_dtype == torch.float32  # not given: the trainable dtype
+    env = dist_env.DistEnv(0, 1, 0, cpu, "gloo", torch.float32, torch.bfloat16)
+    assert env.llm_dtype == torch.bfloat16 and not env.autocast_enabled
 
 
 def test_single_process_needs_no_process_group(monkeypatch):

@@ -26,10 +26,13 @@ def deepspeed_launch(script, args, nproc=2, timeout=300):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed"])
-def test_strategy_two_ranks_different_batch_sizes(strategy, tiny_overrides, tmp_path):
+@pytest.mark.parametrize("strategy, llm_precision", [("ddp", "auto"), ("fsdp", "auto"), ("deepspeed", "auto"),
+                                                     ("fsdp", "bf16"), ("deepspeed", "bf16")])
+def test_strategy_two_ranks_different_batch_sizes(strategy, llm_precision, tiny_overrides, tmp_path):
+    """Every strategy, and the sharded ones with a bf16 LLM under an fp32 trainable part (what the demo runs)."""
     out = str(tmp_path / "result.json")
-    args = [out] + tiny_overrides + [f"dist.strategy={strategy}", "train.llm_sample_ratio=0.5"]
+    args = [out] + tiny_overrides + [f"dist.strategy={strategy}", "train.llm_sample_ratio=0.5",
+                                     f"dist.llm_precision={llm_precision}"]
     launch = deepspeed_launch if strategy == "deepspeed" else torchrun
     proc = launch(os.path.join(ROOT, "tests", "_dist_check.py"), args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -41,6 +44,7 @@ def test_strategy_two_ranks_different_batch_sizes(strategy, tiny_overrides, tmp_
         assert res["grads_equal"] == [True, True, True]
     assert res["llm_after"] == pytest.approx(res["llm_before"], rel=0, abs=0)  # the frozen LLM never moves
     assert res["teacher_training"] is False
+    assert res["llm_dtypes"] == ["torch.bfloat16" if llm_precision == "bf16" else "torch.float32"]
     if strategy == "ddp":
         assert res["held"] == res["full"]  # replicated
     else:

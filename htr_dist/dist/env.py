@@ -8,6 +8,7 @@ one plain process. Device, dtype and backend are decided here once and passed do
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 import socket
@@ -30,7 +31,13 @@ class DistEnv:
     backend: str
     """``nccl`` on CUDA, ``gloo`` on CPU."""
     dtype: torch.dtype
-    """Compute dtype of the frozen LLM and of autocast (``dist.precision``: by default bf16 on CUDA, fp32 on CPU)."""
+    """Autocast dtype of the trainable part (``dist.precision``: by default bf16 on CUDA, fp32 on CPU)."""
+    llm_dtype: Optional[torch.dtype] = None
+    """Dtype of the frozen LLM's weights and compute (``dist.llm_precision``); None = ``dtype``."""
+
+    def __post_init__(self):
+        if self.llm_dtype is None:
+            object.__setattr__(self, "llm_dtype", self.dtype)
 
     @property
     def is_main(self) -> bool:
@@ -74,16 +81,21 @@ def pick_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def pick_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
-    """``dist.precision`` -> dtype: ``auto`` is bf16 on CUDA and fp32 on CPU."""
+def pick_dtype(device: torch.device, precision: str = "auto", key: str = "dist.precision") -> torch.dtype:
+    """``dist.precision`` (or ``key``) -> dtype: ``auto`` is bf16 on CUDA and fp32 on CPU."""
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return torch.float32
     if precision not in ("auto", "bf16"):
-        raise ValueError(f"dist.precision: expected auto, fp32 or bf16, got {precision!r}")
+        raise ValueError(f"{key}: expected auto, fp32 or bf16, got {precision!r}")
     if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        log.warning("dist.precision=bf16 on a CPU without native bf16 (avx512_bf16 or AMX): emulated, expect it slower "
-                    "than fp32")
+        log.warning("%s=bf16 on a CPU without native bf16 (avx512_bf16 or AMX): emulated, expect it slower than fp32",
+                    key)
     return torch.bfloat16
+
+
+def pick_llm_dtype(device: torch.device, dtype: torch.dtype, llm_precision: str = "auto") -> torch.dtype:
+    """``dist.llm_precision`` -> the frozen LLM's dtype: ``auto`` follows ``dtype`` (``dist.precision``)."""
+    return dtype if llm_precision == "auto" else pick_dtype(device, llm_precision, "dist.llm_precision")
 
 
 def attn_implementation(device: torch.device) -> str:
@@ -130,7 +142,8 @@ def _restart_store(world: int, timeout: datetime.timedelta):
     return tdist.PrefixStore(f"htr_dist/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", base)
 
 
-def init_distributed(timeout_s: int = 1800, use_deepspeed: bool = False, precision: str = "auto") -> DistEnv:
+def init_distributed(timeout_s: int = 1800, use_deepspeed: bool = False, precision: str = "auto",
+                     llm_precision: str = "auto") -> DistEnv:
     """Initialise the process group when launched with several processes; return the resolved environment.
 
     SLURM without torchrun: MASTER_ADDR/MASTER_PORT must be exported by the batch script (launch/slurm_train.sh does).
@@ -158,8 +171,10 @@ def init_distributed(timeout_s: int = 1800, use_deepspeed: bool = False, precisi
         # Several CPU ranks on one machine: split the cores, or the ranks' thread pools fight over them.
         local_world = _env_int("LOCAL_WORLD_SIZE", default=world)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    env = DistEnv(rank, world, local_rank, device, backend, pick_dtype(device, precision))
-    log.info("rank %d/%d local %d device %s backend %s dtype %s", rank, world, local_rank, device, backend, env.dtype)
+    dtype = pick_dtype(device, precision)
+    env = DistEnv(rank, world, local_rank, device, backend, dtype, pick_llm_dtype(device, dtype, llm_precision))
+    log.info("rank %d/%d local %d device %s backend %s dtype %s (LLM %s)", rank, world, local_rank, device, backend,
+             env.dtype, env.llm_dtype)
     return env
 
 
@@ -220,7 +235,13 @@ def broadcast_object(obj, src: int = 0):
 
 
 def destroy() -> None:
+    """Tear the process group down; call it once the modules that wrap it (DDP, engines) are out of scope.
+
+    Collecting garbage first destroys wrappers left in reference cycles now rather than during interpreter shutdown,
+    where a gloo process group they still hold aborts the process ("terminate called without an active exception").
+    """
     if is_initialized():
+        gc.collect()
         tdist.destroy_process_group()
 
 

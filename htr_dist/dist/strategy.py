@@ -65,7 +65,7 @@ class Strategy:
 
     # -- building -----------------------------------------------------------------------------------------------
     def load_teacher_lm(self):
-        return load_causal_lm(self.cfg.llm.name_or_path, self.cfg.llm.cache_dir, self.env.dtype,
+        return load_causal_lm(self.cfg.llm.name_or_path, self.cfg.llm.cache_dir, self.env.llm_dtype,
                               attn_implementation(self.env.device), device=str(self.env.device))
 
     def build_teacher(self) -> nn.Module:
@@ -126,7 +126,7 @@ class FSDPStrategy(Strategy):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-        lm, tokenizer = load_causal_lm(self.cfg.llm.name_or_path, self.cfg.llm.cache_dir, self.env.dtype,
+        lm, tokenizer = load_causal_lm(self.cfg.llm.name_or_path, self.cfg.llm.cache_dir, self.env.llm_dtype,
                                        attn_implementation(self.env.device), device="cpu")
         teacher = PrefixLM(lm, tokenizer)
         if self.env.world_size == 1:
@@ -136,7 +136,7 @@ class FSDPStrategy(Strategy):
         if self.cfg.dist.fsdp_cpu_offload:
             kwargs["offload_policy"] = CPUOffloadPolicy()
         if self.env.device.type == "cuda":
-            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=self.env.dtype, reduce_dtype=torch.float32)
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=self.env.llm_dtype, reduce_dtype=torch.float32)
         for layer in lm.base_model.layers:
             fully_shard(layer, **kwargs)
         fully_shard(teacher, **kwargs)
@@ -198,7 +198,8 @@ class DeepSpeedStrategy(Strategy):
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
-        ds = self._batch_keys(self._read(self.cfg.dist.llm_deepspeed_config), 1, 1, self.env.dtype == torch.bfloat16)
+        ds = self._batch_keys(self._read(self.cfg.dist.llm_deepspeed_config), 1, 1,
+                              self.env.llm_dtype == torch.bfloat16)
         if ds.get("zero_optimization", {}).get("stage") != 3:
             raise ValueError(f"{self.cfg.dist.llm_deepspeed_config}: the LLM config must use ZeRO stage 3")
         # A live HfDeepSpeedConfig makes from_pretrained build the model under zero.Init: parameters are
