@@ -24,7 +24,7 @@ def parse_args(argv=None):
                    help="deepspeed: deepspeed launcher + LLM as a ZeRO-3 engine (default); "
                         "fsdp: torchrun + LLM sharded by FSDP2")
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.yaml"), help="training config")
-    p.add_argument("--forms", type=int, default=400, help="synthetic forms to generate (default: 400)")
+    p.add_argument("--forms", type=int, default=600, help="synthetic forms to generate (default: 600)")
     p.add_argument("--nproc", type=int, default=2, help="training processes (default: 2)")
     p.add_argument("--workdir", default=ROOT, help="where data/, shards/ and runs/ go (default: the repository)")
     p.add_argument("--fresh", action="store_true", help="delete the previous demo run and train from scratch")

@@ -85,7 +85,16 @@ def test_shipped_configs_load():
     import glob
     import os
 
-    files = glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml"))
+    import json
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    files = glob.glob(os.path.join(root, "configs", "*.yaml"))
     assert len(files) >= 5
     for path in files:
-        load_config(path)
+        cfg = load_config(path)
+        for key in ("deepspeed_config", "llm_deepspeed_config"):  # every JSON a shipped config names exists
+            assert os.path.isfile(os.path.join(root, getattr(cfg.dist, key))), (path, key)
+    for path in glob.glob(os.path.join(root, "configs", "deepspeed", "*.json")):
+        ds = json.load(open(path))
+        stage = ds["zero_optimization"]["stage"]
+        assert stage == 3 if os.path.basename(path).startswith("llm_") else stage in (0, 1, 2), path

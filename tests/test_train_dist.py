@@ -33,6 +33,8 @@ def test_strategy_two_ranks_different_batch_sizes(strategy, llm_precision, tiny_
     out = str(tmp_path / "result.json")
     args = [out] + tiny_overrides + [f"dist.strategy={strategy}", "train.llm_sample_ratio=0.5",
                                      f"dist.llm_precision={llm_precision}"]
+    if strategy == "deepspeed" and llm_precision == "bf16":  # the demo's ZeRO-3 config (whole-module fetches)
+        args.append("dist.llm_deepspeed_config=configs/deepspeed/llm_zero3_smollm2.json")
     launch = deepspeed_launch if strategy == "deepspeed" else torchrun
     proc = launch(os.path.join(ROOT, "tests", "_dist_check.py"), args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
