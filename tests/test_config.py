@@ -83,9 +83,8 @@ def test_readme_config_reference_in_sync():
 
 def test_shipped_configs_load():
     import glob
-    import os
-
     import json
+    import os
 
     root = os.path.join(os.path.dirname(__file__), "..")
     files = glob.glob(os.path.join(root, "configs", "*.yaml"))
@@ -95,6 +94,7 @@ def test_shipped_configs_load():
         for key in ("deepspeed_config", "llm_deepspeed_config"):  # every JSON a shipped config names exists
             assert os.path.isfile(os.path.join(root, getattr(cfg.dist, key))), (path, key)
     for path in glob.glob(os.path.join(root, "configs", "deepspeed", "*.json")):
-        ds = json.load(open(path))
+        with open(path) as f:
+            ds = json.load(f)
         stage = ds["zero_optimization"]["stage"]
         assert stage == 3 if os.path.basename(path).startswith("llm_") else stage in (0, 1, 2), path

@@ -64,9 +64,10 @@ class Strategy:
         self._micro = 0
 
     # -- building -----------------------------------------------------------------------------------------------
-    def load_teacher_lm(self):
+    def load_teacher_lm(self, device: Optional[str] = None):
+        """The frozen LLM in ``env.llm_dtype``, on ``device`` (default: this rank's device), and its tokenizer."""
         return load_causal_lm(self.cfg.llm.name_or_path, self.cfg.llm.cache_dir, self.env.llm_dtype,
-                              attn_implementation(self.env.device), device=str(self.env.device))
+                              attn_implementation(self.env.device), device=device or str(self.env.device))
 
     def build_teacher(self) -> nn.Module:
         lm, tokenizer = self.load_teacher_lm()
@@ -126,8 +127,7 @@ class FSDPStrategy(Strategy):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-        lm, tokenizer = load_causal_lm(self.cfg.llm.name_or_path, self.cfg.llm.cache_dir, self.env.llm_dtype,
-                                       attn_implementation(self.env.device), device="cpu")
+        lm, tokenizer = self.load_teacher_lm(device="cpu")
         teacher = PrefixLM(lm, tokenizer)
         if self.env.world_size == 1:
             return teacher.to(self.env.device)
