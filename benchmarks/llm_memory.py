@@ -80,6 +80,7 @@ def worker(rank, world, port, overrides, out):
         with open(out, "w") as f:
             json.dump(report, f)
     dist_env.destroy()
+    dist_env.exit_process(0)
 
 
 def main(argv=None):

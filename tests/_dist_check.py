@@ -48,8 +48,7 @@ def check(out_path, overrides):
     strategy = build_strategy(cfg, env, model, total_steps=10)
     before = llm_checksum(strategy.teacher)
     held = llm_param_bytes_on_rank(strategy.teacher)
-    full = sum(p.numel() * p.element_size() for p in strategy.teacher.parameters()) if cfg.dist.strategy == "ddp" \
-        else None
+    full = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in strategy.teacher.parameters())
     gen = torch.Generator().manual_seed(env.rank)
     batch_size = 3 + 2 * env.rank  # ranks differ: 3 and 5 lines
     losses_seen, grads_equal, llm_calls = [], [], 0
@@ -81,3 +80,4 @@ def check(out_path, overrides):
 
 if __name__ == "__main__":
     main()
+    dist_env.exit_process(0)

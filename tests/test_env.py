@@ -1,8 +1,13 @@
 """Device, backend, dtype and autocast are decided in one place (htr_dist.dist.env)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
+from conftest import ROOT
 from htr_dist.config import ConfigError, load_config
 from htr_dist.dist import env as dist_env
 
@@ -78,3 +83,31 @@ def test_launcher_commands_start_local_ranks_from_this_environment():
     assert 0 < port < 65536
     with pytest.raises(ValueError, match="launcher"):
         dist_env.launcher_command("mpirun", 2)
+
+
+EXIT_SCRIPT = """
+import logging, sys
+import torch.distributed as tdist
+from htr_dist.dist import env as dist_env
+logging.basicConfig(stream=sys.stderr, level=logging.INFO)
+if sys.argv[1] == "group":
+    tdist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist_env.all_gather_objects("x")
+    dist_env.destroy()
+print("buffered line", end="")  # stdout is a pipe: block-buffered until flushed
+logging.getLogger("t").info("logged line")
+dist_env.exit_process(3)
+print("never printed")
+"""
+
+
+@pytest.mark.parametrize("mode", ["group", "plain"])
+def test_exit_process_flushes_and_keeps_the_code(mode):
+    """A process that ran a gloo group leaves through os._exit (see exit_process): its output must not be lost."""
+    script = EXIT_SCRIPT.replace("{port}", str(dist_env.free_port()))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env=env)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert proc.stdout == "buffered line"
+    assert "logged line" in proc.stderr

@@ -108,6 +108,17 @@ def attn_implementation(device: torch.device) -> str:
     return "sdpa"
 
 
+def env_local_world_size() -> int:
+    """Ranks on this machine as the launcher says (torchrun: LOCAL_WORLD_SIZE, deepspeed: LOCAL_SIZE); 0 = unknown."""
+    return _env_int("LOCAL_WORLD_SIZE", "LOCAL_SIZE", default=0)
+
+
+def ranks_share_memory() -> bool:
+    """Whether every rank of this job runs on this machine (so /dev/shm is common to all of them)."""
+    world = env_world_size()
+    return world > 1 and env_local_world_size() == world and os.path.isdir("/dev/shm")
+
+
 def free_port() -> int:
     """A TCP port free on this machine right now, for a single-machine ``--master_port``."""
     with socket.socket() as sock:
@@ -165,17 +176,36 @@ def init_distributed(timeout_s: int = 1800, use_deepspeed: bool = False, precisi
             import deepspeed
 
             deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # adopts an existing process group
+            if device.type == "cpu":
+                _unlink_deepspeed_shm(rank)
         elif store is None:
             tdist.init_process_group(backend=backend, timeout=timeout)
     if device.type == "cpu" and world > 1 and "OMP_NUM_THREADS" not in os.environ:
         # Several CPU ranks on one machine: split the cores, or the ranks' thread pools fight over them.
-        local_world = _env_int("LOCAL_WORLD_SIZE", default=world)
+        local_world = env_local_world_size() or world
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     dtype = pick_dtype(device, precision)
     env = DistEnv(rank, world, local_rank, device, backend, dtype, pick_llm_dtype(device, dtype, llm_precision))
     log.info("rank %d/%d local %d device %s backend %s dtype %s (LLM %s)", rank, world, local_rank, device, backend,
              env.dtype, env.llm_dtype)
     return env
+
+
+def _unlink_deepspeed_shm(rank: int) -> None:
+    """Remove the name of the shared-memory file DeepSpeed's CPU backend made for this rank.
+
+    When the launcher says that every rank is local, DeepSpeed maps a 69 MB file per rank in /dev/shm (for an
+    all-reduce that htr-dist does not use) and never removes it: every run left 2 x 69 MB of RAM behind (9.8 GB after
+    a day of tests here). Once every rank has mapped every file (DeepSpeed maps its peers' before it returns, hence
+    the barrier), each rank unlinks its own; the memory is freed when the processes end.
+    """
+    tdist.barrier()
+    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(os.getuid(), os.environ.get("MASTER_ADDR", ""),
+                                                          os.environ.get("MASTER_PORT", ""), rank)
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:  # not all ranks local, or a DeepSpeed that does not make it
+        pass
 
 
 def is_initialized() -> bool:
@@ -234,15 +264,44 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+_ran_distributed = False  # set once a process group existed in this process: exit_process() then skips finalization
+
+
 def destroy() -> None:
     """Tear the process group down; call it once the modules that wrap it (DDP, engines) are out of scope.
 
-    Collecting garbage first destroys wrappers left in reference cycles now rather than during interpreter shutdown,
-    where a gloo process group they still hold aborts the process ("terminate called without an active exception").
+    Collecting garbage first destroys wrappers left in reference cycles now rather than during interpreter shutdown.
+    That does not stop gloo's worker threads while DeepSpeed still references the group (every ZeRO-3 parameter and
+    ``deepspeed.utils.groups`` do), hence exit_process(). No barrier: after an error on one rank, the others may be
+    waiting in a collective that will never complete.
     """
+    global _ran_distributed
     if is_initialized():
+        _ran_distributed = True
         gc.collect()
         tdist.destroy_process_group()
+
+
+def exit_process(code: int = 0) -> None:
+    """End the process with ``code``; a process that ran distributed ends without interpreter finalization.
+
+    Gloo's worker threads outlive a group that DeepSpeed still references, and one of them may still be freeing a
+    finished collective's tensors, which takes the GIL. If the interpreter is finalizing by then, that thread exits
+    inside a C++ destructor and the process aborts ("terminate called without an active exception", exit code 250
+    or SIGABRT): 1 run in about 20 of the 2-rank DeepSpeed test on CPU. gdb on the core: ProcessGroupGloo::runLoop ->
+    ~AsyncAllgatherWork -> THPVariable_dealloc -> take_gil -> PyThread_exit_thread -> std::terminate. So such a
+    process flushes its logs and streams (callers close their files, TensorBoard writers and progress bars first)
+    and leaves with os._exit. One process, or one whose group never existed, exits normally.
+    """
+    if not _ran_distributed:
+        sys.exit(code)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken pipe: nothing more can be written anyway
+            pass
+    os._exit(code)
 
 
 def setup_logging(rank: Optional[int] = None, level: int = logging.INFO) -> None:

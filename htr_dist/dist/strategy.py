@@ -9,7 +9,8 @@ The trainable part (backbone, heads, connector) and the frozen LLM teacher are w
                  ``HfDeepSpeedConfig`` (so it is partitioned while loading) and wrapped as a ZeRO-3 engine without an
                  optimizer (``dist.llm_deepspeed_config``, optionally offloaded). The teacher is that engine's
                  ``.module``: DeepSpeed >= 0.18.3 refuses backward through ``llm_engine(...)`` itself, while the ZeRO-3
-                 gather/release hooks live on the module, so gradients still reach the connector.
+                 gather/release hooks live on the module, so gradients still reach the connector. CPU ranks on one
+                 machine gather through shared memory (``dist.shm_allgather``, htr_dist.dist.shm_gather).
 
 Every strategy exposes the same small API to the training loop: ``model``, ``teacher``, ``backward``, ``step``,
 ``lr``, ``save`` / ``load`` and ``module`` (the unwrapped trainable model).
@@ -26,7 +27,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from htr_dist.dist.env import DistEnv, attn_implementation
+from htr_dist.dist.env import DistEnv, attn_implementation, ranks_share_memory
+from htr_dist.dist.shm_gather import install_for_deepspeed
 from htr_dist.models.htr import HTRModel
 from htr_dist.models.llm import PrefixLM, load_causal_lm, load_tokenizer
 from htr_dist.train.optim import build_optimizer, build_scheduler
@@ -35,7 +37,11 @@ log = logging.getLogger(__name__)
 
 
 def llm_param_bytes_on_rank(teacher: Optional[nn.Module]) -> int:
-    """Bytes of LLM parameters this rank holds on its compute device (shards count only their local part)."""
+    """Bytes of LLM parameters this rank holds on its compute device between steps.
+
+    Shards count only their local part. A ZeRO-3 parameter below the persistence thresholds stays whole on every rank
+    (``ds_persist``), so it counts in full on top of its partition.
+    """
     if teacher is None:
         return 0
     total = 0
@@ -43,6 +49,8 @@ def llm_param_bytes_on_rank(teacher: Optional[nn.Module]) -> int:
         local = p.to_local() if hasattr(p, "to_local") else p  # FSDP2 DTensor -> this rank's shard
         if hasattr(p, "ds_tensor"):  # DeepSpeed ZeRO-3: the partition this rank owns
             local = p.ds_tensor
+            if getattr(p, "ds_persist", False):
+                total += p.ds_numel * p.element_size()
             if local.device.type == "cpu" and p.device.type != "cpu":
                 continue
         total += local.numel() * local.element_size()
@@ -155,6 +163,8 @@ class DeepSpeedStrategy(Strategy):
         self.cfg, self.env = cfg, env
         # DeepSpeed broadcasts parameters as byte views, which needs them contiguous (not channels_last).
         self.module = model.to(env.device, memory_format=torch.contiguous_format)
+        if cfg.dist.shm_allgather and env.device.type == "cpu" and ranks_share_memory():
+            install_for_deepspeed()
         self.teacher = self.build_teacher() if cfg.train.use_llm else None
         optimizer = build_optimizer(self.module, cfg.train)
         scheduler = build_scheduler(optimizer, cfg.train, total_steps)

@@ -1,0 +1,121 @@
+"""All-gather through shared memory for CPU ranks on one machine.
+
+Gloo moves an all-gather through TCP over loopback, about 0.9 GB/s here, while a memory copy runs at about 5 GB/s.
+ZeRO-3 gathers the frozen LLM's layers at every forward, so on a CPU machine those gathers are most of what sharding
+costs. ``ShmAllGather`` does the same collective through files in ``/dev/shm``: every rank copies its part into its own
+mapped file, one gloo barrier (a few bytes) says that all parts are there, and every rank copies all parts out.
+
+Two buffers alternate, so one barrier per gather is enough: a rank writes buffer ``k % 2`` for gather ``k`` only after
+the barrier of gather ``k - 1``, which every peer reached after it had finished reading gather ``k - 2`` from that
+same buffer.
+
+The files are unlinked as soon as every rank has mapped them, so nothing is left in ``/dev/shm`` even if a rank dies.
+The buffers grow to the largest part seen (every rank sees the same sizes: the inputs of an all-gather are equal).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as tdist
+
+log = logging.getLogger(__name__)
+
+SHM_DIR = "/dev/shm"
+
+
+class _Done:
+    """The handle of a collective that has already completed (what an ``async_op=True`` caller waits on)."""
+
+    def wait(self, *args, **kwargs) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
+class ShmAllGather:
+    """``all_gather_into_tensor`` for the ranks of ``group`` (all on this machine) through shared memory."""
+
+    def __init__(self, group=None, shm_dir: str = SHM_DIR):
+        self.group = group
+        self.rank = tdist.get_rank(group)
+        self.world = tdist.get_world_size(group)
+        self.shm_dir = shm_dir
+        tag = [uuid.uuid4().hex if self.rank == 0 else None]
+        tdist.broadcast_object_list(tag, src=tdist.get_global_rank(group, 0) if group is not None else 0, group=group)
+        self.tag = tag[0]
+        self.capacity = 0  # bytes per part and buffer
+        self.generation = 0
+        self.parts: List[torch.Tensor] = []  # per rank: its file, 2 x capacity bytes (index 0 and 1 = buffers)
+        self.calls = 0
+
+    def _grow(self, nbytes: int) -> None:
+        """Map new files of at least ``nbytes`` per part; a collective step, run by every rank at the same call."""
+        capacity = max(nbytes, 2 * self.capacity, 1 << 20)
+        self.generation += 1
+        paths = [os.path.join(self.shm_dir, f"htr-dist-{self.tag}-g{self.generation}-r{r}") for r in range(self.world)]
+        mine = paths[self.rank]
+        with open(mine, "wb") as f:
+            f.truncate(2 * capacity)
+        tdist.barrier(group=self.group)  # every file exists at its full size
+        try:
+            parts = [torch.from_file(p, shared=True, size=2 * capacity, dtype=torch.uint8) for p in paths]
+        finally:
+            tdist.barrier(group=self.group)  # every rank has mapped every file (or failed): the names can go
+            os.unlink(mine)
+        self.parts, self.capacity = parts, capacity
+        log.debug("shared-memory all-gather: %d ranks, %.1f MB per part", self.world, capacity / 1e6)
+
+    def __call__(self, output: torch.Tensor, input: torch.Tensor) -> _Done:
+        nbytes = input.numel() * input.element_size()
+        if nbytes > self.capacity:
+            self._grow(nbytes)
+        offset = (self.calls % 2) * self.capacity
+        self.calls += 1
+        self.parts[self.rank][offset:offset + nbytes].copy_(input.reshape(-1).view(torch.uint8))
+        tdist.barrier(group=self.group)
+        out = output.view(-1).view(torch.uint8)
+        for r, part in enumerate(self.parts):
+            out[r * nbytes:(r + 1) * nbytes].copy_(part[offset:offset + nbytes])
+        return _Done()
+
+    def handles(self, output: torch.Tensor, input: torch.Tensor, group) -> bool:
+        """Whether this call is one it can serve: CPU, contiguous, same dtype, the sizes of an all-gather."""
+        return (group is self.group and input.device.type == "cpu" and output.device.type == "cpu"
+                and input.dtype == output.dtype and input.is_contiguous() and output.is_contiguous()
+                and output.numel() == input.numel() * self.world)
+
+
+def install_for_deepspeed() -> None:
+    """Route DeepSpeed's CPU all-gathers (what ZeRO-3 fetches parameters with) through shared memory.
+
+    Wraps ``all_gather_into_tensor`` of DeepSpeed's communication backend; any call it cannot serve (another device,
+    a non-contiguous tensor) falls through to the original. One ShmAllGather per process group, made at its first use.
+    """
+    from deepspeed import comm as ds_comm
+
+    backend = ds_comm.comm.cdb
+    if backend is None or getattr(backend, "_htr_shm", None) is not None:
+        return
+    original = backend.all_gather_into_tensor
+    gathers: Dict[Optional[object], ShmAllGather] = {}
+
+    def all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op=False):
+        key = group if group is not None else tdist.group.WORLD
+        if input_tensor.device.type != "cpu":
+            return original(output_tensor=output_tensor, input_tensor=input_tensor, group=group, async_op=async_op)
+        if key not in gathers:
+            gathers[key] = ShmAllGather(key)
+        gather = gathers[key]
+        if not gather.handles(output_tensor, input_tensor, key):
+            return original(output_tensor=output_tensor, input_tensor=input_tensor, group=group, async_op=async_op)
+        return gather(output_tensor, input_tensor)
+
+    backend.all_gather_into_tensor = all_gather_into_tensor
+    backend._htr_shm = gathers
+    log.info("DeepSpeed all-gathers of CPU tensors go through shared memory (%s)", SHM_DIR)

@@ -1,0 +1,59 @@
+"""The shared-memory all-gather gives gloo's results, grows its buffers, and leaves nothing in /dev/shm."""
+
+import datetime
+import glob
+import os
+
+import pytest
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as tmp
+
+from htr_dist.dist.env import free_port, ranks_share_memory
+from htr_dist.dist.shm_gather import ShmAllGather
+
+pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
+
+
+def _worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    tdist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
+    gather = ShmAllGather()
+    results = []
+    # sizes that grow past the first buffer (1 MB) and shrink again, in several dtypes, many calls in a row so both
+    # alternating buffers are reused while a peer may still be reading the other one
+    cases = [(10, torch.float32), (300_000, torch.float32), (1_000_003, torch.bfloat16), (7, torch.int64),
+             (2_000_000, torch.float32)] * 3
+    for i, (n, dtype) in enumerate(cases):
+        x = (torch.arange(n) % 251 + 1000 * rank + i).to(dtype)
+        ours, ref = torch.empty(n * world, dtype=dtype), torch.empty(n * world, dtype=dtype)
+        assert gather(ours, x).wait()
+        tdist.all_gather_into_tensor(ref, x)
+        results.append(torch.equal(ours, ref))
+    files = glob.glob(f"/dev/shm/htr-dist-{gather.tag}-*")
+    if rank == 0:
+        torch.save({"equal": results, "files": files, "capacity": gather.capacity, "generation": gather.generation},
+                   out)
+    tdist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_matches_gloo_and_leaves_no_files(tmp_path, world):
+    out = str(tmp_path / "out.pt")
+    tmp.spawn(_worker, args=(world, free_port(), out), nprocs=world, join=True)
+    res = torch.load(out)
+    assert res["equal"] == [True] * 15
+    assert res["files"] == []  # unlinked once every rank had mapped them
+    assert res["capacity"] >= 8_000_000 and res["generation"] >= 2  # grew past the first buffer
+
+
+def test_ranks_share_memory_reads_both_launchers(monkeypatch):
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not ranks_share_memory()  # unknown: assume several machines
+    monkeypatch.setenv("LOCAL_SIZE", "2")  # the deepspeed launcher
+    assert ranks_share_memory()
+    monkeypatch.delenv("LOCAL_SIZE")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # torchrun, 2 machines of 1 rank
+    assert not ranks_share_memory()
