@@ -72,11 +72,11 @@ def make_batch(batch: int, height: int, width: int, line_chars: int, seed: int =
     }
 
 
-def load_teacher(name: str, cache_dir: str):
-    """The frozen PrefixLM teacher (SmolLM2-135M by default), or None when htr_dist.models.llm cannot load it."""
+def load_teacher(name: str, cache_dir: str, dtype: torch.dtype = torch.float32):
+    """The frozen PrefixLM teacher (SmolLM2-135M by default) with its weights in ``dtype``."""
     from htr_dist.models.llm import PrefixLM, load_causal_lm
 
-    lm, tokenizer = load_causal_lm(name, cache_dir)
+    lm, tokenizer = load_causal_lm(name, cache_dir, dtype=dtype)
     return PrefixLM(lm, tokenizer).eval()
 
 
@@ -208,6 +208,8 @@ def main(argv=None) -> None:
     parser.add_argument("--llm-cache", default=LLMConfig().cache_dir)
     parser.add_argument("--num-queries", type=int, default=0, help="connector.num_queries (0 = the default)")
     parser.add_argument("--bf16", action="store_true", help="run the steps under CPU bf16 autocast")
+    parser.add_argument("--llm-precision", choices=["fp32", "bf16"], default="fp32",
+                        help="the teacher's weights and compute, as dist.llm_precision (default: fp32)")
     parser.add_argument("--only", default="", help="comma-separated subset of case names")
     parser.add_argument("--strategy", nargs="+", default=None, choices=["ddp", "fsdp", "deepspeed"],
                         help="strategy mode: time launch/train.py per strategy at 1 rank and at --nproc ranks")
@@ -222,7 +224,8 @@ def main(argv=None) -> None:
         return
     torch.set_num_threads(args.threads)
 
-    teacher = load_teacher(args.llm, args.llm_cache) if args.llm else None
+    llm_dtype = torch.bfloat16 if args.llm_precision == "bf16" else torch.float32
+    teacher = load_teacher(args.llm, args.llm_cache, llm_dtype) if args.llm else None
     specs = [
         ("reference_cnn", REFERENCE_CFG, None, 0.125),
         ("no_llm", ArchConfig().cnn_cfg, None, 0.125),
@@ -246,7 +249,8 @@ def main(argv=None) -> None:
               file=sys.stderr)
 
     result = {"batch": args.batch, "height": args.height, "width": args.width, "threads": args.threads,
-              "steps": args.steps, "warmup": args.warmup, "llm": args.llm or None, "bf16": args.bf16}
+              "steps": args.steps, "warmup": args.warmup, "llm": args.llm or None, "bf16": args.bf16,
+              "llm_precision": args.llm_precision}
     for case in cases:
         result[f"{case.name}_s"] = statistics.median(case.times)
         result[case.name] = {"min_s": min(case.times), "median_s": statistics.median(case.times),

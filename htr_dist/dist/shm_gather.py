@@ -73,6 +73,8 @@ class ShmAllGather:
 
     def __call__(self, output: torch.Tensor, input: torch.Tensor) -> _Done:
         nbytes = input.numel() * input.element_size()
+        if nbytes == 0:  # every rank has an empty part (the sizes of an all-gather are equal): nothing to move
+            return _Done()
         if nbytes > self.capacity:
             self._grow(nbytes)
         offset = (self.calls % 2) * self.capacity
