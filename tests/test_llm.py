@@ -1,6 +1,7 @@
 """The frozen teacher: one loader for folders, hub ids and GGUF files; PrefixLM's layout, labels and gradients."""
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -205,6 +206,8 @@ def test_smollm2_gguf_converted_once_then_loaded_like_any_model(smollm2_cache):
     assert folder == os.path.join(cache, "SmolLM2-135M") and os.path.isfile(os.path.join(folder, "config.json"))
     assert any("converting" in m and "about 30 s, once" in m for m in messages), messages
     assert not any(name.startswith(".convert-") for name in os.listdir(cache))  # the temporary folder is gone
+    with open(os.path.join(folder, "config.json")) as f:
+        assert "quantization_config" not in json.load(f)  # dense weights: not a packed GGUF checkpoint
     assert load_llm_config("smollm2-135m", cache).hidden_size == 576  # from the cache: no second conversion
     # The same loader on the .gguf path: it maps to cache_dir/<stem>; point that at the conversion made above.
     gguf = llm.smollm2_gguf()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -45,6 +46,7 @@ def convert_gguf(gguf_path: str, out_dir: str) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if os.path.isfile(os.path.join(out_dir, "config.json")):
+        _drop_gguf_quantization(out_dir)  # folders converted before 2026-12-01 still carry it
         return out_dir
     log.info("converting %s into %s (de-quantising takes about 30 s, once)", gguf_path, out_dir)
     start = time.time()
@@ -58,6 +60,7 @@ def convert_gguf(gguf_path: str, out_dir: str) -> str:
     tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out_dir)), prefix=".convert-")
     try:
         fresh.save_pretrained(tmp)
+        _drop_gguf_quantization(tmp)
         tokenizer.save_pretrained(tmp)
         try:
             os.replace(tmp, out_dir)
@@ -70,6 +73,30 @@ def convert_gguf(gguf_path: str, out_dir: str) -> str:
         raise
     log.info("converted in %.0f s", time.time() - start)
     return out_dir
+
+
+def _drop_gguf_quantization(folder: str) -> None:
+    """Remove the GGUF ``quantization_config`` that the copied config keeps: the saved weights are dense.
+
+    Left in, it tells transformers the folder is a packed GGUF checkpoint, which it is not, and loading in bf16 then
+    warns that every matmul casts to fp32 (the weights load as plain bf16 tensors all the same).
+    """
+    path = os.path.join(folder, "config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    if config.get("quantization_config", {}).get("quant_method") != "gguf":
+        return
+    del config["quantization_config"]
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".config-", suffix=".json")  # ranks may do this at the same time
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def resolve_llm_path(name_or_path: str, cache_dir: str) -> str:
