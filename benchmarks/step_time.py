@@ -30,6 +30,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from htr_dist.config import ArchConfig, ConnectorConfig, LLMConfig, TrainConfig
+from htr_dist.dist import env as dist_env
 from htr_dist.dist.env import launcher_command
 from htr_dist.models.htr import HTRModel, compute_losses, count_parameters, num_llm_samples
 from htr_dist.train.optim import build_optimizer
@@ -223,6 +224,7 @@ def main(argv=None) -> None:
         print(json.dumps(strategy_mode(args), indent=1))
         return
     torch.set_num_threads(args.threads)
+    dist_env.tune_cpu_allocator()  # as training does on the CPU (htr_dist.dist.env.init_distributed)
 
     llm_dtype = torch.bfloat16 if args.llm_precision == "bf16" else torch.float32
     teacher = load_teacher(args.llm, args.llm_cache, llm_dtype) if args.llm else None

@@ -111,3 +111,15 @@ def test_exit_process_flushes_and_keeps_the_code(mode):
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert proc.stdout == "buffered line"
     assert "logged line" in proc.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+def test_cpu_allocator_tuned_unless_the_user_configured_glibc():
+    code = "from htr_dist.dist.env import tune_cpu_allocator; print(tune_cpu_allocator())"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    for extra, expected in (({}, "True"), ({"MALLOC_MMAP_THRESHOLD_": "131072"}, "False"),
+                            ({"GLIBC_TUNABLES": "glibc.malloc.perturb=0"}, "False")):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                              env={**clean, **extra})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.strip() == expected, (extra, proc.stdout)
