@@ -202,10 +202,10 @@ def tune_cpu_allocator() -> bool:
 
     By default glibc serves every allocation above a threshold (adaptive, at most 32 MB) with its own mmap and unmaps
     it when freed, so every step gets its large activations as fresh pages that the kernel must zero-fill on first
-    touch. Raising the mmap and trim thresholds to 2 GB lets the heap keep and reuse them. Measured on a 2-core CPU,
-    batch 16 at 128 x 1024, three alternating pairs of runs: forward + backward 3.3-3.7 s instead of 4.0-4.1 s without
-    the LLM, 3.6-4.0 s instead of 4.2-4.7 s with SmolLM2 on 2 lines. Memory freed by a step stays with the process
-    (its RSS stays at the peak). Setting any of glibc's own MALLOC_* variables or GLIBC_TUNABLES leaves the allocator
+    touch. Raising the mmap and trim thresholds to 2 GB lets the heap keep and reuse them. benchmarks/step_time.py on a
+    2-core CPU, batch 16 at 128 x 1024, two alternating pairs of runs: 3.40 / 3.16 s a step instead of 3.77 / 3.69 s
+    without the LLM, 4.01 / 3.97 s instead of 4.50 / 4.61 s with SmolLM2 on 2 lines. Memory freed by a step stays
+    with the process (its RSS stays at the peak). Setting any of glibc's own MALLOC_* variables or GLIBC_TUNABLES leaves the allocator
     as configured there. Returns whether the thresholds were set.
     """
     if not sys.platform.startswith("linux") or any(name in os.environ for name in _MALLOC_ENV):
