@@ -10,24 +10,19 @@ The default sizes are those of a SmolLM2-135M decoder layer in bf16 split over 2
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
-import torch.multiprocessing as mp
 
-from htr_dist.dist.env import free_port
+from _ranks import finish_rank, set_rank_env, spawn_ranks
 
 
 def worker(rank, world, port, sizes_mb, repeats, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    set_rank_env(rank, world, port)
     import torch.distributed as tdist
 
-    from htr_dist.dist import env as dist_env
     from htr_dist.dist.shm_gather import ShmAllGather
 
     torch.set_num_threads(1)
@@ -62,11 +57,7 @@ def worker(rank, world, port, sizes_mb, repeats, out):
                            "gb_per_s": round(n * 2 * world / med / 1e9, 2)}
         entry["ratio"] = round(entry["gloo"]["median_ms"] / entry["shm"]["median_ms"], 2)
         report[str(mb)] = entry
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump(report, f)
-    dist_env.destroy()
-    dist_env.exit_process(0)
+    finish_rank(rank, report, out)
 
 
 def main(argv=None):
@@ -76,11 +67,7 @@ def main(argv=None):
                    help="MB each rank contributes (default: 0.5 3.5 14)")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per size and method (default: 20)")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "report.json")
-        mp.spawn(worker, args=(args.nproc, free_port(), args.sizes_mb, args.repeats, path), nprocs=args.nproc,
-                 join=True)
-        report = json.load(open(path))
+    report = spawn_ranks(worker, args.nproc, args.sizes_mb, args.repeats)
     print(json.dumps({"nproc": args.nproc, "repeats": args.repeats, "sizes_mb": report}, indent=1))
     return 0
 

@@ -15,12 +15,10 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 import torch
-import torch.multiprocessing as mp
 
-from htr_dist.dist.env import free_port
+from _ranks import finish_rank, set_rank_env, spawn_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STRATEGIES = {
@@ -46,11 +44,11 @@ def materialised_bytes(teacher) -> int:
 
 def worker(rank, world, port, overrides, out):
     os.dup2(2, 1)  # DeepSpeed prints to stdout; keep the benchmark's stdout for its one JSON object
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    set_rank_env(rank, world, port)
     from htr_dist.config import load_config
     from htr_dist.dist import env as dist_env
-    from htr_dist.dist.strategy import build_strategy, llm_hidden_size, llm_param_bytes_on_rank
+    from htr_dist.dist.strategy import (build_strategy, llm_hidden_size, llm_param_bytes_full,
+                                        llm_param_bytes_on_rank)
     from htr_dist.models.htr import HTRModel, compute_losses
 
     cfg = load_config(os.path.join(ROOT, "configs", "tiny_cpu.yaml"), overrides)
@@ -72,15 +70,8 @@ def worker(rank, world, port, overrides, out):
     strategy.step()
     for h in hooks:
         h.remove()
-    full = None
-    if cfg.dist.strategy == "ddp":
-        full = sum(p.numel() * p.element_size() for p in teacher.parameters())
-    report = dist_env.all_gather_objects({"held": held, "peak": max(peak), "full": full})
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump(report, f)
-    dist_env.destroy()
-    dist_env.exit_process(0)
+    report = dist_env.all_gather_objects({"held": held, "peak": max(peak), "full": llm_param_bytes_full(teacher)})
+    finish_rank(rank, report, out)
 
 
 def main(argv=None):
@@ -93,10 +84,8 @@ def main(argv=None):
     out = {"llm": args.llm, "nproc": args.nproc}
     full = None
     for name in args.strategies:
-        path = tempfile.mktemp(suffix=".json")
         overrides = STRATEGIES[name] + [f"llm.name_or_path={args.llm}", "train.use_llm=true"]
-        mp.spawn(worker, args=(args.nproc, free_port(), overrides, path), nprocs=args.nproc, join=True)
-        ranks = json.load(open(path))
+        ranks = spawn_ranks(worker, args.nproc, overrides)
         full = full or ranks[0]["full"]
         out[name] = {"held_bytes": [r["held"] for r in ranks], "peak_bytes": [r["peak"] for r in ranks]}
     for name in args.strategies:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Union
 
 import yaml
+
+from htr_dist.io_utils import atomic_write_text
 
 
 class ConfigError(ValueError):
@@ -390,11 +391,7 @@ def dump_yaml(cfg: Config) -> str:
 
 def save_config(cfg: Config, path: str) -> None:
     """Write the resolved config atomically (temporary name, then rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".config-", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(dump_yaml(cfg))
-    os.replace(tmp, path)
+    atomic_write_text(path, dump_yaml(cfg))
 
 
 def describe_keys() -> List[tuple]:

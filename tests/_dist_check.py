@@ -12,7 +12,7 @@ import torch
 
 from htr_dist.config import load_config
 from htr_dist.dist import env as dist_env
-from htr_dist.dist.strategy import build_strategy, llm_hidden_size, llm_param_bytes_on_rank
+from htr_dist.dist.strategy import build_strategy, llm_hidden_size, llm_param_bytes_full, llm_param_bytes_on_rank
 from htr_dist.models.htr import HTRModel, compute_losses
 
 
@@ -48,7 +48,7 @@ def check(out_path, overrides):
     strategy = build_strategy(cfg, env, model, total_steps=10)
     before = llm_checksum(strategy.teacher)
     held = llm_param_bytes_on_rank(strategy.teacher)
-    full = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in strategy.teacher.parameters())
+    full = llm_param_bytes_full(strategy.teacher)
     gen = torch.Generator().manual_seed(env.rank)
     batch_size = 3 + 2 * env.rank  # ranks differ: 3 and 5 lines
     losses_seen, grads_equal, llm_calls = [], [], 0
@@ -78,7 +78,8 @@ def check(out_path, overrides):
     if env.is_main:
         with open(out_path, "w") as f:
             json.dump({"losses": losses_seen, "grads_equal": grads_equal, "weights_equal": weights_equal,
-                       "llm_before": before, "llm_after": after, "llm_calls": calls, "held": held, "full": full, "shm_calls": shm_calls,
+                       "llm_before": before, "llm_after": after, "llm_calls": calls, "held": held, "full": full,
+                       "shm_calls": shm_calls,
                        "teacher_training": strategy.teacher.lm.training,
                        "llm_dtypes": sorted({str(p.dtype) for p in strategy.teacher.parameters()})}, f)
 

@@ -16,7 +16,8 @@ SCRIPTS = {
     "launch/synth_iam.py": ["--forms", "--seed", "--fonts"],
     "launch/demo.py": ["--variant", "--forms", "--fresh"],
     "benchmarks/loader.py": ["--data"],
-    "benchmarks/step_time.py": ["--steps", "--batch"],
+    "benchmarks/step_time.py": ["--steps", "--batch", "--llm-precision"],
+    "benchmarks/allgather.py": ["--nproc", "--sizes-mb", "--repeats"],
     "benchmarks/llm_memory.py": ["--help"],
 }
 

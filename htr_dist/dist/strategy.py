@@ -57,6 +57,13 @@ def llm_param_bytes_on_rank(teacher: Optional[nn.Module]) -> int:
     return total
 
 
+def llm_param_bytes_full(teacher: Optional[nn.Module]) -> int:
+    """Bytes of the whole LLM's parameters, however they are sharded (a ZeRO-3 parameter counts its ``ds_numel``)."""
+    if teacher is None:
+        return 0
+    return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in teacher.parameters())
+
+
 class Strategy:
     """DDP for the trainable part; subclasses decide how the teacher is held."""
 

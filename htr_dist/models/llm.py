@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from htr_dist.io_utils import atomic_write_json
+
 log = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2-135m"
@@ -87,16 +89,7 @@ def _drop_gguf_quantization(folder: str) -> None:
     if config.get("quantization_config", {}).get("quant_method") != "gguf":
         return
     del config["quantization_config"]
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".config-", suffix=".json")  # ranks may do this at the same time
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_json(path, config)  # a unique temporary name: ranks may do this at the same time
 
 
 def resolve_llm_path(name_or_path: str, cache_dir: str) -> str:
