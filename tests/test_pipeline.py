@@ -11,14 +11,14 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as tmp
 import webdataset as wds
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from htr_dist.config import load_config
 from htr_dist.data.alphabet import Alphabet
 from htr_dist.data.pipeline import StreamDataset, TooManySkipped, build_eval_loader, build_train_loader, \
     steps_per_epoch
 from htr_dist.data.shards import load_manifest, png_bytes, write_manifest, write_split
-from htr_dist.data.transforms import augment_preprocess, preprocess
+from htr_dist.data.transforms import augment_preprocess, morph3, photometric_lut, preprocess
 
 from conftest import free_port
 
@@ -68,6 +68,24 @@ def test_augment_deterministic_and_shaped():
     c = augment_preprocess(img, 32, 128, np.random.default_rng(2))
     assert a.shape == (32, 128) and np.array_equal(a, b) and not np.array_equal(a, c)
     assert 0.0 <= a.min() and a.max() <= 1.0 and a.max() > 0.5
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3), (17, 40)])
+def test_morph3_matches_pil_rank_filters(shape):
+    img = np.random.default_rng(3).integers(0, 256, shape, dtype=np.uint8)
+    for op, pil_filter in ((np.minimum, ImageFilter.MinFilter(3)), (np.maximum, ImageFilter.MaxFilter(3))):
+        want = np.asarray(Image.fromarray(img).filter(pil_filter))
+        assert np.array_equal(morph3(img, op), want), op.__name__
+
+
+def test_photometric_lut_matches_float_formula():
+    gray = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    gamma, contrast, brightness = 1.3, 0.8, 0.07
+    x = 1.0 - gray.astype(np.float64) / 255.0
+    want = np.clip(x**gamma * contrast + brightness, 0.0, 1.0)
+    got = photometric_lut(gamma, contrast, brightness)[gray]
+    assert got.dtype == np.float32 and np.allclose(got, want, atol=1e-6)
+    assert got[0, 0] == pytest.approx(min(1.0, contrast + brightness)) and got[-1, -1] == pytest.approx(brightness)
 
 
 def test_round_trip_keys_texts_targets(shard_dir):
@@ -122,16 +140,17 @@ def test_bad_samples_skipped_counted_and_named(tmp_path, caplog):
     folder = make_shards(str(tmp_path / "s"), [6, 6])
     _corrupt_png(folder)
     with open(os.path.join(folder, "train-000001.tar"), "r+b") as f:
-        f.truncate(1500)  # a truncated shard: the first sample survives, the rest is lost
+        f.truncate(1500)  # a truncated shard: k0006's json survives, its png header is cut, the rest is lost
     cfg = cfg_for(folder, **{"train.batch_size": 1, "data.max_skip_fraction": 0.9})
     batches = list(build_eval_loader(cfg, "train", Alphabet("abcdefghij "), 0, 1))
     keys = [b["keys"][0] for b in batches]
     assert "k0001" not in keys and "k0002" not in keys and "k0000" in keys
-    assert batches[-1]["skipped"] == 3  # corrupt png, missing txt, truncated shard
+    assert batches[-1]["skipped"] == 4  # corrupt png, missing txt, truncated shard, the sample it cut
     text = caplog.text
     assert "train-000000.tar:k0001 cannot be decoded" in text
     assert "train-000000.tar:k0002 has no txt" in text
-    assert "unreadable shard data" in text
+    assert "unreadable shard data (ShardReadError: " in text and "train-000001.tar: truncated tar header" in text
+    assert "train-000001.tar:k0006 has no txt" in text
 
 
 def test_abort_when_too_many_skipped(tmp_path):

@@ -30,7 +30,7 @@ import webdataset as wds
 from PIL import Image
 
 from htr_dist.data.alphabet import Alphabet
-from htr_dist.data.shards import load_manifest
+from htr_dist.data.shards import load_manifest, tar_samples
 from htr_dist.data.transforms import augment_preprocess, preprocess
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ class StreamDataset(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         self._counter = _Counter(self.max_skip_fraction)
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
-        samples = wds.tarfile_to_samples(handler=self._handler)(self._shards(worker, workers))
+        samples = tar_samples(self._shards(worker, workers), handler=self._handler)
         samples = self._select(samples)
         if self.train:
             samples = wds.filters.shuffle(self.shuffle_buffer, initial=min(64, self.shuffle_buffer),

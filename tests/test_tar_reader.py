@@ -1,0 +1,99 @@
+"""The shard reader (htr_dist.data.shards.tar_samples) against webdataset's and Python's own tar readers."""
+
+import io
+import os
+import tarfile
+
+import pytest
+import webdataset as wds
+
+from htr_dist.data.shards import ShardReadError, tar_samples
+
+
+def _write_tar(path, members, fmt):
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 1700000000.5  # a float mtime: PAX writes a header for it
+            tar.addfile(info, io.BytesIO(data))
+        d = tarfile.TarInfo("adir")
+        d.type = tarfile.DIRTYPE
+        tar.addfile(d)  # not a regular file: skipped by both readers
+
+
+def _members():
+    long_dir = "d" * 120  # > 100 bytes: ustar prefix, GNU long name or PAX path by format
+    out = []
+    for i in range(5):
+        key = f"{long_dir}/line-{i:03d}" if i % 2 else f"k{i}"
+        out += [(f"{key}.png", bytes([i]) * (100 + 700 * i)), (f"{key}.txt", f"text {i} é".encode()),
+                (f"{key}.seg.json", b"{}")]
+    return out
+
+
+def _raise(exn):
+    raise exn
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_same_samples_as_webdataset(tmp_path, fmt):
+    path = str(tmp_path / "s.tar")
+    _write_tar(path, _members(), fmt)
+    ours = list(tar_samples([{"url": path}], handler=_raise))
+    theirs = [{k: v for k, v in s.items() if not k.startswith("__local")}
+              for s in wds.tarfile_to_samples()([{"url": path}])]
+    assert len(ours) == 5 and ours == theirs
+    assert ours[1]["__key__"] == "d" * 120 + "/line-001" and set(ours[1]) == {"__key__", "__url__", "png", "txt",
+                                                                                "seg.json"}
+
+
+def _tar_bytes(members):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _read_all(path):
+    problems = []
+    samples = list(tar_samples([{"url": str(path)}, {"url": str(path) + ".missing"}],
+                               handler=lambda e: problems.append(e) or True))
+    return samples, problems
+
+
+def test_truncated_corrupt_and_missing_shards_reach_the_handler(tmp_path):
+    data = _tar_bytes([("a.txt", b"1"), ("a.png", b"x" * 600), ("b.txt", b"2"), ("b.png", b"y" * 600)])
+    cut = tmp_path / "cut.tar"
+    # blocks: a.txt header, data | a.png header, 2 data | b.txt header (byte 2560), data | b.png header, data (4096)
+    cut.write_bytes(data[: 4096 + 100])  # inside b.png's data: b comes without png
+    samples, problems = _read_all(cut)
+    assert [s["__key__"] for s in samples] == ["a", "b"] and set(samples[1]) == {"__key__", "__url__", "txt"}
+    assert "truncated tar member" in str(problems[0]) and str(cut) in str(problems[0])
+    assert isinstance(problems[1], FileNotFoundError) and len(problems) == 2
+
+    bad = bytearray(data)
+    bad[2560 + 3] ^= 0xFF  # a byte of b.txt's name, in its header
+    (tmp_path / "bad.tar").write_bytes(bytes(bad))
+    samples, problems = _read_all(tmp_path / "bad.tar")
+    assert [s["__key__"] for s in samples] == ["a"] and "checksum mismatch at byte 2560" in str(problems[0])
+
+    (tmp_path / "dup.tar").write_bytes(_tar_bytes([("a.txt", b"1"), ("a.txt", b"2")]))
+    samples, problems = _read_all(tmp_path / "dup.tar")
+    assert [s["txt"] for s in samples] == [b"1"] and "a.txt appears twice in sample a" in str(problems[0])
+
+
+def test_a_handler_that_declines_reraises(tmp_path):
+    (tmp_path / "cut.tar").write_bytes(_tar_bytes([("a.txt", b"1" * 2000)])[:1000])
+    with pytest.raises(ShardReadError, match="cut.tar: truncated"):
+        list(tar_samples([{"url": str(tmp_path / "cut.tar")}], handler=lambda e: False))
+
+
+def test_stream_without_end_blocks_and_real_shard_layout(tmp_path):
+    data = _tar_bytes([("k.txt", b"t"), ("k.png", b"p")])
+    (tmp_path / "noend.tar").write_bytes(data[: 512 * 4])  # the two members without tarfile's end-of-archive blocks
+    samples, problems = _read_all(tmp_path / "noend.tar")
+    assert samples == [{"__key__": "k", "__url__": str(tmp_path / "noend.tar"), "txt": b"t", "png": b"p"}]
+    assert len(problems) == 1 and not os.path.exists(str(tmp_path / "noend.tar") + ".missing")
