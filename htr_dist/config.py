@@ -174,8 +174,9 @@ class DistConfig:
     """The frozen LLM's weights and compute: ``auto`` (= ``precision``), ``fp32`` or ``bf16``. bf16 halves the bytes
     that ZeRO-3/FSDP gather every step, which pays off on CPU ranks even where bf16 compute does not."""
     shm_allgather: bool = True
-    """Strategy ``deepspeed`` with CPU ranks that all run on one machine: ZeRO-3 gathers the LLM's parameters through
-    shared memory (``/dev/shm``) instead of gloo's loopback TCP. Ignored on GPUs and across machines."""
+    """Strategies ``fsdp`` and ``deepspeed`` with CPU ranks that all run on one machine: FSDP2 and ZeRO-3 gather the
+    LLM's parameters through shared memory (``/dev/shm``) instead of gloo's loopback TCP. Ignored on GPUs and across
+    machines."""
 
 
 @dataclass

@@ -70,11 +70,7 @@ def check(out_path, overrides):
     weights_equal = all(torch.equal(weights, w) for w in dist_env.all_gather_objects(weights))
     after = llm_checksum(strategy.teacher)
     calls = dist_env.all_gather_objects(llm_calls)
-    shm_calls = 0
-    if cfg.dist.strategy == "deepspeed":  # all-gathers served through shared memory (dist.shm_allgather)
-        from deepspeed import comm as ds_comm
-
-        shm_calls = sum(g.calls for g in (getattr(ds_comm.comm.cdb, "_htr_shm", None) or {}).values())
+    shm_calls = strategy.shm_gather_calls()  # all-gathers served through shared memory (dist.shm_allgather)
     if env.is_main:
         with open(out_path, "w") as f:
             json.dump({"losses": losses_seen, "grads_equal": grads_equal, "weights_equal": weights_equal,

@@ -48,7 +48,8 @@ def test_strategy_two_ranks_different_batch_sizes(strategy, llm_precision, tiny_
     res = json.load(open(out))
     if strategy == "deepspeed":
         assert proc.shm_left == []  # no RAM left behind in /dev/shm
-        assert res["shm_calls"] > 0  # ZeRO-3 gathered through shared memory (both ranks are local)
+    # ZeRO-3 and FSDP2 gathered through shared memory (both ranks are local); DDP gathers nothing
+    assert (res["shm_calls"] > 0) == (strategy != "ddp")
     assert res["llm_calls"] == [3, 3]
     assert all(math.isfinite(l["total"]) and l["llm"] > 0 for l in res["losses"])
     assert res["weights_equal"] is True
@@ -63,6 +64,24 @@ def test_strategy_two_ranks_different_batch_sizes(strategy, llm_precision, tiny_
         assert res["held"] > res["full"]  # every parameter persists whole, and its partition is kept as well
     else:
         assert 0 < res["held"] < res["full"]  # sharded: a part on each rank
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
+def test_shared_memory_gathers_change_no_number(strategy, tiny_overrides, tmp_path):
+    """The same 2-rank steps with the LLM gathered through gloo and through /dev/shm give the same losses, bit for
+    bit (a wrong offset or a stale buffer would change the LLM loss)."""
+    results = {}
+    for shm in ("false", "true"):
+        out = str(tmp_path / f"result-{shm}.json")
+        args = [out] + tiny_overrides + [f"dist.strategy={strategy}", "train.llm_sample_ratio=0.5",
+                                         f"dist.shm_allgather={shm}"]
+        launch = deepspeed_launch if strategy == "deepspeed" else torchrun
+        proc = launch(os.path.join(ROOT, "tests", "_dist_check.py"), args)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        results[shm] = json.load(open(out))
+    assert results["false"]["shm_calls"] == 0 and results["true"]["shm_calls"] > 0
+    assert results["true"]["losses"] == results["false"]["losses"]
+    assert not glob.glob("/dev/shm/htr-dist-*")
 
 
 def read_scalars(tb_dir):

@@ -11,6 +11,10 @@ same buffer.
 
 The files are unlinked as soon as every rank has mapped them, so nothing is left in ``/dev/shm`` even if a rank dies.
 The buffers grow to the largest part seen (every rank sees the same sizes: the inputs of an all-gather are equal).
+
+Two users: DeepSpeed (:func:`install_for_deepspeed` wraps its backend's ``all_gather_into_tensor``) and FSDP2
+(:func:`install_for_fsdp` gives the sharded modules a custom all-gather through ``FSDPModule.set_custom_all_gather``).
+Both issue their gathers in the same order on every rank, and a gather returns only when its output is complete.
 """
 
 from __future__ import annotations
@@ -24,6 +28,11 @@ import torch
 import torch.distributed as tdist
 
 log = logging.getLogger(__name__)
+
+try:  # FSDP2's interface for a custom all-gather (torch >= 2.9); older torch gathers through the process group
+    from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather as _FSDPAllGather
+except ImportError:  # pragma: no cover - depends on the installed torch
+    _FSDPAllGather = None
 
 SHM_DIR = "/dev/shm"
 
@@ -121,3 +130,39 @@ def install_for_deepspeed() -> None:
     backend.all_gather_into_tensor = all_gather_into_tensor
     backend._htr_shm = gathers
     log.info("DeepSpeed all-gathers of CPU tensors go through shared memory (%s)", SHM_DIR)
+
+
+class FSDPShmAllGather(_FSDPAllGather or object):
+    """FSDP2's all-gather (``allocate`` the output, then gather into it) through a :class:`ShmAllGather`.
+
+    The gather is complete when the call returns, so there is no work handle to wait on (FSDP accepts ``None``).
+    A call it cannot serve goes to the process group, as FSDP's default would.
+    """
+
+    def __init__(self, group):
+        self.group = group
+        self.gather = ShmAllGather(group)
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group, async_op: bool = False):
+        if not self.gather.handles(output_tensor, input_tensor, group):
+            return tdist.all_gather_into_tensor(output_tensor, input_tensor, group=group, async_op=async_op)
+        self.gather(output_tensor, input_tensor)
+        return None
+
+
+def install_for_fsdp(modules, group) -> Optional[FSDPShmAllGather]:
+    """Make the FSDP2 modules (``fully_shard`` results on one mesh) gather through shared memory; returns the
+    gatherer they share, or None (with a log line) where the installed torch has no custom all-gather hook."""
+    modules = list(modules)
+    if _FSDPAllGather is None or not all(hasattr(m, "set_custom_all_gather") for m in modules):
+        log.info("this torch has no FSDPModule.set_custom_all_gather: FSDP gathers through %s",
+                 tdist.get_backend(group))
+        return None
+    comm = FSDPShmAllGather(group)
+    for module in modules:
+        module.set_custom_all_gather(comm)
+    log.info("FSDP all-gathers of CPU tensors go through shared memory (%s)", SHM_DIR)
+    return comm

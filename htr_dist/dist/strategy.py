@@ -9,8 +9,10 @@ The trainable part (backbone, heads, connector) and the frozen LLM teacher are w
                  ``HfDeepSpeedConfig`` (so it is partitioned while loading) and wrapped as a ZeRO-3 engine without an
                  optimizer (``dist.llm_deepspeed_config``, optionally offloaded). The teacher is that engine's
                  ``.module``: DeepSpeed >= 0.18.3 refuses backward through ``llm_engine(...)`` itself, while the ZeRO-3
-                 gather/release hooks live on the module, so gradients still reach the connector. CPU ranks on one
-                 machine gather through shared memory (``dist.shm_allgather``, htr_dist.dist.shm_gather).
+                 gather/release hooks live on the module, so gradients still reach the connector.
+
+With ``fsdp`` and ``deepspeed``, CPU ranks that all run on one machine gather the LLM's parameters through shared memory
+(``dist.shm_allgather``, htr_dist.dist.shm_gather) instead of gloo's loopback TCP.
 
 Every strategy exposes the same small API to the training loop: ``model``, ``teacher``, ``backward``, ``step``,
 ``lr``, ``save`` / ``load`` and ``module`` (the unwrapped trainable model).
@@ -28,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from htr_dist.dist.env import DistEnv, attn_implementation, ranks_share_memory
-from htr_dist.dist.shm_gather import install_for_deepspeed
+from htr_dist.dist.shm_gather import install_for_deepspeed, install_for_fsdp
 from htr_dist.models.htr import HTRModel
 from htr_dist.models.llm import PrefixLM, load_causal_lm, load_tokenizer
 from htr_dist.train.optim import build_optimizer, build_scheduler
@@ -68,6 +70,7 @@ class Strategy:
     """DDP for the trainable part; subclasses decide how the teacher is held."""
 
     name = "ddp"
+    shm_gather = None  # the FSDP shared-memory gatherer, when installed
 
     def __init__(self, cfg, env: DistEnv, model: HTRModel, total_steps: int):
         self.cfg, self.env = cfg, env
@@ -118,6 +121,10 @@ class Strategy:
         return self.optimizer.param_groups[0]["lr"]
 
     # -- checkpoints: a folder per checkpoint; rank 0 writes one file ------------------------------------------
+    def shm_gather_calls(self) -> int:
+        """All-gathers this rank served through shared memory (``dist.shm_allgather``) so far."""
+        return self.shm_gather.gather.calls if self.shm_gather is not None else 0
+
     def save(self, folder: str, client_state: dict) -> None:
         if self.env.is_main:
             os.makedirs(folder, exist_ok=True)
@@ -156,6 +163,8 @@ class FSDPStrategy(Strategy):
             fully_shard(layer, **kwargs)
         fully_shard(teacher, **kwargs)
         # fully_shard moved each parameter's local shard to the mesh device; the full copies are freed.
+        if self.cfg.dist.shm_allgather and self.env.device.type == "cpu" and ranks_share_memory():
+            self.shm_gather = install_for_fsdp([*lm.base_model.layers, teacher], mesh.get_group())
         return teacher
 
 
@@ -245,6 +254,11 @@ class DeepSpeedStrategy(Strategy):
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def shm_gather_calls(self) -> int:
+        from deepspeed import comm as ds_comm
+
+        return sum(g.calls for g in (getattr(ds_comm.comm.cdb, "_htr_shm", None) or {}).values())
 
     def save(self, folder: str, client_state: dict) -> None:
         parent, tag = os.path.split(folder)
