@@ -97,3 +97,14 @@ def test_stream_without_end_blocks_and_real_shard_layout(tmp_path):
     samples, problems = _read_all(tmp_path / "noend.tar")
     assert samples == [{"__key__": "k", "__url__": str(tmp_path / "noend.tar"), "txt": b"t", "png": b"p"}]
     assert len(problems) == 1 and not os.path.exists(str(tmp_path / "noend.tar") + ".missing")
+
+
+def test_signed_header_checksum_is_accepted(tmp_path):
+    data = bytearray(_tar_bytes([("é.txt", b"1")]))  # a name byte above 127: signed and unsigned sums differ
+    header = bytes(data[:512])
+    signed = sum(b - 256 if b > 127 else b for b in header[:148] + header[156:]) + 256
+    data[148:156] = b"%06o\0 " % signed  # as an old tar program that sums signed bytes writes it
+    (tmp_path / "signed.tar").write_bytes(bytes(data))
+    assert tarfile.open(tmp_path / "signed.tar").getnames() == ["é.txt"]  # Python's reader agrees
+    samples, problems = _read_all(tmp_path / "signed.tar")
+    assert [s["__key__"] for s in samples] == ["é"] and len(problems) == 1  # only the .missing shard
