@@ -83,16 +83,16 @@ def augment_preprocess(img: np.ndarray, height: int, width: int, rng: np.random.
     jitter = rng.uniform(0.0, 0.03) * h if rng.random() < 0.5 else 0.0
     pil = Image.fromarray(img).transform((width, height), Image.MESH, _mesh(inv, height, width, rng, jitter=jitter),
                                          Image.BILINEAR, fillcolor=PAPER)
-    ink = np.asarray(pil, dtype=np.uint8)
+    gray = np.asarray(pil, dtype=np.uint8)
     r = rng.random()
     if r < 0.25:
-        ink = morph3(ink, np.minimum)  # thicker (dark) ink: dilation of the strokes
+        gray = morph3(gray, np.minimum)  # thicker (dark) ink: dilation of the strokes
     elif r < 0.5:
-        ink = morph3(ink, np.maximum)  # thinner ink: erosion
+        gray = morph3(gray, np.maximum)  # thinner ink: erosion
     gamma = math.exp(rng.uniform(-0.4, 0.4))
     contrast = rng.uniform(0.7, 1.2)  # of the ink
     brightness = rng.uniform(-0.05, 0.1)  # of the paper
-    return photometric_lut(gamma, contrast, brightness)[ink]
+    return photometric_lut(gamma, contrast, brightness)[gray]
 
 
 def morph3(img: np.ndarray, op) -> np.ndarray:
