@@ -97,13 +97,18 @@ EXPECTED_TAGS = {"train/loss_total", "train/loss_ctc", "train/loss_ctc_shortcut"
                  "perf/mem_peak", "data/skipped", "val/cer", "val/wer"}
 
 
-@pytest.mark.parametrize("launcher, strategy", [("torchrun", "fsdp"), ("deepspeed", "deepspeed")])
-def test_train_script_two_ranks(launcher, strategy, tiny_overrides, tmp_path):
-    """launch/train.py end to end: TensorBoard scalars, checkpoints (last k), export, then an exact resume."""
+@pytest.mark.parametrize("launcher, strategy, trainable_zero", [("torchrun", "fsdp", None),
+                                                                 ("deepspeed", "deepspeed", 2),
+                                                                 ("deepspeed", "deepspeed", 0)])
+def test_train_script_two_ranks(launcher, strategy, trainable_zero, tiny_overrides, tmp_path):
+    """launch/train.py end to end: TensorBoard scalars, checkpoints (last k), export, then an exact resume. DeepSpeed
+    with the trainable part at ZeRO-2 (the production configs) and at ZeRO-0 (the demo's)."""
     run = str(tmp_path / "run")
     args = ["--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml")] + tiny_overrides + [
         f"dist.strategy={strategy}", "train.max_steps=6", "train.save_every=2", "train.keep_last=2",
         "train.eval_every=3", "train.batch_size=3", f"run.dir={run}"]
+    if trainable_zero is not None:
+        args.append(f"dist.deepspeed_config=configs/deepspeed/trainable_zero{trainable_zero}.json")
     launch = deepspeed_launch if launcher == "deepspeed" else torchrun
     proc = launch(os.path.join(ROOT, "launch", "train.py"), args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -111,6 +116,7 @@ def test_train_script_two_ranks(launcher, strategy, tiny_overrides, tmp_path):
     assert EXPECTED_TAGS <= set(scalars)
     assert len(scalars["train/loss_total"]) == 6 and all(math.isfinite(v) for v in scalars["train/loss_total"])
     assert scalars["train/loss_llm"][0] > 0
+    assert all(math.isfinite(v) and v > 0 for v in scalars["train/grad_norm"])  # measured, whoever clips
     assert len(scalars["val/cer"]) == 2  # at step 3 and at the end
     assert "val/line_0" in acc.Tags()["images"]
     ckpts = sorted(os.listdir(os.path.join(run, "checkpoints")))

@@ -66,6 +66,12 @@ def llm_param_bytes_full(teacher: Optional[nn.Module]) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in teacher.parameters())
 
 
+def grad_norm(module: nn.Module) -> float:
+    """2-norm of all the gradients of ``module``'s trainable parameters (0 when there are none yet)."""
+    norms = [torch.linalg.vector_norm(p.grad.float()) for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
 class Strategy:
     """DDP for the trainable part; subclasses decide how the teacher is held."""
 
@@ -248,9 +254,14 @@ class DeepSpeedStrategy(Strategy):
             self.model.step()
 
     def step(self) -> float:
+        # ZeRO 1/2 report the norm they clip with; at stage 0 the engine clips without keeping it, so measure it here
+        # (the gradients are already averaged over the ranks) rather than log a made-up value.
+        own = grad_norm(self.module) if self.model.zero_optimization_stage() == 0 else None
         self.model.step()
         norm = self.model.get_global_grad_norm()
-        return float(norm) if norm is not None else 0.0
+        if norm is None:
+            norm = own if own is not None else float("nan")
+        return float(norm)
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
