@@ -84,6 +84,16 @@ def test_shared_memory_gathers_change_no_number(strategy, tiny_overrides, tmp_pa
     assert not glob.glob("/dev/shm/htr-dist-*")
 
 
+def test_deepspeed_one_rank_leaves_no_shared_memory(tiny_overrides, tmp_path):
+    """At one rank DeepSpeed makes its process group, and its 69 MB /dev/shm file, only inside deepspeed.initialize."""
+    out = str(tmp_path / "result.json")
+    proc = deepspeed_launch(os.path.join(ROOT, "tests", "_dist_check.py"), [out] + tiny_overrides + [
+        "dist.strategy=deepspeed", "train.llm_sample_ratio=0.5"], nproc=1)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.shm_left == []
+    assert json.load(open(out))["llm_calls"] == [3]
+
+
 def read_scalars(tb_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -178,7 +178,7 @@ def init_distributed(timeout_s: int = 1800, use_deepspeed: bool = False, precisi
 
             deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # adopts an existing process group
             if device.type == "cpu":
-                _unlink_deepspeed_shm(rank)
+                unlink_deepspeed_shm(rank)
         elif store is None:
             tdist.init_process_group(backend=backend, timeout=timeout)
     if device.type == "cpu":
@@ -222,14 +222,17 @@ def tune_cpu_allocator() -> bool:
     return done
 
 
-def _unlink_deepspeed_shm(rank: int) -> None:
+def unlink_deepspeed_shm(rank: int) -> None:
     """Remove the name of the shared-memory file DeepSpeed's CPU backend made for this rank.
 
     When the launcher says that every rank is local, DeepSpeed maps a 69 MB file per rank in /dev/shm (for an
     all-reduce that htr-dist does not use) and never removes it: every run left 2 x 69 MB of RAM behind (9.8 GB after
     a day of tests here). Once every rank has mapped every file (DeepSpeed maps its peers' before it returns, hence
-    the barrier), each rank unlinks its own; the memory is freed when the processes end.
+    the barrier), each rank unlinks its own; the memory is freed when the processes end. At one rank DeepSpeed makes
+    its process group (and the file) itself, later: the DeepSpeed strategy calls this again once its engines exist.
     """
+    if not tdist.is_initialized():
+        return
     tdist.barrier()
     name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(os.getuid(), os.environ.get("MASTER_ADDR", ""),
                                                           os.environ.get("MASTER_PORT", ""), rank)

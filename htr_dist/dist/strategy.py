@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from htr_dist.dist.env import DistEnv, attn_implementation, ranks_share_memory
+from htr_dist.dist.env import DistEnv, attn_implementation, ranks_share_memory, unlink_deepspeed_shm
 from htr_dist.dist.shm_gather import install_for_deepspeed, install_for_fsdp
 from htr_dist.models.htr import HTRModel
 from htr_dist.models.llm import PrefixLM, load_causal_lm, load_tokenizer
@@ -194,6 +194,8 @@ class DeepSpeedStrategy(Strategy):
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
             model_parameters=[p for p in self.module.parameters() if p.requires_grad])
+        if env.device.type == "cpu":
+            unlink_deepspeed_shm(env.rank)  # at one rank, DeepSpeed has only now made its /dev/shm file
         self._last_norm = 0.0
 
     def _read(self, path: str) -> dict:
