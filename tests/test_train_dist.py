@@ -30,22 +30,28 @@ def deepspeed_launch(script, args, nproc=2, timeout=300):
     return proc
 
 
+def run_dist_check(strategy, args, nproc=2):
+    """tests/_dist_check.py under the launcher of ``strategy``; (finished process, the JSON it wrote). ``args`` start
+    with the output path."""
+    launch = deepspeed_launch if strategy == "deepspeed" else torchrun
+    proc = launch(os.path.join(ROOT, "tests", "_dist_check.py"), args + [f"dist.strategy={strategy}"], nproc=nproc)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(args[0]) as f:
+        return proc, json.load(f)
+
+
 @pytest.mark.parametrize("strategy, llm_precision", [("ddp", "auto"), ("fsdp", "auto"), ("deepspeed", "auto"),
                                                      ("fsdp", "bf16"), ("deepspeed", "bf16")])
 def test_strategy_two_ranks_different_batch_sizes(strategy, llm_precision, tiny_overrides, tmp_path):
     """Every strategy, and the sharded ones with a bf16 LLM under an fp32 trainable part (what the demo runs)."""
     out = str(tmp_path / "result.json")
-    args = [out] + tiny_overrides + [f"dist.strategy={strategy}", "train.llm_sample_ratio=0.5",
-                                     f"dist.llm_precision={llm_precision}"]
+    args = [out] + tiny_overrides + ["train.llm_sample_ratio=0.5", f"dist.llm_precision={llm_precision}"]
     # The demo's ZeRO-3 config: whole-module fetches, and parameters up to 3e7 elements (SmolLM2's tied embedding;
     # here the whole tiny LLM) kept whole on every rank.
     demo_zero3 = strategy == "deepspeed" and llm_precision == "bf16"
     if demo_zero3:
         args.append("dist.llm_deepspeed_config=configs/deepspeed/llm_zero3_smollm2.json")
-    launch = deepspeed_launch if strategy == "deepspeed" else torchrun
-    proc = launch(os.path.join(ROOT, "tests", "_dist_check.py"), args)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = json.load(open(out))
+    proc, res = run_dist_check(strategy, args)
     if strategy == "deepspeed":
         assert proc.shm_left == []  # no RAM left behind in /dev/shm
     # ZeRO-3 and FSDP2 gathered through shared memory (both ranks are local); DDP gathers nothing
@@ -72,13 +78,9 @@ def test_shared_memory_gathers_change_no_number(strategy, tiny_overrides, tmp_pa
     bit (a wrong offset or a stale buffer would change the LLM loss)."""
     results = {}
     for shm in ("false", "true"):
-        out = str(tmp_path / f"result-{shm}.json")
-        args = [out] + tiny_overrides + [f"dist.strategy={strategy}", "train.llm_sample_ratio=0.5",
-                                         f"dist.shm_allgather={shm}"]
-        launch = deepspeed_launch if strategy == "deepspeed" else torchrun
-        proc = launch(os.path.join(ROOT, "tests", "_dist_check.py"), args)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        results[shm] = json.load(open(out))
+        args = [str(tmp_path / f"result-{shm}.json")] + tiny_overrides + ["train.llm_sample_ratio=0.5",
+                                                                         f"dist.shm_allgather={shm}"]
+        results[shm] = run_dist_check(strategy, args)[1]
     assert results["false"]["shm_calls"] == 0 and results["true"]["shm_calls"] > 0
     assert results["true"]["losses"] == results["false"]["losses"]
     assert not glob.glob("/dev/shm/htr-dist-*")
@@ -86,12 +88,10 @@ def test_shared_memory_gathers_change_no_number(strategy, tiny_overrides, tmp_pa
 
 def test_deepspeed_one_rank_leaves_no_shared_memory(tiny_overrides, tmp_path):
     """At one rank DeepSpeed makes its process group, and its 69 MB /dev/shm file, only inside deepspeed.initialize."""
-    out = str(tmp_path / "result.json")
-    proc = deepspeed_launch(os.path.join(ROOT, "tests", "_dist_check.py"), [out] + tiny_overrides + [
-        "dist.strategy=deepspeed", "train.llm_sample_ratio=0.5"], nproc=1)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    args = [str(tmp_path / "result.json")] + tiny_overrides + ["train.llm_sample_ratio=0.5"]
+    proc, res = run_dist_check("deepspeed", args, nproc=1)
     assert proc.shm_left == []
-    assert json.load(open(out))["llm_calls"] == [3]
+    assert res["llm_calls"] == [3]
 
 
 def read_scalars(tb_dir):

@@ -241,7 +241,7 @@ def tar_samples(sources: Iterable[dict], handler: Callable[[Exception], bool]) -
                     elif ext in sample:
                         raise ShardReadError(f"{url}: member {name} appears twice in sample {key}")
                     sample[ext] = data
-        except (OSError, ShardReadError, UnicodeDecodeError, ValueError) as exn:
+        except (OSError, ValueError) as exn:  # ShardReadError and UnicodeDecodeError are ValueErrors
             if not handler(exn):
                 raise
         if sample is not None:

@@ -126,11 +126,11 @@ class Strategy:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    # -- checkpoints: a folder per checkpoint; rank 0 writes one file ------------------------------------------
     def shm_gather_calls(self) -> int:
         """All-gathers this rank served through shared memory (``dist.shm_allgather``) so far."""
         return self.shm_gather.gather.calls if self.shm_gather is not None else 0
 
+    # -- checkpoints: a folder per checkpoint; rank 0 writes one file ------------------------------------------
     def save(self, folder: str, client_state: dict) -> None:
         if self.env.is_main:
             os.makedirs(folder, exist_ok=True)
@@ -196,7 +196,6 @@ class DeepSpeedStrategy(Strategy):
             model_parameters=[p for p in self.module.parameters() if p.requires_grad])
         if env.device.type == "cpu":
             unlink_deepspeed_shm(env.rank)  # at one rank, DeepSpeed has only now made its /dev/shm file
-        self._last_norm = 0.0
 
     def _read(self, path: str) -> dict:
         try:
