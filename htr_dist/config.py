@@ -117,7 +117,11 @@ class TrainConfig:
     llm_sample_ratio: float = 0.125
     """Fraction of each micro-batch sent through the LLM: ``k = max(1, round(ratio * batch))`` lines, so 0.125 = 1/8."""
     llm_loss_weight: float = 1.0
-    """alpha in ``L = L_ctc + alpha * L_llm``."""
+    """alpha in ``L = L_ctc + alpha * L_llm`` (``L_llm`` is the mean cross-entropy per transcription token)."""
+    ctc_reduction: str = "line"
+    """``line``: ``L_ctc`` is each line's CTC negative log-likelihood averaged over the lines, as the reference
+    system (``sum / batch_size``); ``char``: each line's is divided by its length first (PyTorch's ``mean``), which
+    divides ``L_ctc`` by about the mean line length (~40 characters on IAM) and so weights ``L_llm`` that much more."""
     lr: float = 1e-3
     """Peak learning rate of AdamW."""
     weight_decay: float = 5e-5
@@ -206,6 +210,7 @@ _CHOICES = {
     "arch.head_type": ("both", "rnn", "cnn"),
     "arch.rnn_type": ("lstm", "gru"),
     "train.schedule": ("multistep", "cosine"),
+    "train.ctc_reduction": ("line", "char"),
     "dist.precision": ("auto", "fp32", "bf16"),
     "dist.llm_precision": ("auto", "fp32", "bf16"),
     "dist.strategy": ("ddp", "fsdp", "deepspeed"),

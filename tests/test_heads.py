@@ -54,18 +54,26 @@ def test_shortcut_is_a_1x3_convolution_over_time():
     assert (diff[4:7] > 0).all() and diff[:4].max() == 0 and diff[7:].max() == 0
 
 
-def test_ctc_loss_is_finite_and_normalised_like_torch_mean():
+@pytest.mark.parametrize("reduction", ["line", "char"])
+def test_ctc_loss_reductions(reduction):
     torch.manual_seed(0)
     logits = torch.randn(20, 3, 6, requires_grad=True)  # (T, B, C)
     targets = torch.tensor([1, 2, 3, 4, 5, 1, 1, 2])
     lengths = torch.tensor([3, 2, 3])
-    loss = ctc_loss(logits, targets, lengths)
+    loss = ctc_loss(logits, targets, lengths, reduction)
     assert torch.isfinite(loss) and loss > 0
-    ref = torch.nn.functional.ctc_loss(logits.log_softmax(-1), targets, torch.full((3,), 20), lengths,
-                                       reduction="none")
-    assert torch.allclose(loss, (ref / lengths).mean())  # per line, divided by its target length, batch mean
+    per_line = torch.nn.functional.ctc_loss(logits.log_softmax(-1), targets, torch.full((3,), 20), lengths,
+                                            reduction="none")  # each line's negative log-likelihood
+    # line: the reference's sum / batch size; char: each line divided by its target length first (torch's mean)
+    expected = per_line.mean() if reduction == "line" else (per_line / lengths).mean()
+    assert torch.allclose(loss, expected)
     loss.backward()
     assert torch.isfinite(logits.grad).all()
     # an impossible alignment (target longer than the frames) is zeroed, not inf
     short = torch.randn(2, 1, 6)
-    assert ctc_loss(short, torch.tensor([1, 2, 3]), torch.tensor([3])) == 0
+    assert ctc_loss(short, torch.tensor([1, 2, 3]), torch.tensor([3]), reduction) == 0
+
+
+def test_ctc_loss_rejects_an_unknown_reduction():
+    with pytest.raises(ValueError, match="'sum'"):
+        ctc_loss(torch.randn(4, 1, 3), torch.tensor([1]), torch.tensor([1]), "sum")

@@ -75,13 +75,22 @@ def sample_llm_index(batch_size: int, ratio: float, generator: Optional[torch.Ge
     return torch.randperm(batch_size, generator=generator)[:k].sort().values
 
 
-def ctc_loss(logits: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor:
-    """CTC (blank 0, ``zero_infinity``) on (T, B, C) logits, in fp32 whatever the autocast dtype."""
+def ctc_loss(logits: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor,
+             reduction: str = "line") -> torch.Tensor:
+    """CTC (blank 0, ``zero_infinity``) on (T, B, C) logits, in fp32 whatever the autocast dtype.
+
+    ``reduction``: ``line`` = each line's negative log-likelihood, averaged over the lines (the reference system's
+    ``sum / batch_size``); ``char`` = each line's divided by its length first (PyTorch's ``mean``), which divides the
+    loss by about the mean line length (~40 characters on IAM).
+    """
+    if reduction not in ("line", "char"):
+        raise ValueError(f"ctc_loss: reduction {reduction!r} is not 'line' or 'char'")
     log_probs = logits.float().log_softmax(-1)
     t, b = log_probs.shape[:2]
     input_lengths = torch.full((b,), t, dtype=torch.long)
-    return F.ctc_loss(log_probs, targets.cpu(), input_lengths, target_lengths.cpu(), blank=0, reduction="mean",
-                      zero_infinity=True)
+    loss = F.ctc_loss(log_probs, targets.cpu(), input_lengths, target_lengths.cpu(), blank=0,
+                      reduction="sum" if reduction == "line" else "mean", zero_infinity=True)
+    return loss / b if reduction == "line" else loss
 
 
 def compute_losses(model, teacher, batch: dict, train_cfg, arch_cfg, generator: Optional[torch.Generator] = None,
@@ -96,10 +105,12 @@ def compute_losses(model, teacher, batch: dict, train_cfg, arch_cfg, generator: 
     use_llm = teacher is not None and train_cfg.use_llm
     index = sample_llm_index(images.shape[0], train_cfg.llm_sample_ratio, generator) if use_llm else None
     out = model(images, index.to(images.device) if use_llm else None)
-    losses = {"ctc": ctc_loss(out["ctc_logits"], batch["targets"], batch["target_lengths"])}
+    reduction = train_cfg.ctc_reduction
+    losses = {"ctc": ctc_loss(out["ctc_logits"], batch["targets"], batch["target_lengths"], reduction)}
     zero = losses["ctc"].new_zeros(())
     shortcut = out["shortcut_logits"]
-    losses["ctc_shortcut"] = ctc_loss(shortcut, batch["targets"], batch["target_lengths"]) if shortcut is not None \
+    losses["ctc_shortcut"] = ctc_loss(shortcut, batch["targets"], batch["target_lengths"], reduction) \
+        if shortcut is not None \
         else zero
     losses["llm"], llm_s = zero, 0.0
     if use_llm:
