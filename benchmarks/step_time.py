@@ -73,11 +73,11 @@ def make_batch(batch: int, height: int, width: int, line_chars: int, seed: int =
     }
 
 
-def load_teacher(name: str, cache_dir: str, dtype: torch.dtype = torch.float32):
+def load_teacher(name: str, cache_dir: str, dtype: torch.dtype = torch.float32, attn: str = "sdpa"):
     """The frozen PrefixLM teacher (SmolLM2-135M by default) with its weights in ``dtype``."""
     from htr_dist.models.llm import PrefixLM, load_causal_lm
 
-    lm, tokenizer = load_causal_lm(name, cache_dir, dtype=dtype)
+    lm, tokenizer = load_causal_lm(name, cache_dir, dtype=dtype, attn_implementation=attn)
     return PrefixLM(lm, tokenizer).eval()
 
 
@@ -211,6 +211,9 @@ def main(argv=None) -> None:
     parser.add_argument("--bf16", action="store_true", help="run the steps under CPU bf16 autocast")
     parser.add_argument("--llm-precision", choices=["fp32", "bf16"], default="fp32",
                         help="the teacher's weights and compute, as dist.llm_precision (default: fp32)")
+    parser.add_argument("--llm-attn", default="sdpa",
+                        help="the teacher's attention, as llm.attn_implementation (default: sdpa, what auto picks on "
+                             "the CPU); a comma-separated list adds llm_sampled_<attn> cases for the others")
     parser.add_argument("--only", default="", help="comma-separated subset of case names")
     parser.add_argument("--strategy", nargs="+", default=None, choices=["ddp", "fsdp", "deepspeed"],
                         help="strategy mode: time launch/train.py per strategy at 1 rank and at --nproc ranks")
@@ -227,12 +230,15 @@ def main(argv=None) -> None:
     dist_env.tune_cpu_allocator()  # as training does on the CPU (htr_dist.dist.env.init_distributed)
 
     llm_dtype = torch.bfloat16 if args.llm_precision == "bf16" else torch.float32
-    teacher = load_teacher(args.llm, args.llm_cache, llm_dtype) if args.llm else None
+    attns = [a for a in args.llm_attn.split(",") if a]
+    teachers = {a: load_teacher(args.llm, args.llm_cache, llm_dtype, a) for a in attns} if args.llm else {}
+    teacher = teachers.get(attns[0])
     specs = [
         ("reference_cnn", REFERENCE_CFG, None, 0.125),
         ("no_llm", ArchConfig().cnn_cfg, None, 0.125),
         ("seed_hybrid", SEED_CFG, None, 0.125),
         ("llm_sampled", ArchConfig().cnn_cfg, teacher, 0.125),
+        *[(f"llm_sampled_{a}", ArchConfig().cnn_cfg, teachers.get(a), 0.125) for a in attns[1:]],
         ("llm_all", ArchConfig().cnn_cfg, teacher, 1.0),
     ]
     only = set(filter(None, args.only.split(",")))
@@ -252,13 +258,16 @@ def main(argv=None) -> None:
 
     result = {"batch": args.batch, "height": args.height, "width": args.width, "threads": args.threads,
               "steps": args.steps, "warmup": args.warmup, "llm": args.llm or None, "bf16": args.bf16,
-              "llm_precision": args.llm_precision}
+              "llm_precision": args.llm_precision, "llm_attn": attns[0]}
     for case in cases:
         result[f"{case.name}_s"] = statistics.median(case.times)
         result[case.name] = {"min_s": min(case.times), "median_s": statistics.median(case.times),
                              "max_s": max(case.times), **reports[case.name]}
     if "llm_sampled_s" in result and "no_llm_s" in result:
         result["llm_overhead"] = result["llm_sampled_s"] / result["no_llm_s"]
+    for attn in attns[1:]:
+        if f"llm_sampled_{attn}_s" in result and "no_llm_s" in result:
+            result[f"llm_overhead_{attn}"] = result[f"llm_sampled_{attn}_s"] / result["no_llm_s"]
     print(json.dumps(result, indent=1))
 
 

@@ -19,6 +19,11 @@ def test_cpu_choices():
     assert dist_env.pick_dtype(cpu, "fp32") == torch.float32
     assert dist_env.pick_dtype(cpu, "bf16") == torch.bfloat16
     assert dist_env.attn_implementation(cpu) == "sdpa"
+    assert dist_env.attn_implementation(cpu, "eager") == "eager"
+    with pytest.raises(ValueError, match="flash_attention_2 needs CUDA"):
+        dist_env.attn_implementation(cpu, "flash_attention_2")
+    with pytest.raises(ValueError, match="'flash'"):
+        dist_env.attn_implementation(cpu, "flash")
 
 
 def test_cuda_choices_without_a_gpu():

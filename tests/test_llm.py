@@ -53,6 +53,21 @@ def test_load_from_folder_is_frozen_eval_and_config_needs_no_weights(tiny_llama)
     assert config.hidden_size == 64 and config.num_hidden_layers == 2
 
 
+def test_eager_and_sdpa_attention_give_the_same_loss_and_gradients(tiny_llama):
+    """llm.attn_implementation=eager (faster on the CPU at line lengths) computes what sdpa does, padding included."""
+    results = []
+    for attn in ("sdpa", "eager"):
+        lm, tok = load_causal_lm(tiny_llama, "/nonexistent-cache", dtype=torch.float32, attn_implementation=attn)
+        teacher = PrefixLM(lm, tok)
+        ids, mask = teacher.tokenize(["abc def", "a much longer line of text"])  # the first is padded
+        prefix = torch.randn(2, 5, teacher.hidden_size, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        loss = teacher(prefix, ids, mask)
+        loss.backward()
+        results.append((loss.detach(), prefix.grad))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-5)
+
+
 def test_missing_pad_token_becomes_eos_without_resizing(tiny_llama, tmp_path):
     folder = str(tmp_path / "nopad")
     shutil.copytree(tiny_llama, folder)

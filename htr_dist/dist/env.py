@@ -99,14 +99,23 @@ def pick_llm_dtype(device: torch.device, dtype: torch.dtype, llm_precision: str 
     return dtype if llm_precision == "auto" else pick_dtype(device, llm_precision, "dist.llm_precision")
 
 
-def attn_implementation(device: torch.device) -> str:
-    """flash-attn 2 where it is installed and the device is CUDA, else PyTorch SDPA (transformers does not fall back)."""
+def attn_implementation(device: torch.device, requested: str = "auto") -> str:
+    """``llm.attn_implementation`` -> what transformers gets. ``auto``: flash-attn 2 where it is installed and the
+    device is CUDA, else PyTorch SDPA. An explicit ``flash_attention_2`` that cannot run is an error here, at start-up
+    (transformers does not fall back)."""
+    if requested not in ("auto", "sdpa", "eager", "flash_attention_2"):
+        raise ValueError(f"llm.attn_implementation: {requested!r} is not one of auto, sdpa, eager, flash_attention_2")
+    flash = False
     if device.type == "cuda":
         from transformers.utils import is_flash_attn_2_available
 
-        if is_flash_attn_2_available():
-            return "flash_attention_2"
-    return "sdpa"
+        flash = is_flash_attn_2_available()
+    if requested == "auto":
+        return "flash_attention_2" if flash else "sdpa"
+    if requested == "flash_attention_2" and not flash:
+        raise ValueError(f"llm.attn_implementation=flash_attention_2 needs CUDA and the flash-attn package "
+                         f"(pip install .[flash]); this rank's device is {device}")
+    return requested
 
 
 def env_local_world_size() -> int:
