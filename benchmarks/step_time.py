@@ -211,9 +211,9 @@ def main(argv=None) -> None:
     parser.add_argument("--bf16", action="store_true", help="run the steps under CPU bf16 autocast")
     parser.add_argument("--llm-precision", choices=["fp32", "bf16"], default="fp32",
                         help="the teacher's weights and compute, as dist.llm_precision (default: fp32)")
-    parser.add_argument("--llm-attn", default="sdpa",
-                        help="the teacher's attention, as llm.attn_implementation (default: sdpa, what auto picks on "
-                             "the CPU); a comma-separated list adds llm_sampled_<attn> cases for the others")
+    parser.add_argument("--llm-attn", default="auto",
+                        help="the teacher's attention, as llm.attn_implementation (default: auto, sdpa on the CPU); "
+                             "a comma-separated list adds llm_sampled_<attn> cases for the others")
     parser.add_argument("--only", default="", help="comma-separated subset of case names")
     parser.add_argument("--strategy", nargs="+", default=None, choices=["ddp", "fsdp", "deepspeed"],
                         help="strategy mode: time launch/train.py per strategy at 1 rank and at --nproc ranks")
@@ -230,7 +230,8 @@ def main(argv=None) -> None:
     dist_env.tune_cpu_allocator()  # as training does on the CPU (htr_dist.dist.env.init_distributed)
 
     llm_dtype = torch.bfloat16 if args.llm_precision == "bf16" else torch.float32
-    attns = [a for a in args.llm_attn.split(",") if a]
+    # resolved and checked as training does: auto -> sdpa here, an unknown name is an error naming the key
+    attns = [dist_env.attn_implementation(torch.device("cpu"), a) for a in args.llm_attn.split(",")]
     teachers = {a: load_teacher(args.llm, args.llm_cache, llm_dtype, a) for a in attns} if args.llm else {}
     teacher = teachers.get(attns[0])
     specs = [

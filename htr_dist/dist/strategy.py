@@ -90,8 +90,9 @@ class Strategy:
     # -- building -----------------------------------------------------------------------------------------------
     def load_teacher_lm(self, device: Optional[str] = None):
         """The frozen LLM in ``env.llm_dtype``, on ``device`` (default: this rank's device), and its tokenizer."""
-        return load_causal_lm(self.cfg.llm.name_or_path, self.cfg.llm.cache_dir, self.env.llm_dtype,
-                              attn_implementation(self.env.device, self.cfg.llm.attn_implementation), device=device or str(self.env.device))
+        attn = attn_implementation(self.env.device, self.cfg.llm.attn_implementation)
+        return load_causal_lm(self.cfg.llm.name_or_path, self.cfg.llm.cache_dir, self.env.llm_dtype, attn,
+                              device=device or str(self.env.device))
 
     def build_teacher(self) -> nn.Module:
         lm, tokenizer = self.load_teacher_lm()

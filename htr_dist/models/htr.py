@@ -109,9 +109,8 @@ def compute_losses(model, teacher, batch: dict, train_cfg, arch_cfg, generator: 
     losses = {"ctc": ctc_loss(out["ctc_logits"], batch["targets"], batch["target_lengths"], reduction)}
     zero = losses["ctc"].new_zeros(())
     shortcut = out["shortcut_logits"]
-    losses["ctc_shortcut"] = ctc_loss(shortcut, batch["targets"], batch["target_lengths"], reduction) \
-        if shortcut is not None \
-        else zero
+    losses["ctc_shortcut"] = (ctc_loss(shortcut, batch["targets"], batch["target_lengths"], reduction)
+                              if shortcut is not None else zero)
     losses["llm"], llm_s = zero, 0.0
     if use_llm:
         start = time.perf_counter()
