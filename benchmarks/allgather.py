@@ -9,7 +9,6 @@ The default sizes are those of a SmolLM2-135M decoder layer in bf16 split over 2
 """
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -17,6 +16,7 @@ import time
 import torch
 
 from _ranks import finish_rank, set_rank_env, spawn_ranks
+from _report import reserve_stdout
 
 
 def worker(rank, world, port, sizes_mb, repeats, out):
@@ -67,8 +67,9 @@ def main(argv=None):
                    help="MB each rank contributes (default: 0.5 3.5 14)")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per size and method (default: 20)")
     args = p.parse_args(argv)
+    emit = reserve_stdout()
     report = spawn_ranks(worker, args.nproc, args.sizes_mb, args.repeats)
-    print(json.dumps({"nproc": args.nproc, "repeats": args.repeats, "sizes_mb": report}, indent=1))
+    emit({"nproc": args.nproc, "repeats": args.repeats, "sizes_mb": report})
     return 0
 
 

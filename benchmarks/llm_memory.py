@@ -12,13 +12,13 @@ llm_param_bytes_on_rank counts offloaded partitions as not held on the device.
 """
 
 import argparse
-import json
 import os
 import sys
 
 import torch
 
 from _ranks import finish_rank, set_rank_env, spawn_ranks
+from _report import reserve_stdout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STRATEGIES = {
@@ -80,6 +80,7 @@ def main(argv=None):
     p.add_argument("--nproc", type=int, default=2, help="ranks (default: 2)")
     p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), help="subset of " + " ".join(STRATEGIES))
     args = p.parse_args(argv)
+    emit = reserve_stdout()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     out = {"llm": args.llm, "nproc": args.nproc}
     full = None
@@ -93,7 +94,7 @@ def main(argv=None):
             out[name]["held_ratio"] = max(out[name]["held_bytes"]) / full
             out[name]["peak_ratio"] = max(out[name]["peak_bytes"]) / full
     out["full_bytes"] = full
-    print(json.dumps(out, indent=1))
+    emit(out)
     return 0
 
 

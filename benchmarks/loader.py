@@ -8,7 +8,6 @@ Variants are measured round-robin in one run (each repeat times every variant on
 import argparse
 import io
 import itertools
-import json
 import os
 import statistics
 import sys
@@ -25,6 +24,8 @@ from htr_dist.data.alphabet import Alphabet
 from htr_dist.data.pipeline import build_train_loader, shard_urls
 from htr_dist.data.shards import load_manifest
 from htr_dist.data.transforms import augment_preprocess, preprocess
+
+from _report import reserve_stdout  # benchmarks/, first on sys.path when run as a script
 
 
 class PngFolder(torch.utils.data.Dataset):
@@ -81,6 +82,7 @@ def main(argv=None):
     p.add_argument("--width", type=int, default=1024, help="input width (default: 1024)")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="worker counts (default: 0 1 2)")
     args = p.parse_args(argv)
+    emit = reserve_stdout()
     torch.set_num_threads(1)
     manifest = load_manifest(args.data)
     alphabet = Alphabet(manifest["alphabet"])
@@ -113,7 +115,7 @@ def main(argv=None):
         "settings": vars(args),
         "detail": detail,
     }
-    print(json.dumps(out, indent=1))
+    emit(out)
     return 0
 
 

@@ -2,8 +2,9 @@
 
 All configurations are built once and stepped round robin (one step of each in turn), so machine noise hits all of
 them alike. Prints one JSON object: min / median / max seconds per configuration, ``llm_overhead`` (median of
-``llm_sampled`` over median of ``no_llm``), parameter counts and forward MACs per line (FLOPs / 2, counted by
-``torch.utils.flop_counter.FlopCounterMode``).
+``llm_sampled`` over median of ``no_llm``) and ``llm_overhead_paired`` (min / median / max of the same ratio taken
+within each round, which cancels the machine's slow drift), parameter counts and forward MACs per line (FLOPs / 2,
+counted by ``torch.utils.flop_counter.FlopCounterMode``).
 
     .venv/bin/python benchmarks/step_time.py --steps 5 --warmup 1
 
@@ -17,7 +18,6 @@ Strategy mode times the real training script instead: ``perf/step_s`` of launch/
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -34,6 +34,8 @@ from htr_dist.dist import env as dist_env
 from htr_dist.dist.env import launcher_command
 from htr_dist.models.htr import HTRModel, compute_losses, count_parameters, num_llm_samples
 from htr_dist.train.optim import build_optimizer
+
+from _report import reserve_stdout  # benchmarks/, first on sys.path when run as a script
 
 REFERENCE_CFG = [[2, 64], "M", [3, 128], "M", [2, 256]]
 SEED_CFG = [[2, 64], "M", "mobilevit1", [4, 128], "M", "mobilevit2", [4, 256]]
@@ -223,8 +225,9 @@ def main(argv=None) -> None:
     parser.add_argument("--config", default="configs/demo.yaml", help="strategy mode: training config")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="strategy mode: extra config overrides")
     args = parser.parse_args(argv)
+    emit = reserve_stdout()
     if args.strategy:
-        print(json.dumps(strategy_mode(args), indent=1))
+        emit(strategy_mode(args))
         return
     torch.set_num_threads(args.threads)
     dist_env.tune_cpu_allocator()  # as training does on the CPU (htr_dist.dist.env.init_distributed)
@@ -264,12 +267,17 @@ def main(argv=None) -> None:
         result[f"{case.name}_s"] = statistics.median(case.times)
         result[case.name] = {"min_s": min(case.times), "median_s": statistics.median(case.times),
                              "max_s": max(case.times), **reports[case.name]}
-    if "llm_sampled_s" in result and "no_llm_s" in result:
-        result["llm_overhead"] = result["llm_sampled_s"] / result["no_llm_s"]
-    for attn in attns[1:]:
-        if f"llm_sampled_{attn}_s" in result and "no_llm_s" in result:
-            result[f"llm_overhead_{attn}"] = result[f"llm_sampled_{attn}_s"] / result["no_llm_s"]
-    print(json.dumps(result, indent=1))
+    by_name = {case.name: case.times for case in cases}
+    for suffix in ["", *[f"_{attn}" for attn in attns[1:]]]:
+        sampled = by_name.get(f"llm_sampled{suffix}")
+        if sampled and "no_llm" in by_name:
+            result[f"llm_overhead{suffix}"] = statistics.median(sampled) / statistics.median(by_name["no_llm"])
+            # the same ratio taken within each round, where both cases ran back to back: slow drift of the machine
+            # (other tenants, thermal state) cancels, which the ratio of the two medians does not do
+            paired = [a / b for a, b in zip(sampled, by_name["no_llm"])]
+            result[f"llm_overhead{suffix}_paired"] = {"min": min(paired), "median": statistics.median(paired),
+                                                      "max": max(paired)}
+    emit(result)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,42 @@
+"""The benchmarks print exactly one JSON object on stdout, whatever libraries and child processes write."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+
+
+def test_reserve_stdout_keeps_stdout_for_the_report():
+    # the three ways noise reached stdout: print, a write to descriptor 1 (C code, DeepSpeed's logger) and a child
+    code = "\n".join([
+        f"import os, subprocess, sys; sys.path.insert(0, {BENCH!r})",
+        "from _report import reserve_stdout",
+        "emit = reserve_stdout()",
+        "print('noise from print')",
+        "os.write(1, b'noise from fd 1\\n')",
+        "subprocess.run([sys.executable, '-c', 'print(\"noise from a child\")'], check=True)",
+        "emit({'answer': 42})",
+    ])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"answer": 42}
+    for noise in ("noise from print", "noise from fd 1", "noise from a child"):
+        assert noise in out.stderr
+
+
+def test_step_time_prints_one_json_object_with_paired_overhead(tiny_llama):
+    cmd = [sys.executable, os.path.join(BENCH, "step_time.py"), "--llm", tiny_llama, "--steps", "2", "--warmup", "0",
+           "--batch", "2", "--height", "32", "--width", "256", "--only", "no_llm,llm_sampled,llm_sampled_eager",
+           "--llm-attn", "auto,eager"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)  # the whole of stdout: progress and library logs went to stderr
+    assert "round 2/2" in out.stderr
+    assert result["llm_overhead"] == result["llm_sampled_s"] / result["no_llm_s"]
+    for key in ("llm_overhead_paired", "llm_overhead_eager_paired"):
+        paired = result[key]
+        assert 0 < paired["min"] <= paired["median"] <= paired["max"]
+    assert result["llm_sampled"]["llm_lines_per_step"] == 1
