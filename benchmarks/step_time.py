@@ -4,7 +4,9 @@ All configurations are built once and stepped round robin (one step of each in t
 them alike. Prints one JSON object: min / median / max seconds per configuration, ``llm_overhead`` (median of
 ``llm_sampled`` over median of ``no_llm``) and ``llm_overhead_paired`` (min / median / max of the same ratio taken
 within each round, which cancels the machine's slow drift), parameter counts and forward MACs per line (FLOPs / 2,
-counted by ``torch.utils.flop_counter.FlopCounterMode``).
+counted by ``torch.utils.flop_counter.FlopCounterMode``). ``--memory-format auto,channels_last,contiguous`` adds the
+three models without LLM in the other layouts, with ``<case>_<format>_paired_ratio`` (their step over the first
+layout's, per round).
 
     .venv/bin/python benchmarks/step_time.py --steps 5 --warmup 1
 
@@ -114,14 +116,15 @@ def forward_macs(module: torch.nn.Module, fn) -> int:
 class Case:
     """One configuration: its model, optimizer and (optional) teacher; ``step()`` returns the seconds taken."""
 
-    def __init__(self, name: str, cnn_cfg, args, teacher=None, ratio: float = 0.125):
+    def __init__(self, name: str, cnn_cfg, args, teacher=None, ratio: float = 0.125, channels_last: bool = True):
         self.name, self.teacher = name, teacher
         torch.manual_seed(0)
         self.arch = ArchConfig(cnn_cfg=cnn_cfg)
         self.train_cfg = TrainConfig(use_llm=teacher is not None, llm_sample_ratio=ratio)
         hidden = teacher.hidden_size if teacher is not None else None
         connector = ConnectorConfig(num_queries=args.num_queries or ConnectorConfig().num_queries)
-        self.model = HTRModel(self.arch, connector, len(CHARS) + 1, args.height, args.width, hidden).train()
+        self.model = HTRModel(self.arch, connector, len(CHARS) + 1, args.height, args.width, hidden,
+                              channels_last).train()
         self.opt = build_optimizer(self.model, self.train_cfg)  # what training uses
         self.generator = torch.Generator().manual_seed(0)
         self.times: list = []
@@ -159,6 +162,12 @@ class Case:
             out["llm_macs_per_llm_line"] = forward_macs(self.teacher, lambda: self.teacher(tokens, ids, mask))
         self.model.train()
         return out
+
+
+def paired_ratio(times: list, base: list) -> dict:
+    """Min / median / max of ``times[i] / base[i]``: steps of one round ran back to back, so drift cancels."""
+    ratios = [a / b for a, b in zip(times, base)]
+    return {"min": min(ratios), "median": statistics.median(ratios), "max": max(ratios)}
 
 
 def _train_step_seconds(args, strategy: str, nproc: int) -> list:
@@ -216,6 +225,10 @@ def main(argv=None) -> None:
     parser.add_argument("--llm-attn", default="auto",
                         help="the teacher's attention, as llm.attn_implementation (default: auto, sdpa on the CPU); "
                              "a comma-separated list adds llm_sampled_<attn> cases for the others")
+    parser.add_argument("--memory-format", default="auto",
+                        help="the backbone's layout, as dist.memory_format (default: auto); a comma-separated list "
+                             "adds <case>_<format> cases of the models without LLM for the others, and their "
+                             "per-round ratio to the first")
     parser.add_argument("--only", default="", help="comma-separated subset of case names")
     parser.add_argument("--strategy", nargs="+", default=None, choices=["ddp", "fsdp", "deepspeed"],
                         help="strategy mode: time launch/train.py per strategy at 1 rank and at --nproc ranks")
@@ -237,17 +250,20 @@ def main(argv=None) -> None:
     attns = [dist_env.attn_implementation(torch.device("cpu"), a) for a in args.llm_attn.split(",")]
     teachers = {a: load_teacher(args.llm, args.llm_cache, llm_dtype, a) for a in attns} if args.llm else {}
     teacher = teachers.get(attns[0])
+    formats = args.memory_format.split(",")
+    layouts = {f: dist_env.pick_channels_last(torch.device("cpu"), f) for f in formats}  # checked as training does
+    first = layouts[formats[0]]
+    plain = [("reference_cnn", REFERENCE_CFG), ("no_llm", ArchConfig().cnn_cfg), ("seed_hybrid", SEED_CFG)]
     specs = [
-        ("reference_cnn", REFERENCE_CFG, None, 0.125),
-        ("no_llm", ArchConfig().cnn_cfg, None, 0.125),
-        ("seed_hybrid", SEED_CFG, None, 0.125),
-        ("llm_sampled", ArchConfig().cnn_cfg, teacher, 0.125),
-        *[(f"llm_sampled_{a}", ArchConfig().cnn_cfg, teachers.get(a), 0.125) for a in attns[1:]],
-        ("llm_all", ArchConfig().cnn_cfg, teacher, 1.0),
+        *[(name, cfg, None, 0.125, first) for name, cfg in plain],
+        ("llm_sampled", ArchConfig().cnn_cfg, teacher, 0.125, first),
+        *[(f"llm_sampled_{a}", ArchConfig().cnn_cfg, teachers.get(a), 0.125, first) for a in attns[1:]],
+        ("llm_all", ArchConfig().cnn_cfg, teacher, 1.0, first),
+        *[(f"{name}_{f}", cfg, None, 0.125, layouts[f]) for f in formats[1:] for name, cfg in plain],
     ]
     only = set(filter(None, args.only.split(",")))
     specs = [s for s in specs if (not only or s[0] in only) and (s[2] is not None or not s[0].startswith("llm"))]
-    cases = [Case(name, cfg, args, t, ratio) for name, cfg, t, ratio in specs]
+    cases = [Case(*spec[:2], args, *spec[2:]) for spec in specs]
     batch = make_batch(args.batch, args.height, args.width, args.line_chars)
     reports = {case.name: case.report(args, batch) for case in cases}  # first: a failure here costs no timing run
 
@@ -262,7 +278,8 @@ def main(argv=None) -> None:
 
     result = {"batch": args.batch, "height": args.height, "width": args.width, "threads": args.threads,
               "steps": args.steps, "warmup": args.warmup, "llm": args.llm or None, "bf16": args.bf16,
-              "llm_precision": args.llm_precision, "llm_attn": attns[0]}
+              "llm_precision": args.llm_precision, "llm_attn": attns[0],
+              "memory_format": "channels_last" if first else "contiguous"}
     for case in cases:
         result[f"{case.name}_s"] = statistics.median(case.times)
         result[case.name] = {"min_s": min(case.times), "median_s": statistics.median(case.times),
@@ -274,9 +291,11 @@ def main(argv=None) -> None:
             result[f"llm_overhead{suffix}"] = statistics.median(sampled) / statistics.median(by_name["no_llm"])
             # the same ratio taken within each round, where both cases ran back to back: slow drift of the machine
             # (other tenants, thermal state) cancels, which the ratio of the two medians does not do
-            paired = [a / b for a, b in zip(sampled, by_name["no_llm"])]
-            result[f"llm_overhead{suffix}_paired"] = {"min": min(paired), "median": statistics.median(paired),
-                                                      "max": max(paired)}
+            result[f"llm_overhead{suffix}_paired"] = paired_ratio(sampled, by_name["no_llm"])
+    for f in formats[1:]:
+        for name, _ in plain:
+            if f"{name}_{f}" in by_name and name in by_name:  # this layout's step over the first one's, per round
+                result[f"{name}_{f}_paired_ratio"] = paired_ratio(by_name[f"{name}_{f}"], by_name[name])
     emit(result)
 
 

@@ -29,7 +29,8 @@ def main(argv=None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     env = dist_env.init_distributed(cfg.dist.timeout_s, use_deepspeed=cfg.dist.strategy.startswith("deepspeed"),
-                                     precision=cfg.dist.precision, llm_precision=cfg.dist.llm_precision)
+                                     precision=cfg.dist.precision, llm_precision=cfg.dist.llm_precision,
+                                     memory_format=cfg.dist.memory_format)
     try:
         result = train(cfg, env)
         logging.getLogger("train").info("finished: %s", result)

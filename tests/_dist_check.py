@@ -41,10 +41,11 @@ def main():
 def check(out_path, overrides):
     cfg = load_config(None, overrides)
     env = dist_env.init_distributed(cfg.dist.timeout_s, use_deepspeed=cfg.dist.strategy == "deepspeed",
-                                    precision=cfg.dist.precision, llm_precision=cfg.dist.llm_precision)
+                                    precision=cfg.dist.precision, llm_precision=cfg.dist.llm_precision,
+                                    memory_format=cfg.dist.memory_format)
     torch.manual_seed(0)
     chars = "abcdefghijklmnopqrstuvwxyz "
-    model = HTRModel(cfg.arch, cfg.connector, len(chars) + 1, 32, 256, llm_hidden_size(cfg))
+    model = HTRModel(cfg.arch, cfg.connector, len(chars) + 1, 32, 256, llm_hidden_size(cfg), env.channels_last)
     strategy = build_strategy(cfg, env, model, total_steps=10)
     before = llm_checksum(strategy.teacher)
     held = llm_param_bytes_on_rank(strategy.teacher)
@@ -75,7 +76,7 @@ def check(out_path, overrides):
         with open(out_path, "w") as f:
             json.dump({"losses": losses_seen, "grads_equal": grads_equal, "weights_equal": weights_equal,
                        "llm_before": before, "llm_after": after, "llm_calls": calls, "held": held, "full": full,
-                       "shm_calls": shm_calls,
+                       "shm_calls": shm_calls, "channels_last": model.backbone.channels_last,
                        "teacher_training": strategy.teacher.lm.training,
                        "llm_dtypes": sorted({str(p.dtype) for p in strategy.teacher.parameters()})}, f)
 

@@ -40,3 +40,18 @@ def test_step_time_prints_one_json_object_with_paired_overhead(tiny_llama):
         paired = result[key]
         assert 0 < paired["min"] <= paired["median"] <= paired["max"]
     assert result["llm_sampled"]["llm_lines_per_step"] == 1
+
+
+def test_step_time_compares_memory_formats_in_one_run():
+    cmd = [sys.executable, os.path.join(BENCH, "step_time.py"), "--llm", "", "--steps", "2", "--warmup", "0",
+           "--batch", "2", "--height", "32", "--width", "128", "--only", "no_llm,no_llm_channels_last",
+           "--memory-format", "contiguous,channels_last"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["memory_format"] == "contiguous"
+    assert {"no_llm", "no_llm_channels_last"} <= set(result) and "seed_hybrid" not in result
+    ratio = result["no_llm_channels_last_paired_ratio"]
+    assert 0 < ratio["min"] <= ratio["median"] <= ratio["max"]
+    bad = subprocess.run(cmd[:-1] + ["nhwc"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert bad.returncode != 0 and "dist.memory_format: 'nhwc' is not one of" in bad.stderr

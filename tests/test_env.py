@@ -68,6 +68,25 @@ def test_llm_precision_follows_precision_unless_set():
     assert env.llm_dtype == torch.bfloat16 and not env.autocast_enabled
 
 
+def test_memory_format_auto_is_nhwc_on_cuda_and_avx512_only(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert dist_env.pick_channels_last(cuda) is True
+    for capability, nhwc in [("AVX512", True), ("AVX512_BF16", True), ("AVX2", False), ("DEFAULT", False)]:
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert dist_env.pick_channels_last(cpu) is nhwc, capability
+        assert dist_env.pick_channels_last(cpu, "channels_last") is True  # an explicit choice wins everywhere
+        assert dist_env.pick_channels_last(cuda, "contiguous") is False
+    with pytest.raises(ValueError, match="dist.memory_format: 'nhwc' is not one of"):
+        dist_env.pick_channels_last(cpu, "nhwc")
+    with pytest.raises(ConfigError, match="dist.memory_format"):
+        load_config(None, ["dist.memory_format=nhwc"])
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "TORCHELASTIC_USE_AGENT_STORE"):
+        monkeypatch.delenv(name, raising=False)
+    assert dist_env.init_distributed().channels_last is False
+    assert dist_env.init_distributed(memory_format="channels_last").channels_last is True
+
+
 def test_single_process_needs_no_process_group(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "TORCHELASTIC_USE_AGENT_STORE"):
         monkeypatch.delenv(name, raising=False)

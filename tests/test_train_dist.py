@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import PY, ROOT
+from htr_dist.dist import env as dist_env
 from htr_dist.dist.env import free_port, launcher_command
 
 
@@ -40,12 +41,16 @@ def run_dist_check(strategy, args, nproc=2):
         return proc, json.load(f)
 
 
-@pytest.mark.parametrize("strategy, llm_precision", [("ddp", "auto"), ("fsdp", "auto"), ("deepspeed", "auto"),
-                                                     ("fsdp", "bf16"), ("deepspeed", "bf16")])
-def test_strategy_two_ranks_different_batch_sizes(strategy, llm_precision, tiny_overrides, tmp_path):
-    """Every strategy, and the sharded ones with a bf16 LLM under an fp32 trainable part (what the demo runs)."""
+@pytest.mark.parametrize("strategy, llm_precision, memory_format", [
+    ("ddp", "auto", "auto"), ("fsdp", "auto", "auto"), ("deepspeed", "auto", "auto"),
+    ("fsdp", "bf16", "channels_last"), ("deepspeed", "bf16", "contiguous"),
+])
+def test_strategy_two_ranks_different_batch_sizes(strategy, llm_precision, memory_format, tiny_overrides, tmp_path):
+    """Every strategy, and the sharded ones with a bf16 LLM under an fp32 trainable part (what the demo runs). The
+    last two pin the backbone's layout, so both layouts run here whatever ``auto`` picks on this CPU."""
     out = str(tmp_path / "result.json")
-    args = [out] + tiny_overrides + ["train.llm_sample_ratio=0.5", f"dist.llm_precision={llm_precision}"]
+    args = [out] + tiny_overrides + ["train.llm_sample_ratio=0.5", f"dist.llm_precision={llm_precision}",
+                                     f"dist.memory_format={memory_format}"]
     # The demo's ZeRO-3 config: whole-module fetches, and parameters up to 3e7 elements (SmolLM2's tied embedding;
     # here the whole tiny LLM) kept whole on every rank.
     demo_zero3 = strategy == "deepspeed" and llm_precision == "bf16"
@@ -63,6 +68,7 @@ def test_strategy_two_ranks_different_batch_sizes(strategy, llm_precision, tiny_
         assert res["grads_equal"] == [True, True, True]
     assert res["llm_after"] == pytest.approx(res["llm_before"], rel=0, abs=0)  # the frozen LLM never moves
     assert res["teacher_training"] is False
+    assert res["channels_last"] == dist_env.pick_channels_last(torch.device("cpu"), memory_format)
     assert res["llm_dtypes"] == ["torch.bfloat16" if llm_precision == "bf16" else "torch.float32"]
     if strategy == "ddp":
         assert res["held"] == res["full"]  # replicated

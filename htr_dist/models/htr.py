@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from htr_dist.config import CHOICES, not_one_of
 from htr_dist.models.backbone import HybridBackboneCRNNMobileViT
 from htr_dist.models.connector import QFormerConnector
 from htr_dist.models.heads import CTCtopB
@@ -23,11 +24,11 @@ class HTRModel(nn.Module):
     """The trainable part: backbone, CTC heads and (when ``llm_hidden`` is given) the Q-Former connector."""
 
     def __init__(self, arch, connector, num_classes: int, img_height: int, img_width: int,
-                 llm_hidden: Optional[int] = None):
+                 llm_hidden: Optional[int] = None, channels_last: bool = True):
         super().__init__()
         self.backbone = HybridBackboneCRNNMobileViT(
             arch.cnn_cfg, arch.stem_channels, arch.stem_stride, arch.mobilevit_patch_sizes, arch.mobilevit_dim,
-            arch.mobilevit_depth, arch.mobilevit_heads,
+            arch.mobilevit_depth, arch.mobilevit_heads, channels_last,
         )
         self.head = CTCtopB(self.backbone.out_channels, num_classes, arch.head_type, arch.rnn_type,
                             arch.rnn_hidden_size, arch.rnn_layers, arch.rnn_dropout, arch.llm_tap_layer)
@@ -83,8 +84,8 @@ def ctc_loss(logits: torch.Tensor, targets: torch.Tensor, target_lengths: torch.
     ``sum / batch_size``); ``char`` = each line's divided by its length first (PyTorch's ``mean``), which divides the
     loss by about the mean line length (~40 characters on IAM).
     """
-    if reduction not in ("line", "char"):
-        raise ValueError(f"ctc_loss: reduction {reduction!r} is not 'line' or 'char'")
+    if reduction not in CHOICES["train.ctc_reduction"]:
+        raise ValueError(not_one_of("train.ctc_reduction", reduction))
     log_probs = logits.float().log_softmax(-1)
     t, b = log_probs.shape[:2]
     input_lengths = torch.full((b,), t, dtype=torch.long)

@@ -112,7 +112,7 @@ def train(cfg, env) -> dict:
     if env.is_main:
         save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
     model = HTRModel(cfg.arch, cfg.connector, alphabet.num_classes, cfg.data.img_height, cfg.data.img_width,
-                     llm_hidden_size(cfg))
+                     llm_hidden_size(cfg), env.channels_last)
     strategy = build_strategy(cfg, env, model, steps)
     log_startup(cfg, env, strategy, model)
     sampler = torch.Generator().manual_seed(cfg.train.seed * 1000 + env.rank)  # LLM subset, per rank
