@@ -54,7 +54,7 @@ def test_precision_key_is_validated():
         load_config(None, ["dist.llm_precision=half"])
 
 
-def test_llm_precision_follows_precision_unless_set():
+def test_llm_precision_follows_precision_unless_set(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert dist_env.pick_llm_dtype(cpu, torch.float32) == torch.float32
     assert dist_env.pick_llm_dtype(cuda, torch.bfloat16) == torch.bfloat16
@@ -62,6 +62,10 @@ def test_llm_precision_follows_precision_unless_set():
     assert dist_env.pick_llm_dtype(cuda, torch.bfloat16, "fp32") == torch.float32
     with pytest.raises(ValueError, match="dist.llm_precision"):
         dist_env.pick_llm_dtype(cpu, torch.float32, "fp16")
+    assert dist_env.pick_llm_dtype(cuda, torch.bfloat16, "bf16_native") == torch.bfloat16
+    for native, dtype in [(True, torch.bfloat16), (False, torch.float32)]:  # avx512_bf16/AMX or not
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda n=native: n)
+        assert dist_env.pick_llm_dtype(cpu, torch.float32, "bf16_native") == dtype
     env = dist_env.DistEnv(0, 1, 0, cpu, "gloo", torch.float32)
     assert env.llm_dtype == torch.float32  # not given: the trainable dtype
     env = dist_env.DistEnv(0, 1, 0, cpu, "gloo", torch.float32, torch.bfloat16)

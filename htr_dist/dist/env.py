@@ -99,7 +99,13 @@ def pick_dtype(device: torch.device, precision: str = "auto", key: str = "dist.p
 
 
 def pick_llm_dtype(device: torch.device, dtype: torch.dtype, llm_precision: str = "auto") -> torch.dtype:
-    """``dist.llm_precision`` -> the frozen LLM's dtype: ``auto`` follows ``dtype`` (``dist.precision``)."""
+    """``dist.llm_precision`` -> the frozen LLM's dtype: ``auto`` follows ``dtype`` (``dist.precision``);
+    ``bf16_native`` is bf16 where the device computes bf16 natively, else fp32."""
+    if llm_precision == "bf16_native":
+        native = device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        if not native:
+            log.info("dist.llm_precision=bf16_native: this CPU has no native bf16 (avx512_bf16 or AMX), LLM in fp32")
+        return torch.bfloat16 if native else torch.float32
     return dtype if llm_precision == "auto" else pick_dtype(device, llm_precision, "dist.llm_precision")
 
 
