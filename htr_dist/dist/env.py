@@ -86,13 +86,18 @@ def pick_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+def has_native_bf16(device: torch.device) -> bool:
+    """CUDA, or a CPU whose oneDNN computes bf16 natively (avx512_bf16 or AMX); elsewhere bf16 is emulated."""
+    return device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def pick_dtype(device: torch.device, precision: str = "auto", key: str = "dist.precision") -> torch.dtype:
     """``dist.precision`` (or ``key``) -> dtype: ``auto`` is bf16 on CUDA and fp32 on CPU."""
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return torch.float32
     if precision not in CHOICES[key]:
         raise ValueError(not_one_of(key, precision))
-    if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if not has_native_bf16(device):
         log.warning("%s=bf16 on a CPU without native bf16 (avx512_bf16 or AMX): emulated, expect it slower than fp32",
                     key)
     return torch.bfloat16
@@ -102,7 +107,7 @@ def pick_llm_dtype(device: torch.device, dtype: torch.dtype, llm_precision: str 
     """``dist.llm_precision`` -> the frozen LLM's dtype: ``auto`` follows ``dtype`` (``dist.precision``);
     ``bf16_native`` is bf16 where the device computes bf16 natively, else fp32."""
     if llm_precision == "bf16_native":
-        native = device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        native = has_native_bf16(device)
         if not native:
             log.info("dist.llm_precision=bf16_native: this CPU has no native bf16 (avx512_bf16 or AMX), LLM in fp32")
         return torch.bfloat16 if native else torch.float32
