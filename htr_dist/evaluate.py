@@ -34,7 +34,7 @@ def run_evaluation(args, env) -> dict:
     """Evaluate ``args.checkpoint`` on ``args.data``/``args.split``; rank 0 prints and writes the results."""
     from htr_dist.data.pipeline import build_eval_loader
 
-    rec = Recognizer.load(args.checkpoint, env.device)
+    rec = Recognizer.load(args.checkpoint, env.device, args.memory_format)
     cfg = rec.config
     cfg.data.path = args.data
     cfg.data.img_height, cfg.data.img_width = rec.img_height, rec.img_width

@@ -17,6 +17,7 @@ import torch
 from htr_dist.config import Config, from_dict
 from htr_dist.data.alphabet import Alphabet
 from htr_dist.data.transforms import preprocess
+from htr_dist.dist.env import pick_channels_last
 from htr_dist.models.htr import HTRModel
 from htr_dist.train.metrics import beam_decode, edit_distance, greedy_decode
 
@@ -53,7 +54,10 @@ class Recognizer:
     config: Config
 
     @classmethod
-    def load(cls, path: str, device: Optional[torch.device] = None) -> "Recognizer":
+    def load(cls, path: str, device: Optional[torch.device] = None,
+             memory_format: Optional[str] = None) -> "Recognizer":
+        """``memory_format`` (auto | channels_last | contiguous) defaults to the training run's ``dist.memory_format``,
+        resolved for ``device`` by the same rule as in training (:func:`htr_dist.dist.env.pick_channels_last`)."""
         path = resolve_model_file(path)
         device = device or torch.device("cpu")
         try:
@@ -63,7 +67,9 @@ class Recognizer:
         if not isinstance(blob, dict) or blob.get("format") != EXPORT_FORMAT:
             raise InferenceError(f"{path}: not an htr-dist exported model (expected format {EXPORT_FORMAT!r})")
         cfg = from_dict(blob["config"])
-        model = HTRModel(cfg.arch, cfg.connector, blob["num_classes"], blob["img_height"], blob["img_width"], None)
+        channels_last = pick_channels_last(device, memory_format or cfg.dist.memory_format)
+        model = HTRModel(cfg.arch, cfg.connector, blob["num_classes"], blob["img_height"], blob["img_width"], None,
+                         channels_last)
         model.load_state_dict(blob["state_dict"])
         model.to(device).eval()
         return cls(model, Alphabet(blob["alphabet"]), blob["img_height"], blob["img_width"], device, cfg)

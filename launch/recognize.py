@@ -8,6 +8,7 @@ read, and the exit status is 1 if any image failed.
 import argparse
 import sys
 
+from htr_dist.config import CHOICES
 from htr_dist.inference import InferenceError, Recognizer, read_gray
 
 
@@ -17,6 +18,8 @@ def parse_args(argv=None):
     p.add_argument("images", nargs="+", metavar="IMAGE", help="line images (PNG, JPEG, TIFF)")
     p.add_argument("--decode", choices=["greedy", "beam"], default="greedy", help="CTC decoding (default: greedy)")
     p.add_argument("--beam-width", type=int, default=10, help="beam width for --decode beam (default: 10)")
+    p.add_argument("--memory-format", choices=CHOICES["dist.memory_format"], default=None,
+                   help="backbone layout (default: the training run's dist.memory_format, resolved for this machine)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
     return p.parse_args(argv)
 
@@ -24,7 +27,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        rec = Recognizer.load(args.checkpoint)
+        rec = Recognizer.load(args.checkpoint, memory_format=args.memory_format)
     except InferenceError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

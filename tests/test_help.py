@@ -10,8 +10,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPTS = {
     "launch/train.py": ["--config", "key=value"],
-    "launch/evaluate.py": ["--checkpoint", "--data", "--split", "--decode", "--json", "--predictions"],
-    "launch/recognize.py": ["--checkpoint", "IMAGE", "--decode"],
+    "launch/evaluate.py": ["--checkpoint", "--data", "--split", "--decode", "--json", "--predictions",
+                           "--memory-format"],
+    "launch/recognize.py": ["--checkpoint", "IMAGE", "--decode", "--memory-format"],
     "launch/prepare_iam.py": ["--iam", "--out", "--scale", "--workers"],
     "launch/synth_iam.py": ["--forms", "--seed", "--fonts"],
     "launch/demo.py": ["--variant", "--forms", "--fresh"],

@@ -245,3 +245,31 @@ def test_overfit_four_rendered_lines(use_llm, request):
     assert (losses["llm"].item() > 0) == use_llm
     if use_llm:
         assert all(p.grad is None for p in teacher.parameters()) and not teacher.lm.training
+
+
+@pytest.mark.parametrize("trained, override", [("contiguous", None), ("channels_last", None),
+                                               ("channels_last", "contiguous")])
+def test_exported_model_loads_in_the_runs_memory_format(trained, override, tmp_path):
+    """Recognizer.load builds the backbone in the run's dist.memory_format (or the one asked for); the layout changes
+    how the maps sit in memory, never what the model reads."""
+    from htr_dist.config import Config
+    from htr_dist.inference import Recognizer
+    from htr_dist.train.export import export_model
+
+    cfg = Config()
+    cfg.arch, cfg.connector = tiny_arch(), TINY_CONNECTOR
+    cfg.data.img_height, cfg.data.img_width = 32, 160
+    cfg.dist.memory_format = trained
+    torch.manual_seed(0)
+    model = HTRModel(cfg.arch, cfg.connector, len(CHARS) + 1, 32, 160, channels_last=trained == "channels_last").eval()
+    path = export_model(model, cfg, CHARS, str(tmp_path / "model.pt"))
+    rec = Recognizer.load(path, memory_format=override)
+    expected = (override or trained) == "channels_last"
+    assert rec.model.backbone.channels_last is expected
+    conv = next(m for m in rec.model.backbone.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last if expected else torch.contiguous_format)
+    images = torch.rand(3, 1, 32, 160, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(images, None)["ctc_logits"]
+        got = rec.model(images, None)["ctc_logits"]
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
