@@ -172,6 +172,10 @@ class DistConfig:
     """DeepSpeed ZeRO-3 config of the frozen LLM (strategy ``deepspeed``); ``llm_zero3_offload.json`` offloads it."""
     fsdp_cpu_offload: bool = False
     """FSDP: keep the LLM's parameter shards on the CPU between uses."""
+    fsdp_sharded_load: bool = True
+    """FSDP: build the LLM with its parameters on the meta device, shard it, then let each rank read only its own rows
+    of every weight from the safetensors files, so no rank ever holds the whole LLM (as ZeRO-3's partitioned load).
+    False, or a checkpoint without safetensors: every rank loads the whole LLM, then shards it."""
     timeout_s: int = 1800
     """Process-group timeout, seconds (a hung collective fails after this)."""
     precision: str = "auto"

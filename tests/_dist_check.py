@@ -77,7 +77,7 @@ def check(out_path, overrides):
             json.dump({"losses": losses_seen, "grads_equal": grads_equal, "weights_equal": weights_equal,
                        "llm_before": before, "llm_after": after, "llm_calls": calls, "held": held, "full": full,
                        "shm_calls": shm_calls, "channels_last": model.backbone.channels_last,
-                       "teacher_training": strategy.teacher.lm.training,
+                       "teacher_training": strategy.teacher.lm.training, "llm_load": strategy.llm_load,
                        "llm_dtypes": sorted({str(p.dtype) for p in strategy.teacher.parameters()})}, f)
 
 

@@ -245,3 +245,57 @@ def test_smollm2_gguf_converted_once_then_loaded_like_any_model(smollm2_cache):
     loss.backward()
     assert torch.isfinite(loss) and prefix.grad.abs().sum() > 0
     assert all(p.grad is None for p in lm.parameters())
+
+
+def test_empty_skeleton_has_meta_parameters_and_real_buffers(tiny_llama):
+    """What FSDP's sharded load starts from: no parameter memory, yet buffers (rotary inv_freq) as a real load has."""
+    skeleton = llm.build_empty_causal_lm(tiny_llama, "unused")
+    loaded, _ = load_causal_lm(tiny_llama, "unused")
+    assert all(p.is_meta and not p.requires_grad for p in skeleton.parameters())
+    assert [n for n, _ in skeleton.named_parameters()] == [n for n, _ in loaded.named_parameters()]
+    buffers = dict(loaded.named_buffers())
+    assert buffers and all(torch.equal(b, buffers[n]) for n, b in skeleton.named_buffers())
+    assert torch.nn.Linear(2, 2).weight.device.type == "cpu"  # the patch is gone after the build
+
+
+def test_checkpoint_slices_read_rows_from_single_and_sharded_files(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from htr_dist.testing import make_tiny_llama
+
+    folder = make_tiny_llama(str(tmp_path / "one"), tie_embeddings=True)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    split = str(tmp_path / "split")
+    model.save_pretrained(split, max_shard_size="40KB")  # several files and model.safetensors.index.json
+    assert os.path.isfile(os.path.join(split, "model.safetensors.index.json"))
+    for path in (folder, split):
+        slices = llm.checkpoint_slices(path, "unused", base_prefix=model.base_model_prefix)
+        for name, p in model.named_parameters():
+            rows = p.shape[0]
+            assert torch.equal(slices.rows(name, rows // 3, rows, torch.float64), p.detach()[rows // 3:].double())
+    skeleton = llm.build_empty_causal_lm(folder, "unused")
+    assert llm.checkpoint_slices(folder, "unused", base_prefix="model").mismatches(skeleton) == []
+    wide = make_tiny_llama(str(tmp_path / "wide"), intermediate=130, tie_embeddings=True)
+    wider = llm.build_empty_causal_lm(wide, "unused")  # another MLP width: 6 weights stored in another shape
+    found = llm.checkpoint_slices(folder, "unused", base_prefix="model").mismatches(wider)
+    assert len(found) == 6 and "model.layers.0.mlp.gate_proj.weight stored as (128, 64), built as (130, 64)" in found
+    with pytest.raises(LLMLoadError, match=r"one: the checkpoint has no weight 'model.nothing.weight'; "
+                                           r"set dist.fsdp_sharded_load=false"):
+        llm.checkpoint_slices(folder, "unused").rows("model.nothing.weight", 0, 1, torch.float32)
+    os.remove(os.path.join(folder, "model.safetensors"))
+    assert llm.checkpoint_slices(folder, "unused") is None  # no safetensors: the caller loads the whole model
+
+
+def test_checkpoint_slices_read_a_base_model_checkpoint_into_the_causal_lm(tmp_path):
+    """A checkpoint saved from the bare LlamaModel has no 'model.' prefix."""
+    from transformers import AutoModelForCausalLM
+
+    from htr_dist.testing import make_tiny_llama
+
+    folder = make_tiny_llama(str(tmp_path / "lm"))
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    model.model.save_pretrained(str(tmp_path / "base"))
+    slices = llm.checkpoint_slices(str(tmp_path / "base"), "unused", base_prefix="model")
+    assert slices.mismatches(llm.build_empty_causal_lm(folder, "unused")) == ["lm_head.weight (missing)"]
+    weight = model.model.layers[0].mlp.up_proj.weight
+    assert torch.equal(slices.rows("model.layers.0.mlp.up_proj.weight", 0, 5, torch.float32), weight[:5])

@@ -4,7 +4,8 @@ The trainable part (backbone, heads, connector) and the frozen LLM teacher are w
 
 - ``ddp``:       trainable under DistributedDataParallel; the LLM replicated on every rank.
 - ``fsdp``:      trainable under DDP; the LLM sharded with FSDP2 ``fully_shard`` per decoder layer, then the root
-                 (``reshard_after_forward``; optional CPU offload; bf16 parameters on CUDA).
+                 (``reshard_after_forward``; optional CPU offload; bf16 parameters on CUDA), built on the meta device
+                 and filled with each rank's own rows of the safetensors weights (``dist.fsdp_sharded_load``).
 - ``deepspeed``: trainable as a DeepSpeed engine (ZeRO 0/1/2, ``dist.deepspeed_config``); the LLM built under a live
                  ``HfDeepSpeedConfig`` (so it is partitioned while loading) and wrapped as a ZeRO-3 engine without an
                  optimizer (``dist.llm_deepspeed_config``, optionally offloaded). The teacher is that engine's
@@ -24,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from typing import Optional
 
 import torch
@@ -32,7 +34,8 @@ import torch.nn as nn
 from htr_dist.dist.env import DistEnv, attn_implementation, ranks_share_memory, unlink_deepspeed_shm
 from htr_dist.dist.shm_gather import install_for_deepspeed, install_for_fsdp
 from htr_dist.models.htr import HTRModel
-from htr_dist.models.llm import PrefixLM, load_causal_lm, load_tokenizer
+from htr_dist.models.llm import PrefixLM, build_empty_causal_lm, checkpoint_slices, load_causal_lm, \
+    load_tokenizer
 from htr_dist.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -77,6 +80,7 @@ class Strategy:
 
     name = "ddp"
     shm_gather = None  # the FSDP shared-memory gatherer, when installed
+    llm_load = "whole"  # how each rank got the LLM's weights: "whole" or, with FSDP, "sharded" (its rows only)
 
     def __init__(self, cfg, env: DistEnv, model: HTRModel, total_steps: int):
         self.cfg, self.env = cfg, env
@@ -156,10 +160,31 @@ class FSDPStrategy(Strategy):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-        lm, tokenizer = self.load_teacher_lm(device="cpu")
-        teacher = PrefixLM(lm, tokenizer)
         if self.env.world_size == 1:
-            return teacher.to(self.env.device)
+            lm, tokenizer = self.load_teacher_lm()
+            return PrefixLM(lm, tokenizer)
+        slices = None
+        if self.cfg.dist.fsdp_sharded_load:
+            slices = checkpoint_slices(self.cfg.llm.name_or_path, self.cfg.llm.cache_dir)
+            if slices is None:
+                log.warning("llm.name_or_path=%s has no safetensors weights: every rank loads the whole LLM, then "
+                            "shards it", self.cfg.llm.name_or_path)
+        lm = None
+        if slices is not None:  # a skeleton: parameters on the meta device, filled after sharding
+            attn = attn_implementation(self.env.device, self.cfg.llm.attn_implementation)
+            lm = build_empty_causal_lm(self.cfg.llm.name_or_path, self.cfg.llm.cache_dir, self.env.llm_dtype, attn)
+            slices.base_prefix = lm.base_model_prefix
+            unreadable = slices.mismatches(lm)
+            if unreadable:
+                log.warning("llm.name_or_path=%s: %d weight(s) cannot be read as they are stored (e.g. %s): every "
+                            "rank loads the whole LLM through transformers, then shards it", self.cfg.llm.name_or_path,
+                            len(unreadable), "; ".join(unreadable[:3]))
+                lm = slices = None
+        if lm is not None:
+            tokenizer = load_tokenizer(self.cfg.llm.name_or_path, self.cfg.llm.cache_dir)
+        else:
+            lm, tokenizer = self.load_teacher_lm(device="cpu")
+        teacher = PrefixLM(lm, tokenizer)
         mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
         kwargs = {"mesh": mesh, "reshard_after_forward": True}
         if self.cfg.dist.fsdp_cpu_offload:
@@ -170,9 +195,37 @@ class FSDPStrategy(Strategy):
             fully_shard(layer, **kwargs)
         fully_shard(teacher, **kwargs)
         # fully_shard moved each parameter's local shard to the mesh device; the full copies are freed.
+        if slices is not None:
+            self._fill_shards(teacher, slices)
+            self.llm_load = "sharded"
         if self.cfg.dist.shm_allgather and self.env.device.type == "cpu" and ranks_share_memory():
             self.shm_gather = install_for_fsdp([*lm.base_model.layers, teacher], mesh.get_group())
         return teacher
+
+    def _fill_shards(self, teacher: PrefixLM, slices) -> None:
+        """Give every sharded parameter of the meta-built ``teacher`` this rank's rows, read from the checkpoint.
+
+        FSDP2 shards dim 0 as ``torch.chunk`` does: rank r holds rows [r*c, (r+1)*c) with c = ceil(rows / N). Buffers
+        keep the values computed at construction (``to_empty`` would leave them uninitialised).
+        """
+        buffers = {name: b.detach().clone() for name, b in teacher.named_buffers()}
+        # with CPU offload the shards live on the CPU between uses (FSDP2 moves them to the device per use)
+        teacher.to_empty(device="cpu" if self.cfg.dist.fsdp_cpu_offload else self.env.device)
+        start = time.time()
+        with torch.no_grad():
+            for name, b in teacher.named_buffers():
+                b.copy_(buffers[name])
+            for name, p in teacher.lm.named_parameters():  # a tied weight is listed (and read) once
+                local, rank, world = p.to_local(), p.device_mesh.get_local_rank(), p.device_mesh.size()
+                rows = p.shape[0]
+                chunk = -(-rows // world)
+                lo = min(rank * chunk, rows)
+                hi = min(lo + chunk, rows)
+                if local.shape[0] != hi - lo:
+                    raise RuntimeError(f"FSDP shard of {name}: {tuple(local.shape)} rows, expected {hi - lo} "
+                                       f"(rows {lo}:{hi} of {rows})")
+                local.copy_(slices.rows(name, lo, hi, local.dtype))
+        log.info("LLM shards read from %s in %.1f s (this rank's rows only)", slices.folder, time.time() - start)
 
 
 class DeepSpeedStrategy(Strategy):

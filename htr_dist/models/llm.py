@@ -6,6 +6,7 @@ Device, dtype and attention implementation are chosen by the caller (``htr_dist.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib.util
 import json
@@ -153,6 +154,127 @@ def load_causal_lm(name_or_path: str, cache_dir: str, dtype: torch.dtype = torch
     except OSError as err:
         raise LLMLoadError(f"llm.name_or_path={name_or_path!r}: cannot load the model ({err})") from None
     return freeze(model.to(device)), load_tokenizer(name_or_path, cache_dir)
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Modules built inside get their parameters on the meta device (no memory) and their buffers for real.
+
+    Buffers are computed at construction (a Llama's rotary ``inv_freq``) and often left out of checkpoints, so they
+    must be real; parameters are filled afterwards from the checkpoint. Each parameter is first made by its module as
+    an uninitialised tensor that is never written, then replaced: only one is alive at a time.
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def build_empty_causal_lm(name_or_path: str, cache_dir: str, dtype: torch.dtype = torch.float32,
+                          attn_implementation: str = "sdpa") -> nn.Module:
+    """The causal LM of ``name_or_path`` with its parameters on the meta device and its buffers on the CPU, frozen:
+    the skeleton that :func:`checkpoint_slices` fills, one rank's rows at a time."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_llm_config(name_or_path, cache_dir)
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    return freeze(model)
+
+
+def _local_weights_folder(name_or_path: str, cache_dir: str) -> str:
+    path = resolve_llm_path(name_or_path, cache_dir)
+    if os.path.isdir(path):
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:  # the weights and configs only, into the shared hub cache (what from_pretrained would fetch)
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as err:  # noqa: BLE001 - offline, gated, unknown id: all mean the same to the user
+        raise LLMLoadError(f"llm.name_or_path={name_or_path!r}: cannot fetch its weights ({err})") from None
+
+
+class CheckpointSlices:
+    """Read rows of a model's weights from its safetensors files without loading whole tensors.
+
+    ``rows(name, lo, hi, dtype)`` returns rows ``lo:hi`` of weight ``name`` in ``dtype``. Files are memory-mapped, so
+    a rank that reads 1/N of every weight reads 1/N of the bytes.
+    """
+
+    def __init__(self, folder: str, files: dict, base_prefix: str = ""):
+        self.folder, self.files, self.base_prefix = folder, files, base_prefix
+        self._open: dict = {}
+
+    def _find(self, name: str) -> Optional[str]:
+        if name in self.files:
+            return name
+        # a checkpoint of the bare base model (LlamaModel) read into the causal LM (model.layers.0... -> layers.0...)
+        if self.base_prefix and name.startswith(self.base_prefix + ".") and name[len(self.base_prefix) + 1:] in \
+                self.files:
+            return name[len(self.base_prefix) + 1:]
+        return None
+
+    def _handle(self, key: str):
+        from safetensors import safe_open
+
+        file = self.files[key]
+        if file not in self._open:
+            self._open[file] = safe_open(os.path.join(self.folder, file), framework="pt")
+        return self._open[file]
+
+    def mismatches(self, model: nn.Module) -> List[str]:
+        """The parameters of ``model`` that the checkpoint lacks or holds in another shape (models whose weights
+        transformers renames or fuses while loading), described for a log line; empty if every one can be read."""
+        out = []
+        for name, p in model.named_parameters():
+            key = self._find(name)
+            if key is None:
+                out.append(f"{name} (missing)")
+                continue
+            stored = tuple(self._handle(key).get_slice(key).get_shape())
+            if stored != tuple(p.shape):
+                out.append(f"{name} stored as {stored}, built as {tuple(p.shape)}")
+        return out
+
+    def _key(self, name: str) -> str:
+        key = self._find(name)
+        if key is not None:
+            return key
+        raise LLMLoadError(f"{self.folder}: the checkpoint has no weight {name!r}; set dist.fsdp_sharded_load=false "
+                           "to load it through transformers instead")
+
+    def rows(self, name: str, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+        key = self._key(name)
+        return self._handle(key).get_slice(key)[lo:hi].to(dtype)
+
+
+def checkpoint_slices(name_or_path: str, cache_dir: str, base_prefix: str = "") -> Optional[CheckpointSlices]:
+    """A :class:`CheckpointSlices` over the LLM's safetensors weights, or None if it has none (``.bin`` only)."""
+    from safetensors import safe_open
+
+    folder = _local_weights_folder(name_or_path, cache_dir)
+    index = os.path.join(folder, "model.safetensors.index.json")
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                files = dict(json.load(f)["weight_map"])
+        except (OSError, ValueError, KeyError) as err:
+            raise LLMLoadError(f"{index}: not a safetensors index ({err})") from None
+    elif os.path.isfile(single):
+        with safe_open(single, framework="pt") as f:
+            files = {k: "model.safetensors" for k in f.keys()}
+    else:
+        return None
+    return CheckpointSlices(folder, files, base_prefix)
 
 
 class PrefixLM(nn.Module):
