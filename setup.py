@@ -18,7 +18,8 @@ setup(
         "pyyaml",
         "tqdm",
         "webdataset>=0.2.86",
-        "transformers>=4.45",
+        # 4.56 named from_pretrained's dtype argument `dtype`; 4.55 rejects it (the tests pass on 4.56.2 and 5.24)
+        "transformers>=4.56",
         "gguf",
         "tensorboard",
     ],
