@@ -78,6 +78,8 @@ def check(out_path, overrides):
                        "llm_before": before, "llm_after": after, "llm_calls": calls, "held": held, "full": full,
                        "shm_calls": shm_calls, "channels_last": model.backbone.channels_last,
                        "teacher_training": strategy.teacher.lm.training, "llm_load": strategy.llm_load,
+                       "llm_requires_grad": any(p.requires_grad for p in strategy.teacher.parameters()),
+                       "llm_grads": any(p.grad is not None for p in strategy.teacher.parameters()),
                        "llm_dtypes": sorted({str(p.dtype) for p in strategy.teacher.parameters()})}, f)
 
 

@@ -68,6 +68,7 @@ def test_strategy_two_ranks_different_batch_sizes(strategy, llm_precision, memor
         assert res["grads_equal"] == [True, True, True]
     assert res["llm_after"] == pytest.approx(res["llm_before"], rel=0, abs=0)  # the frozen LLM never moves
     assert res["teacher_training"] is False
+    assert res["llm_requires_grad"] is False and res["llm_grads"] is False
     assert res["channels_last"] == dist_env.pick_channels_last(torch.device("cpu"), memory_format)
     assert res["llm_dtypes"] == ["torch.bfloat16" if llm_precision == "bf16" else "torch.float32"]
     if strategy == "ddp":
@@ -92,6 +93,7 @@ def test_fsdp_sharded_load_gives_the_same_llm_as_a_whole_load(tiny_overrides, tm
         out = str(tmp_path / f"sharded_{sharded}.json")
         _, runs[sharded] = run_dist_check("fsdp", [out] + overrides + [f"dist.fsdp_sharded_load={sharded}"])
     assert runs[True]["llm_load"] == "sharded" and runs[False]["llm_load"] == "whole"
+    assert not runs[True]["llm_requires_grad"] and not runs[True]["llm_grads"]  # still frozen after to_empty
     assert 0 < runs[True]["held"] < runs[True]["full"]
     for key in ("llm_before", "llm_after", "losses", "held", "full"):
         assert runs[True][key] == runs[False][key], key
