@@ -10,8 +10,8 @@ For ddp, fsdp, deepspeed (ZeRO-3) and deepspeed with parameter offload, each ran
 - load_peak_private_bytes: how far the rank's private memory (RssAnon, sampled every 2 ms) rose while the strategy
   was built: what loading the LLM cost the rank at its worst; load_peak_rss_bytes: the same for its whole resident set
   (VmHWM, reset before), which also counts the pages of memory-mapped weight files (page cache, shared by the ranks
-  of a machine and dropped under pressure); load_s: how long building took. ``fsdp_whole_load`` is fsdp with dist.fsdp_sharded_load=false (every rank loads
-  the whole LLM, then shards it).
+  of a machine and dropped under pressure); load_s: how long building took. ``fsdp_whole_load`` is fsdp with
+  dist.fsdp_sharded_load=false (every rank loads the whole LLM, then shards it).
 On a CPU machine the "device" is the CPU itself, so offloading to CPU cannot lower these figures here; on GPU,
 llm_param_bytes_on_rank counts offloaded partitions as not held on the device.
 """

@@ -99,7 +99,6 @@ def test_fsdp_sharded_load_gives_the_same_llm_as_a_whole_load(tiny_overrides, tm
         assert runs[True][key] == runs[False][key], key
 
 
-
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
 def test_shared_memory_gathers_change_no_number(strategy, tiny_overrides, tmp_path):
     """The same 2-rank steps with the LLM gathered through gloo and through /dev/shm give the same losses, bit for

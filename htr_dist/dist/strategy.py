@@ -194,7 +194,8 @@ class FSDPStrategy(Strategy):
         for layer in lm.base_model.layers:
             fully_shard(layer, **kwargs)
         fully_shard(teacher, **kwargs)
-        # fully_shard moved each parameter's local shard to the mesh device; the full copies are freed.
+        # A loaded LLM: fully_shard moved each parameter's local shard to the mesh device and freed the full copies.
+        # A meta skeleton: its shards are still meta, allocated and read by _fill_shards.
         if slices is not None:
             self._fill_shards(teacher, slices)
             self.llm_load = "sharded"
