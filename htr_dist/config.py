@@ -191,7 +191,8 @@ class DistConfig:
     """Layout of the backbone's feature maps and conv weights: ``channels_last`` (NHWC), ``contiguous`` (NCHW), or
     ``auto``: channels_last on CUDA and on CPUs with AVX-512, contiguous on other CPUs, where oneDNN's NHWC
     weight-gradient kernel is about 3.5x slower than its blocked one (training steps 1.1-1.3x slower on an AVX2 EPYC).
-    An exported model is loaded for evaluation and recognition with its run's setting, resolved for that machine."""
+    Evaluation and recognition follow the run's setting, with ``auto`` channels_last (NHWC's forward is faster there
+    too)."""
     shm_allgather: bool = True
     """Strategies ``fsdp`` and ``deepspeed`` with CPU ranks that all run on one machine: FSDP2 and ZeRO-3 gather the
     LLM's parameters through shared memory (``/dev/shm``) instead of gloo's loopback TCP. Ignored on GPUs and across

@@ -57,7 +57,7 @@ class Recognizer:
     def load(cls, path: str, device: Optional[torch.device] = None,
              memory_format: Optional[str] = None) -> "Recognizer":
         """``memory_format`` (auto | channels_last | contiguous) defaults to the training run's ``dist.memory_format``,
-        resolved for ``device`` by the same rule as in training (:func:`htr_dist.dist.env.pick_channels_last`)."""
+        resolved for ``device`` and a forward pass only (:func:`htr_dist.dist.env.pick_channels_last`)."""
         path = resolve_model_file(path)
         device = device or torch.device("cpu")
         try:
@@ -67,7 +67,7 @@ class Recognizer:
         if not isinstance(blob, dict) or blob.get("format") != EXPORT_FORMAT:
             raise InferenceError(f"{path}: not an htr-dist exported model (expected format {EXPORT_FORMAT!r})")
         cfg = from_dict(blob["config"])
-        channels_last = pick_channels_last(device, memory_format or cfg.dist.memory_format)
+        channels_last = pick_channels_last(device, memory_format or cfg.dist.memory_format, backward=False)
         model = HTRModel(cfg.arch, cfg.connector, blob["num_classes"], blob["img_height"], blob["img_width"], None,
                          channels_last)
         model.load_state_dict(blob["state_dict"])

@@ -78,6 +78,8 @@ def test_memory_format_auto_is_nhwc_on_cuda_and_avx512_only(monkeypatch):
     for capability, nhwc in [("AVX512", True), ("AVX512_BF16", True), ("AVX2", False), ("DEFAULT", False)]:
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
         assert dist_env.pick_channels_last(cpu) is nhwc, capability
+        assert dist_env.pick_channels_last(cpu, backward=False) is True  # no weight gradient: NHWC's forward wins
+        assert dist_env.pick_channels_last(cpu, "contiguous", backward=False) is False
         assert dist_env.pick_channels_last(cpu, "channels_last") is True  # an explicit choice wins everywhere
         assert dist_env.pick_channels_last(cuda, "contiguous") is False
     with pytest.raises(ValueError, match="dist.memory_format: 'nhwc' is not one of"):
