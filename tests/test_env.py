@@ -143,13 +143,67 @@ def test_exit_process_flushes_and_keeps_the_code(mode):
     assert "logged line" in proc.stderr
 
 
+ALLOCATOR_SCRIPT = """
+import ctypes, sys
+from htr_dist.dist.env import tune_cpu_allocator
+
+def private_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:")) / 1024
+
+def kept_mb(size_mb):
+    # private memory still held after filling size_mb in 1 MB blocks and freeing them all
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    before = private_mb()
+    blocks = [libc.malloc(1 << 20) for _ in range(size_mb)]
+    for b in blocks:
+        ctypes.memset(b, 1, 1 << 20)
+    for b in blocks:
+        libc.free(b)
+    return private_mb() - before
+
+phases = sys.argv[1:]
+print(" ".join(str(tune_cpu_allocator(p)) for p in phases), round(kept_mb(256)))
+"""
+
+
+def _allocator_run(phases, extra_env=()):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    proc = subprocess.run([sys.executable, "-c", ALLOCATOR_SCRIPT, *phases], capture_output=True, text=True, cwd=ROOT,
+                          timeout=60, env={**clean, **dict(extra_env)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    *done, kept = proc.stdout.split()
+    return done, int(kept)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+def test_cpu_allocator_phases_keep_or_return_freed_memory():
+    """The step phase keeps 256 freed blocks of 1 MB for the next step; the load phase, set after it, hands them back
+    to the system at once."""
+    done, kept = _allocator_run(["step"])
+    assert done == ["True"] and kept >= 250, kept
+    done, kept = _allocator_run(["step", "load"])
+    assert done == ["True", "True"] and kept <= 8, kept
+    with pytest.raises(ValueError, match="phase must be 'load' or 'step', got 'train'"):
+        dist_env.tune_cpu_allocator("train")
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
 def test_cpu_allocator_tuned_unless_the_user_configured_glibc():
-    code = "from htr_dist.dist.env import tune_cpu_allocator; print(tune_cpu_allocator())"
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    for extra, expected in (({}, "True"), ({"MALLOC_MMAP_THRESHOLD_": "131072"}, "False"),
-                            ({"GLIBC_TUNABLES": "glibc.malloc.perturb=0"}, "False")):
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60,
-                              env={**clean, **extra})
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        assert proc.stdout.strip() == expected, (extra, proc.stdout)
+    for extra in ({"MALLOC_MMAP_THRESHOLD_": "131072"}, {"GLIBC_TUNABLES": "glibc.malloc.perturb=0"}):
+        done, _ = _allocator_run(["load", "step"], extra)
+        assert done == ["False", "False"], extra
+
+
+def test_build_strategy_loads_under_the_load_phase_then_sets_the_step_phase(monkeypatch):
+    from htr_dist.dist import strategy as strategy_mod
+
+    calls = []
+    monkeypatch.setattr(strategy_mod, "tune_cpu_allocator", calls.append)
+    monkeypatch.setitem(strategy_mod.STRATEGIES, "ddp", lambda *args: calls.append("build") or "built")
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny_cpu.yaml"), ["dist.strategy=ddp"])
+    env = dist_env.init_distributed()
+    assert strategy_mod.build_strategy(cfg, env, None, 10) == "built"
+    assert calls == ["load", "build", "step"]

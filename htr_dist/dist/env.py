@@ -222,8 +222,6 @@ def init_distributed(timeout_s: int = 1800, use_deepspeed: bool = False, precisi
                 unlink_deepspeed_shm(rank)
         elif store is None:
             tdist.init_process_group(backend=backend, timeout=timeout)
-    if device.type == "cpu":
-        tune_cpu_allocator()
     if device.type == "cpu" and world > 1 and "OMP_NUM_THREADS" not in os.environ:
         # Several CPU ranks on one machine: split the cores, or the ranks' thread pools fight over them.
         local_world = env_local_world_size() or world
@@ -239,28 +237,45 @@ def init_distributed(timeout_s: int = 1800, use_deepspeed: bool = False, precisi
 _MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
 
 
-def tune_cpu_allocator() -> bool:
-    """Keep large CPU tensors in glibc's heap and freed memory in the process, for a training step on the CPU.
+def tune_cpu_allocator(phase: str = "step") -> bool:
+    """Set glibc's malloc for what comes next on the CPU: ``"load"`` (weights being read) or ``"step"`` (training).
 
-    By default glibc serves every allocation above a threshold (adaptive, at most 32 MB) with its own mmap and unmaps
-    it when freed, so every step gets its large activations as fresh pages that the kernel must zero-fill on first
-    touch. Raising the mmap and trim thresholds to 2 GB lets the heap keep and reuse them. benchmarks/step_time.py on a
-    2-core CPU, batch 16 at 128 x 1024, two alternating pairs of runs: 3.40 / 3.16 s a step instead of 3.77 / 3.69 s
-    without the LLM, 4.01 / 3.97 s instead of 4.50 / 4.61 s with SmolLM2 on 2 lines. Memory freed by a step stays
-    with the process (its RSS stays at the peak). Setting any of glibc's own MALLOC_* variables or GLIBC_TUNABLES leaves the allocator
-    as configured there. Returns whether the thresholds were set.
+    By default glibc serves allocations above an adaptive threshold (at most 32 MB) with their own mmap, unmapped when
+    freed, and keeps smaller freed blocks in its heap.
+
+    - ``"step"`` raises the mmap and trim thresholds to 2 GB, so the heap keeps every step's large activations and
+      reuses them; otherwise each step gets them as fresh pages that the kernel must zero-fill on first touch.
+      benchmarks/step_time.py on a 2-core CPU, batch 16 at 128 x 1024, two alternating pairs of runs: 3.40 / 3.16 s
+      a step instead of 3.77 / 3.69 s without the LLM, 4.01 / 3.97 s instead of 4.50 / 4.61 s with SmolLM2 on 2
+      lines. Memory freed by a step stays with the process (its RSS stays at the peak).
+    - ``"load"`` maps every block above 128 KiB on its own and releases what the heap holds free, so the
+      temporaries of an LLM's load (each weight whole before ZeRO-3 partitions it, gathered layers, converted copies)
+      go back to the system as they are freed instead of fragmenting the heap and staying for the whole run.
+      benchmarks/llm_memory.py, SmolLM2 (538 MB) under ZeRO-3 at 2 ranks: building the strategy raised a rank's
+      private memory by 516-517 MB under ``"load"``, by 704-842 MB under ``"step"`` (glibc's defaults keep about as
+      much).
+
+    ``build_strategy`` sets ``"load"`` before it builds the strategy and ``"step"`` after. Setting any of glibc's own
+    MALLOC_* variables or GLIBC_TUNABLES leaves the allocator as configured there. Returns whether it was set.
     """
+    if phase not in ("load", "step"):
+        raise ValueError(f"tune_cpu_allocator: phase must be 'load' or 'step', got {phase!r}")
     if not sys.platform.startswith("linux") or any(name in os.environ for name in _MALLOC_ENV):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
+        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
     except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
         return False
-    m_trim_threshold, m_mmap_threshold, limit = -1, -3, (1 << 31) - 1
-    done = mallopt(m_mmap_threshold, limit) == 1 and mallopt(m_trim_threshold, limit) == 1
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if phase == "step":
+        limit = (1 << 31) - 1
+        done = mallopt(m_mmap_threshold, limit) == 1 and mallopt(m_trim_threshold, limit) == 1
+    else:
+        done = mallopt(m_mmap_threshold, 128 << 10) == 1 and mallopt(m_trim_threshold, 128 << 10) == 1
+        malloc_trim(0)
     if done:
-        log.debug("glibc malloc: mmap and trim thresholds at 2 GB")
+        log.debug("glibc malloc set for the %s phase", phase)
     return done
 
 

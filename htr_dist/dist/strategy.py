@@ -31,7 +31,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from htr_dist.dist.env import DistEnv, attn_implementation, ranks_share_memory, unlink_deepspeed_shm
+from htr_dist.dist.env import (DistEnv, attn_implementation, ranks_share_memory, tune_cpu_allocator,
+                               unlink_deepspeed_shm)
 from htr_dist.dist.shm_gather import install_for_deepspeed, install_for_fsdp
 from htr_dist.models.htr import HTRModel
 from htr_dist.models.llm import PrefixLM, build_empty_causal_lm, checkpoint_slices, load_causal_lm, \
@@ -349,7 +350,13 @@ def build_strategy(cfg, env: DistEnv, model: HTRModel, total_steps: int) -> Stra
         cls = STRATEGIES[cfg.dist.strategy]
     except KeyError:
         raise ValueError(f"dist.strategy: {cfg.dist.strategy!r} is not one of {sorted(STRATEGIES)}") from None
-    return cls(cfg, env, model, total_steps)
+    cpu = env.device.type == "cpu"
+    if cpu:
+        tune_cpu_allocator("load")
+    strategy = cls(cfg, env, model, total_steps)
+    if cpu:
+        tune_cpu_allocator("step")
+    return strategy
 
 
 def llm_hidden_size(cfg) -> Optional[int]:
