@@ -80,7 +80,15 @@ def check(out_path, overrides):
                        "teacher_training": strategy.teacher.lm.training, "llm_load": strategy.llm_load,
                        "llm_requires_grad": any(p.requires_grad for p in strategy.teacher.parameters()),
                        "llm_grads": any(p.grad is not None for p in strategy.teacher.parameters()),
-                       "llm_dtypes": sorted({str(p.dtype) for p in strategy.teacher.parameters()})}, f)
+                       "llm_dtypes": sorted({str(p.dtype) for p in strategy.teacher.parameters()}),
+                       "llm_offload": fsdp_offload_policy(strategy.teacher)}, f)
+
+
+def fsdp_offload_policy(teacher):
+    """Name of the offload policy FSDP2 applied to the teacher's root (None when it is not an FSDP module)."""
+    get_state = getattr(teacher, "_get_fsdp_state", None)  # FSDPModule; no public accessor for the policy
+    group = get_state()._fsdp_param_group if get_state else None
+    return type(group.offload_policy).__name__ if group else None
 
 
 if __name__ == "__main__":

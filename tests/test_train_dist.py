@@ -79,20 +79,25 @@ def test_strategy_two_ranks_different_batch_sizes(strategy, llm_precision, memor
         assert 0 < res["held"] < res["full"]  # sharded: a part on each rank
 
 
-def test_fsdp_sharded_load_gives_the_same_llm_as_a_whole_load(tiny_overrides, tmp_path):
+@pytest.mark.parametrize("offload", [False, True], ids=["on_device", "cpu_offload"])
+def test_fsdp_sharded_load_gives_the_same_llm_as_a_whole_load(offload, tiny_overrides, tmp_path):
     """dist.fsdp_sharded_load: a meta-device skeleton, sharded, each rank reading its own rows of the safetensors
     weights, must be the very LLM that loading it whole and then sharding gives: same parameters (a tied embedding,
-    grouped-query attention, a row count that 2 ranks do not divide), same rotary buffers, same losses bit for bit."""
+    grouped-query attention, a row count that 2 ranks do not divide), same rotary buffers, same losses bit for bit;
+    with and without FSDP2's CPU offload (dist.fsdp_cpu_offload), whose shards live on the CPU between uses."""
     from htr_dist.testing import make_tiny_llama
 
     llm = make_tiny_llama(str(tmp_path / "tied_llama"), hidden=48, heads=4, kv_heads=2, intermediate=97,
                           tie_embeddings=True)
-    overrides = [o for o in tiny_overrides if not o.startswith("llm.name_or_path=")] + [f"llm.name_or_path={llm}"]
+    overrides = [o for o in tiny_overrides if not o.startswith("llm.name_or_path=")] + [f"llm.name_or_path={llm}",
+                                                                                         f"dist.fsdp_cpu_offload={offload}"]
     runs = {}
     for sharded in (True, False):
         out = str(tmp_path / f"sharded_{sharded}.json")
         _, runs[sharded] = run_dist_check("fsdp", [out] + overrides + [f"dist.fsdp_sharded_load={sharded}"])
     assert runs[True]["llm_load"] == "sharded" and runs[False]["llm_load"] == "whole"
+    for run in runs.values():
+        assert run["llm_offload"] == ("CPUOffloadPolicy" if offload else "OffloadPolicy")
     assert not runs[True]["llm_requires_grad"] and not runs[True]["llm_grads"]  # still frozen after to_empty
     assert 0 < runs[True]["held"] < runs[True]["full"]
     for key in ("llm_before", "llm_after", "losses", "held", "full"):

@@ -189,7 +189,8 @@ class FSDPStrategy(Strategy):
         mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
         kwargs = {"mesh": mesh, "reshard_after_forward": True}
         if self.cfg.dist.fsdp_cpu_offload:
-            kwargs["offload_policy"] = CPUOffloadPolicy()
+            # pinned host memory speeds the copies to an accelerator; with none, pinning is an error
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.env.device.type != "cpu")
         if self.env.device.type == "cuda":
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=self.env.llm_dtype, reduce_dtype=torch.float32)
         for layer in lm.base_model.layers:
