@@ -72,6 +72,7 @@ class Recognizer:
                          channels_last)
         model.load_state_dict(blob["state_dict"])
         model.to(device).eval()
+        log.info("loaded %s on %s, backbone %s", path, device, "channels_last" if channels_last else "contiguous")
         return cls(model, Alphabet(blob["alphabet"]), blob["img_height"], blob["img_width"], device, cfg)
 
     def batch_from_arrays(self, images: Sequence[np.ndarray]) -> torch.Tensor:

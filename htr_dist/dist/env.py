@@ -229,8 +229,9 @@ def init_distributed(timeout_s: int = 1800, use_deepspeed: bool = False, precisi
     dtype = pick_dtype(device, precision)
     env = DistEnv(rank, world, local_rank, device, backend, dtype, pick_llm_dtype(device, dtype, llm_precision),
                   pick_channels_last(device, memory_format))
-    log.info("rank %d/%d local %d device %s backend %s dtype %s (LLM %s), backbone %s", rank, world, local_rank,
-             device, backend, env.dtype, env.llm_dtype, "channels_last" if env.channels_last else "contiguous")
+    log.info("rank %d/%d local %d device %s backend %s dtype %s (LLM %s), training backbone %s", rank, world,
+             local_rank, device, backend, env.dtype, env.llm_dtype,
+             "channels_last" if env.channels_last else "contiguous")
     return env
 
 
