@@ -16,10 +16,11 @@ from typing import Any, List, Optional, Union
 
 import yaml
 
+from htr_dist.errors import InputError
 from htr_dist.io_utils import atomic_write_text
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A config key, type or value is invalid; the message names the key."""
 
 

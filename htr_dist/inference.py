@@ -18,6 +18,7 @@ from htr_dist.config import Config, from_dict
 from htr_dist.data.alphabet import Alphabet
 from htr_dist.data.transforms import preprocess
 from htr_dist.dist.env import pick_channels_last
+from htr_dist.errors import InputError
 from htr_dist.models.htr import HTRModel
 from htr_dist.train.metrics import beam_decode, edit_distance, greedy_decode
 
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 EXPORT_FORMAT = "htr-dist-model/1"
 
 
-class InferenceError(RuntimeError):
+class InferenceError(InputError, RuntimeError):
     """An input (model file or image) cannot be used; the message names it."""
 
 

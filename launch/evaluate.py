@@ -10,6 +10,7 @@ import sys
 
 from htr_dist.config import CHOICES
 from htr_dist.dist import env as dist_env
+from htr_dist.errors import InputError
 from htr_dist.evaluate import run_evaluation
 
 
@@ -35,6 +36,9 @@ def main(argv=None) -> int:
     env = dist_env.init_distributed()
     try:
         run_evaluation(args, env)
+    except InputError as err:  # a model file or shard folder that cannot be used: the message names it
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except Exception as err:  # a clear one-line message for the user, the traceback in the log
         logging.getLogger("evaluate").exception("evaluation failed")
         print(f"error: {err}", file=sys.stderr)

@@ -14,6 +14,7 @@ import sys
 
 from htr_dist.config import ConfigError, add_config_args, load_config
 from htr_dist.dist import env as dist_env
+from htr_dist.errors import InputError
 from htr_dist.train.loop import train
 
 
@@ -34,6 +35,9 @@ def main(argv=None) -> int:
     try:
         result = train(cfg, env)
         logging.getLogger("train").info("finished: %s", result)
+    except InputError as err:  # a bad shard folder, LLM path, ...: the message names it; no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     finally:
         dist_env.destroy()
     return 0

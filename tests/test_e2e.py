@@ -56,3 +56,21 @@ def test_end_to_end(tmp_path, tiny_llama):
     assert len(got) == 4
     for path, text in got.items():
         assert text == expected[os.path.basename(path)[: -len(".png")]]
+
+
+@pytest.mark.parametrize("case", ["shards", "llm", "config"])
+def test_train_reports_bad_input_in_one_line(case, shard_dir, tmp_path):
+    """A missing shard folder or LLM folder, or a bad config value, is the user's to fix: train.py exits with one
+    line that names it (1 for input files, 2 for the config, before any process group exists), no traceback."""
+    missing = str(tmp_path / "missing")
+    override, code, expected = {
+        "shards": (f"data.path={missing}", 1, f"error: shard folder not found: {missing} "),
+        "llm": (f"llm.name_or_path={missing}", 1, f"error: llm.name_or_path: folder not found: {missing}"),
+        "config": ("train.batch_size=0", 2, "config error: train.batch_size: must be > 0, got 0"),
+    }[case]
+    proc = subprocess.run([PY, "launch/train.py", "--config", "configs/tiny_cpu.yaml", f"data.path={shard_dir}",
+                           "train.use_llm=true", f"run.dir={tmp_path / 'run'}", override],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert any(line.startswith(expected) for line in proc.stderr.splitlines()), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr

@@ -22,6 +22,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from htr_dist.errors import InputError
+
 FORM_FOLDERS = ("formsA-D", "formsE-H", "formsI-Z", "forms")
 DEFAULT_MARGIN = 8
 """Pixels of paper kept around the union of a line's cmp boxes (at the form's full resolution, before scaling)."""
@@ -30,7 +32,7 @@ SPLIT_NAMES = {"train": "train", "trainset": "train", "validation": "val", "vali
                "validationset1": "val", "test": "test", "testset": "test"}
 
 
-class IAMFormatError(ValueError):
+class IAMFormatError(InputError, ValueError):
     """An IAM file does not have the expected format; the message names the file (and line id)."""
 
 

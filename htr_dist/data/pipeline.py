@@ -32,13 +32,14 @@ from PIL import Image
 from htr_dist.data.alphabet import Alphabet
 from htr_dist.data.shards import load_manifest, tar_samples
 from htr_dist.data.transforms import augment_preprocess, preprocess
+from htr_dist.errors import InputError
 
 log = logging.getLogger(__name__)
 
 MIN_SAMPLES_BEFORE_ABORT = 100
 
 
-class TooManySkipped(RuntimeError):
+class TooManySkipped(InputError, RuntimeError):
     """More samples were undecodable than ``data.max_skip_fraction`` allows."""
 
 

@@ -24,13 +24,14 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from htr_dist.errors import InputError
 from htr_dist.io_utils import atomic_write_json
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError, ValueError):
     """A shard folder or its manifest is missing or inconsistent; the message names the file."""
 
 
@@ -151,7 +152,7 @@ _REGULAR = (b"0", b"\0", b"7")
 _META = re.compile(r"__[^/]*__($|/)")  # names webdataset reserves (skipped, as it does)
 
 
-class ShardReadError(ValueError):
+class ShardReadError(InputError, ValueError):
     """A tar shard cannot be read on from some point (truncated, corrupt header, duplicate member)."""
 
 

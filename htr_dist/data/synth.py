@@ -39,6 +39,8 @@ import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from htr_dist.errors import InputError
+
 log = logging.getLogger(__name__)
 
 # (Debian package, font file) pairs: handwriting-style fonts with lowercase letters (see the README).
@@ -67,7 +69,7 @@ _MARGIN_RIGHT = 70
 _BOX_MIN_COVERAGE = 26
 
 
-class FontsNotFound(RuntimeError):
+class FontsNotFound(InputError, RuntimeError):
     """No handwriting font is installed; the message names the apt packages to install."""
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from htr_dist.errors import InputError
 from htr_dist.io_utils import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 SMOLLM2 = "smollm2-135m"
 
 
-class LLMLoadError(RuntimeError):
+class LLMLoadError(InputError, RuntimeError):
     """The LLM named in the config cannot be found or loaded; the message says what to do."""
 
 
