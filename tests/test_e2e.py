@@ -58,15 +58,19 @@ def test_end_to_end(tmp_path, tiny_llama):
         assert text == expected[os.path.basename(path)[: -len(".png")]]
 
 
-@pytest.mark.parametrize("case", ["shards", "llm", "config"])
+@pytest.mark.parametrize("case", ["shards", "llm", "config", "resume", "not_a_checkpoint"])
 def test_train_reports_bad_input_in_one_line(case, shard_dir, tmp_path):
-    """A missing shard folder or LLM folder, or a bad config value, is the user's to fix: train.py exits with one
-    line that names it (1 for input files, 2 for the config, before any process group exists), no traceback."""
+    """A missing shard folder, LLM folder or checkpoint, or a bad config value, is the user's to fix: train.py exits
+    with one line that names it (2 for what the config check finds, before any process group exists; 1 for the rest),
+    no traceback."""
     missing = str(tmp_path / "missing")
     override, code, expected = {
         "shards": (f"data.path={missing}", 1, f"error: shard folder not found: {missing} "),
         "llm": (f"llm.name_or_path={missing}", 1, f"error: llm.name_or_path: folder not found: {missing}"),
         "config": ("train.batch_size=0", 2, "config error: train.batch_size: must be > 0, got 0"),
+        "resume": (f"train.resume={missing}", 1, f"error: train.resume: checkpoint folder not found: {missing}"),
+        "not_a_checkpoint": (f"train.resume={shard_dir}", 1,
+                             f"error: train.resume: {shard_dir}: not a checkpoint of this strategy (no trainer.pt)"),
     }[case]
     proc = subprocess.run([PY, "launch/train.py", "--config", "configs/tiny_cpu.yaml", f"data.path={shard_dir}",
                            "train.use_llm=true", f"run.dir={tmp_path / 'run'}", override],

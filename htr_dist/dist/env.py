@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.distributed as tdist
 
-from htr_dist.config import CHOICES, not_one_of
+from htr_dist.config import CHOICES, ConfigError, not_one_of
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def pick_dtype(device: torch.device, precision: str = "auto", key: str = "dist.p
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return torch.float32
     if precision not in CHOICES[key]:
-        raise ValueError(not_one_of(key, precision))
+        raise ConfigError(not_one_of(key, precision))
     if not has_native_bf16(device):
         log.warning("%s=bf16 on a CPU without native bf16 (avx512_bf16 or AMX): emulated, expect it slower than fp32",
                     key)
@@ -125,7 +125,7 @@ def pick_channels_last(device: torch.device, memory_format: str = "auto", backwa
     1.95 s NHWC vs 2.17 s NCHW, per round 1.11x).
     """
     if memory_format not in CHOICES["dist.memory_format"]:
-        raise ValueError(not_one_of("dist.memory_format", memory_format))
+        raise ConfigError(not_one_of("dist.memory_format", memory_format))
     if memory_format != "auto":
         return memory_format == "channels_last"
     return device.type == "cuda" or not backward or torch.backends.cpu.get_cpu_capability().startswith("AVX512")
@@ -136,7 +136,7 @@ def attn_implementation(device: torch.device, requested: str = "auto") -> str:
     device is CUDA, else PyTorch SDPA. An explicit ``flash_attention_2`` that cannot run is an error here, at start-up
     (transformers does not fall back)."""
     if requested not in CHOICES["llm.attn_implementation"]:
-        raise ValueError(not_one_of("llm.attn_implementation", requested))
+        raise ConfigError(not_one_of("llm.attn_implementation", requested))
     flash = False
     if device.type == "cuda":
         from transformers.utils import is_flash_attn_2_available
@@ -145,7 +145,7 @@ def attn_implementation(device: torch.device, requested: str = "auto") -> str:
     if requested == "auto":
         return "flash_attention_2" if flash else "sdpa"
     if requested == "flash_attention_2" and not flash:
-        raise ValueError(f"llm.attn_implementation=flash_attention_2 needs CUDA and the flash-attn package "
+        raise ConfigError(f"llm.attn_implementation=flash_attention_2 needs CUDA and the flash-attn package "
                          f"(pip install .[flash]); this rank's device is {device}")
     return requested
 

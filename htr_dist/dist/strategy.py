@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from htr_dist.config import ConfigError
 from htr_dist.dist.env import (DistEnv, attn_implementation, ranks_share_memory, tune_cpu_allocator,
                                unlink_deepspeed_shm)
 from htr_dist.dist.shm_gather import install_for_deepspeed, install_for_fsdp
@@ -145,7 +146,10 @@ class Strategy:
             torch.save(state, os.path.join(folder, "trainer.pt"))
 
     def load(self, folder: str) -> dict:
-        state = torch.load(os.path.join(folder, "trainer.pt"), map_location=self.env.device, weights_only=False)
+        path = os.path.join(folder, "trainer.pt")
+        if not os.path.isfile(path):
+            raise ConfigError(f"train.resume: {folder}: not a checkpoint of this strategy (no trainer.pt)")
+        state = torch.load(path, map_location=self.env.device, weights_only=False)
         self.module.load_state_dict(state.pop("model"))
         self.optimizer.load_state_dict(state.pop("optimizer"))
         self.scheduler.load_state_dict(state.pop("scheduler"))
@@ -259,7 +263,7 @@ class DeepSpeedStrategy(Strategy):
             with open(path, encoding="utf-8") as f:
                 return json.load(f)
         except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"DeepSpeed config {path}: {err}") from None
+            raise ConfigError(f"DeepSpeed config {path}: {err}") from None
 
     def _batch_keys(self, ds: dict, micro: int, accum: int, bf16: bool) -> dict:
         # The YAML config is the one source of batch sizes: the JSON's values are replaced, never trusted.
@@ -281,7 +285,7 @@ class DeepSpeedStrategy(Strategy):
         ds.pop("optimizer", None)  # the optimizer and schedule come from train.* (build_optimizer)
         ds.pop("scheduler", None)
         if ds.get("zero_optimization", {}).get("stage", 0) >= 3:
-            raise ValueError(f"{self.cfg.dist.deepspeed_config}: the trainable part takes ZeRO stage 0, 1 or 2")
+            raise ConfigError(f"{self.cfg.dist.deepspeed_config}: the trainable part takes ZeRO stage 0, 1 or 2")
         return ds
 
     def build_teacher(self) -> nn.Module:
@@ -291,7 +295,7 @@ class DeepSpeedStrategy(Strategy):
         ds = self._batch_keys(self._read(self.cfg.dist.llm_deepspeed_config), 1, 1,
                               self.env.llm_dtype == torch.bfloat16)
         if ds.get("zero_optimization", {}).get("stage") != 3:
-            raise ValueError(f"{self.cfg.dist.llm_deepspeed_config}: the LLM config must use ZeRO stage 3")
+            raise ConfigError(f"{self.cfg.dist.llm_deepspeed_config}: the LLM config must use ZeRO stage 3")
         # A live HfDeepSpeedConfig makes from_pretrained build the model under zero.Init: parameters are
         # partitioned as they load, so no rank ever holds the whole LLM.
         self._hf_ds = HfDeepSpeedConfig(ds)
@@ -339,7 +343,7 @@ class DeepSpeedStrategy(Strategy):
         _, client_state = self.model.load_checkpoint(parent, tag=tag, load_module_strict=False,
                                                      load_optimizer_states=True, load_lr_scheduler_states=True)
         if client_state is None:
-            raise FileNotFoundError(f"{folder}: not a DeepSpeed checkpoint")
+            raise ConfigError(f"train.resume: {folder}: not a DeepSpeed checkpoint")
         return client_state
 
 
@@ -350,7 +354,7 @@ def build_strategy(cfg, env: DistEnv, model: HTRModel, total_steps: int) -> Stra
     try:
         cls = STRATEGIES[cfg.dist.strategy]
     except KeyError:
-        raise ValueError(f"dist.strategy: {cfg.dist.strategy!r} is not one of {sorted(STRATEGIES)}") from None
+        raise ConfigError(f"dist.strategy: {cfg.dist.strategy!r} is not one of {sorted(STRATEGIES)}") from None
     cpu = env.device.type == "cpu"
     if cpu:
         tune_cpu_allocator("load")

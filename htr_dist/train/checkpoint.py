@@ -13,6 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from htr_dist.config import ConfigError
 from htr_dist.dist import env as dist_env
 from htr_dist.io_utils import atomic_write_text
 
@@ -54,7 +55,7 @@ class CheckpointManager:
         if resume == "auto":
             return self.latest()
         if not os.path.isdir(resume):
-            raise FileNotFoundError(f"train.resume: checkpoint folder not found: {resume}")
+            raise ConfigError(f"train.resume: checkpoint folder not found: {resume}")
         return resume
 
     def save(self, strategy, step: int, client_state: dict) -> str:
