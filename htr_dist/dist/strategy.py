@@ -213,15 +213,19 @@ class FSDPStrategy(Strategy):
         """Give every sharded parameter of the meta-built ``teacher`` this rank's rows, read from the checkpoint.
 
         FSDP2 shards dim 0 as ``torch.chunk`` does: rank r holds rows [r*c, (r+1)*c) with c = ceil(rows / N). Buffers
-        keep the values computed at construction (``to_empty`` would leave them uninitialised).
+        keep the values computed at construction (``to_empty`` would leave them uninitialised), on the compute device
+        as ``fully_shard`` puts them, also when CPU offload keeps the shards on the CPU.
         """
-        buffers = {name: b.detach().clone() for name, b in teacher.named_buffers()}
+        buffers = {(prefix, key): b.detach().clone() for prefix, module in teacher.named_modules()
+                   for key, b in module._buffers.items() if b is not None}
         # with CPU offload the shards live on the CPU between uses (FSDP2 moves them to the device per use)
         teacher.to_empty(device="cpu" if self.cfg.dist.fsdp_cpu_offload else self.env.device)
+        for prefix, module in teacher.named_modules():
+            for key in module._buffers:
+                if (prefix, key) in buffers:
+                    module._buffers[key] = buffers[(prefix, key)].to(self.env.device)
         start = time.time()
         with torch.no_grad():
-            for name, b in teacher.named_buffers():
-                b.copy_(buffers[name])
             for name, p in teacher.lm.named_parameters():  # a tied weight is listed (and read) once
                 local, rank, world = p.to_local(), p.device_mesh.get_local_rank(), p.device_mesh.size()
                 rows = p.shape[0]
