@@ -84,7 +84,10 @@ class Recognizer:
     @torch.inference_mode()
     def predict(self, images: torch.Tensor, decode: str = "greedy", beam_width: int = 10) -> List[str]:
         """(B, 1, H, W) preprocessed images -> transcriptions."""
-        logits = self.model(images.to(self.device), None)["ctc_logits"]  # (T, B, C)
+        return self.decode_logits(self.model(images.to(self.device), None)["ctc_logits"], decode, beam_width)
+
+    def decode_logits(self, logits: torch.Tensor, decode: str = "greedy", beam_width: int = 10) -> List[str]:
+        """(T, B, C) CTC logits of the main head -> transcriptions."""
         if decode == "greedy":
             paths = greedy_decode(logits)
         elif decode == "beam":

@@ -55,3 +55,31 @@ def test_step_time_compares_memory_formats_in_one_run():
     assert 0 < ratio["min"] <= ratio["median"] <= ratio["max"]
     bad = subprocess.run(cmd[:-1] + ["nhwc"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert bad.returncode != 0 and "dist.memory_format: 'nhwc' is not one of" in bad.stderr
+
+
+def test_inference_compares_layouts_and_decoders_in_one_run(shard_dir):
+    cmd = [sys.executable, os.path.join(BENCH, "inference.py"), "--batch", "2", "--height", "32", "--width", "128",
+           "--steps", "2", "--warmup", "0", "--memory-format", "contiguous,channels_last,auto"]
+    out = subprocess.run(cmd + ["--data", shard_dir, "--split", "val"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert "round 2/2" in out.stderr
+    assert result["images"] == f"{shard_dir} (val)" and result["batch"] == 2
+    forward = result["forward"]
+    assert list(forward) == ["contiguous", "channels_last", "auto"]
+    assert forward["contiguous"]["layout"] == "contiguous" and forward["channels_last"]["layout"] == "channels_last"
+    assert forward["auto"]["layout"] == "channels_last"  # inference: NHWC wherever no backward runs
+    assert "paired_ratio" not in forward["contiguous"]
+    for layout in ("channels_last", "auto"):
+        ratio = forward[layout]["paired_ratio"]
+        assert 0 < ratio["min"] <= ratio["median"] <= ratio["max"]
+    for stats in [f["seconds"] for f in forward.values()] + [d["seconds"] for d in result["decode"].values()]:
+        assert 0 < stats["min"] <= stats["median"] <= stats["max"]
+    assert forward["contiguous"]["lines_per_s"] == 2 / forward["contiguous"]["seconds"]["median"]
+    assert set(result["decode"]) == {"greedy", "beam"} and result["macs_per_line"] > 0
+    for bad, message in ((["--memory-format", "nhwc"], "dist.memory_format: 'nhwc' is not one of"),
+                         (["--decode", "greedy,viterbi"], "decode: 'viterbi' is not one of")):
+        proc = subprocess.run(cmd[:2] + bad + ["--batch", "1", "--height", "32", "--width", "128", "--steps", "1"],
+                              capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]

@@ -19,6 +19,7 @@ SCRIPTS = {
     "benchmarks/loader.py": ["--data"],
     "benchmarks/step_time.py": ["--steps", "--batch", "--llm-precision"],
     "benchmarks/allgather.py": ["--nproc", "--sizes-mb", "--repeats"],
+    "benchmarks/inference.py": ["--checkpoint", "--memory-format", "--decode", "--batch"],
     "benchmarks/llm_memory.py": ["--help"],
 }
 

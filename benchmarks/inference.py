@@ -1,0 +1,152 @@
+"""Recognition throughput on the CPU: seconds per batch of the exported model's forward pass, per backbone layout,
+and of CTC decoding, per decoder. Prints one JSON object.
+
+The model is loaded as launch/evaluate.py and launch/recognize.py load it (``htr_dist.inference.Recognizer.load``):
+``--checkpoint`` names an exported model (a run folder or its model.pt); without it, a model of ``--cnn-cfg`` with
+random weights is exported to a temporary file first, which times the same forward pass. The batch is random pixels
+unless ``--data`` names a shard folder, whose first ``--batch`` lines of ``--split`` are used. Beam decoding depends
+on the logits: it skips classes below a log-probability of -12 in each frame, so a trained model on real lines
+(``--checkpoint`` and ``--data``) decodes much faster than random weights, whose flat outputs are its worst case.
+Each layout in ``--memory-format`` gets its own copy of the model; their
+forward passes run round robin on the same batch (noise is shared out evenly). ``forward.<layout>`` reports the
+layout it resolved to, min / median / max seconds per batch, lines per second at the median, and (after the first)
+``paired_ratio``: min / median / max of its time over the first layout's, per round. ``decode.<decoder>`` times CTC
+decoding of the batch (``--decode greedy,beam``) on the first layout's logits, which are the same for every layout.
+
+    .venv/bin/python benchmarks/inference.py --memory-format auto,channels_last,contiguous --steps 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from htr_dist.config import ArchConfig, Config
+from htr_dist.dist import env as dist_env
+from htr_dist.inference import Recognizer
+from htr_dist.models.htr import HTRModel, count_parameters
+from htr_dist.train.export import export_model
+
+from _report import reserve_stdout  # benchmarks/, first on sys.path when run as a script
+from step_time import CHARS, REFERENCE_CFG, SEED_CFG, forward_macs
+
+CNN_CFGS = {"default": ArchConfig().cnn_cfg, "reference": REFERENCE_CFG, "seed": SEED_CFG}
+
+
+def export_random_model(cnn_cfg, height: int, width: int, folder: str) -> str:
+    """An exported model of ``cnn_cfg`` with random weights, as training would write it."""
+    cfg = Config()
+    cfg.arch.cnn_cfg = cnn_cfg
+    cfg.data.img_height, cfg.data.img_width = height, width
+    torch.manual_seed(0)
+    model = HTRModel(cfg.arch, cfg.connector, len(CHARS) + 1, height, width, None)
+    return export_model(model, cfg, CHARS, os.path.join(folder, "model.pt"))
+
+
+def real_lines(rec: Recognizer, folder: str, split: str, batch: int) -> torch.Tensor:
+    """The first ``batch`` line images of ``split`` in a shard folder, preprocessed as evaluation does."""
+    from htr_dist.data.pipeline import build_eval_loader
+
+    cfg = copy.deepcopy(rec.config)
+    cfg.data.path = folder
+    cfg.data.img_height, cfg.data.img_width = rec.img_height, rec.img_width
+    cfg.train.batch_size = batch
+    return next(iter(build_eval_loader(cfg, split, rec.alphabet, 0, 1)))["images"]
+
+
+def spread(times: list) -> dict:
+    return {"min": min(times), "median": statistics.median(times), "max": max(times)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="", help="exported model (run folder or model.pt); default: random weights")
+    p.add_argument("--data", default="", help="shard folder to take real line images from (default: random pixels)")
+    p.add_argument("--split", default="test", help="split of --data (default: test)")
+    p.add_argument("--cnn-cfg", default="default", choices=sorted(CNN_CFGS),
+                   help="backbone of the random model (default: default)")
+    p.add_argument("--batch", type=int, default=16, help="lines per batch (default: 16)")
+    p.add_argument("--height", type=int, default=128, help="line image height of the random model (default: 128)")
+    p.add_argument("--width", type=int, default=1024, help="line image width of the random model (default: 1024)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    p.add_argument("--steps", type=int, default=8, help="timed rounds (default: 8)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default: 1)")
+    p.add_argument("--memory-format", default="auto,contiguous",
+                   help="comma-separated backbone layouts to compare: auto, channels_last, contiguous "
+                        "(default: auto,contiguous)")
+    p.add_argument("--decode", default="greedy,beam", help="comma-separated decoders to time (default: greedy,beam)")
+    p.add_argument("--beam-width", type=int, default=10, help="beam width of the beam decoder (default: 10)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    emit = reserve_stdout()
+    torch.set_num_threads(args.threads)
+    formats = args.memory_format.split(",")
+    decoders = args.decode.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.checkpoint or export_random_model(CNN_CFGS[args.cnn_cfg], args.height, args.width, tmp)
+        # layouts checked and resolved as evaluation does (an unknown name is an error naming the key)
+        recognizers = {f: Recognizer.load(path, torch.device("cpu"), f) for f in formats}
+    dist_env.tune_cpu_allocator("step")  # after the load, as evaluation does
+    first = recognizers[formats[0]]
+    if args.data:
+        images = real_lines(first, args.data, args.split, args.batch)
+    else:
+        images = torch.rand(args.batch, 1, first.img_height, first.img_width)
+    forward = {f: [] for f in formats}
+    decoding = {d: [] for d in decoders}
+    with torch.inference_mode():
+        for d in decoders:  # an unknown decoder fails now, before any timing
+            first.predict(images[:1], d, args.beam_width)
+        for i in range(args.warmup + args.steps):
+            this_round = {}
+            for f, rec in recognizers.items():  # round robin: noise is shared out evenly
+                start = time.perf_counter()
+                logits = rec.model(images, None)["ctc_logits"]
+                this_round[f] = time.perf_counter() - start
+                if f == formats[0]:
+                    first_logits = logits
+            for d in decoders:
+                start = time.perf_counter()
+                first.decode_logits(first_logits, d, args.beam_width)
+                this_round[d] = time.perf_counter() - start
+            if i >= args.warmup:
+                for name, seconds in this_round.items():
+                    (forward if name in forward else decoding)[name].append(seconds)
+            print(f"round {i + 1}/{args.warmup + args.steps}" + (" (warm-up)" if i < args.warmup else "") + ": " +
+                  ", ".join(f"{name} {seconds:.3f} s" for name, seconds in this_round.items()),
+                  file=sys.stderr, flush=True)
+    one = images[:1]
+    out = {
+        "checkpoint": args.checkpoint or f"random weights, cnn_cfg {args.cnn_cfg}",
+        "images": f"{args.data} ({args.split})" if args.data else "random pixels",
+        "batch": len(images), "threads": args.threads, "image": [first.img_height, first.img_width],
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "params": count_parameters(first.model)["trainable"],
+        "macs_per_line": forward_macs(first.model, lambda: first.model(one, None)),
+    }
+    out["forward"] = {}
+    for f in formats:
+        out["forward"][f] = {
+            "layout": "channels_last" if recognizers[f].model.backbone.channels_last else "contiguous",
+            "seconds": spread(forward[f]),
+            "lines_per_s": len(images) / statistics.median(forward[f]),
+        }
+        if f != formats[0]:
+            out["forward"][f]["paired_ratio"] = spread([a / b for a, b in zip(forward[f], forward[formats[0]])])
+    out["decode"] = {d: {"seconds": spread(decoding[d])} for d in decoders}
+    emit(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
