@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from htr_dist.config import CHOICES
+from htr_dist.dist.env import tune_cpu_allocator
 from htr_dist.inference import InferenceError, Recognizer, read_gray
 
 
@@ -31,6 +32,7 @@ def main(argv=None) -> int:
     except InferenceError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    tune_cpu_allocator("step")  # set-up is over: the batches' activations reuse heap memory from here on
     failed = 0
     for start in range(0, len(args.images), args.batch_size):
         paths, arrays = [], []
