@@ -36,7 +36,7 @@ def run_evaluation(args, env) -> dict:
 
     rec = Recognizer.load(args.checkpoint, env.device, args.memory_format)
     if env.device.type == "cpu":
-        dist_env.tune_cpu_allocator()  # set-up is over: the batches' activations reuse heap memory from here on
+        dist_env.tune_cpu_allocator("step")  # set-up is over: the batches' activations reuse heap memory from here on
     cfg = rec.config
     cfg.data.path = args.data
     cfg.data.img_height, cfg.data.img_width = rec.img_height, rec.img_width
