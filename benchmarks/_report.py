@@ -7,7 +7,13 @@ for the report and points descriptor 1 (and so ``print``, loggers and children) 
 
 import json
 import os
+import statistics
 import sys
+
+
+def spread(values) -> dict:
+    """Min / median / max of repeated measurements, the form every benchmark reports them in."""
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
 def reserve_stdout():

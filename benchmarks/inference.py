@@ -34,8 +34,8 @@ from htr_dist.inference import Recognizer
 from htr_dist.models.htr import HTRModel, count_parameters
 from htr_dist.train.export import export_model
 
-from _report import reserve_stdout  # benchmarks/, first on sys.path when run as a script
-from step_time import CHARS, REFERENCE_CFG, SEED_CFG, forward_macs
+from _report import reserve_stdout, spread  # benchmarks/, first on sys.path when run as a script
+from step_time import CHARS, REFERENCE_CFG, SEED_CFG, forward_macs, paired_ratio
 
 CNN_CFGS = {"default": ArchConfig().cnn_cfg, "reference": REFERENCE_CFG, "seed": SEED_CFG}
 
@@ -59,10 +59,6 @@ def real_lines(rec: Recognizer, folder: str, split: str, batch: int) -> torch.Te
     cfg.data.img_height, cfg.data.img_width = rec.img_height, rec.img_width
     cfg.train.batch_size = batch
     return next(iter(build_eval_loader(cfg, split, rec.alphabet, 0, 1)))["images"]
-
-
-def spread(times: list) -> dict:
-    return {"min": min(times), "median": statistics.median(times), "max": max(times)}
 
 
 def parse_args(argv=None):
@@ -142,7 +138,7 @@ def main(argv=None) -> int:
             "lines_per_s": len(images) / statistics.median(forward[f]),
         }
         if f != formats[0]:
-            out["forward"][f]["paired_ratio"] = spread([a / b for a, b in zip(forward[f], forward[formats[0]])])
+            out["forward"][f]["paired_ratio"] = paired_ratio(forward[f], forward[formats[0]])
     out["decode"] = {d: {"seconds": spread(decoding[d])} for d in decoders}
     emit(out)
     return 0

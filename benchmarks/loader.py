@@ -9,7 +9,6 @@ import argparse
 import io
 import itertools
 import os
-import statistics
 import sys
 import tarfile
 import tempfile
@@ -25,7 +24,7 @@ from htr_dist.data.pipeline import build_train_loader, shard_urls
 from htr_dist.data.shards import load_manifest
 from htr_dist.data.transforms import augment_preprocess, preprocess
 
-from _report import reserve_stdout  # benchmarks/, first on sys.path when run as a script
+from _report import reserve_stdout, spread  # benchmarks/, first on sys.path when run as a script
 
 
 class PngFolder(torch.utils.data.Dataset):
@@ -102,7 +101,7 @@ def main(argv=None):
                                              drop_last=True)
             results.setdefault(f"png_aug{int(augment)}_w{workers}", []).append(
                 time_batches(itertools.cycle(dl) if len(dl) <= args.batches else dl, args.batches, args.batch))
-    detail = {k: {"min": min(v), "median": statistics.median(v), "max": max(v)} for k, v in results.items()}
+    detail = {k: spread(v) for k, v in results.items()}
     best = max(args.workers, key=lambda w: detail[f"wds_aug1_w{w}"]["median"])
     best_base = max(args.workers, key=lambda w: detail[f"png_aug1_w{w}"]["median"])
     out = {

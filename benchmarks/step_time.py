@@ -37,7 +37,7 @@ from htr_dist.dist.env import launcher_command
 from htr_dist.models.htr import HTRModel, compute_losses, count_parameters, num_llm_samples
 from htr_dist.train.optim import build_optimizer
 
-from _report import reserve_stdout  # benchmarks/, first on sys.path when run as a script
+from _report import reserve_stdout, spread  # benchmarks/, first on sys.path when run as a script
 
 REFERENCE_CFG = [[2, 64], "M", [3, 128], "M", [2, 256]]
 SEED_CFG = [[2, 64], "M", "mobilevit1", [4, 128], "M", "mobilevit2", [4, 256]]
@@ -166,8 +166,7 @@ class Case:
 
 def paired_ratio(times: list, base: list) -> dict:
     """Min / median / max of ``times[i] / base[i]``: steps of one round ran back to back, so drift cancels."""
-    ratios = [a / b for a, b in zip(times, base)]
-    return {"min": min(ratios), "median": statistics.median(ratios), "max": max(ratios)}
+    return spread([a / b for a, b in zip(times, base)])
 
 
 def _train_step_seconds(args, strategy: str, nproc: int) -> list:

@@ -36,11 +36,9 @@ def main(argv=None) -> int:
     env = dist_env.init_distributed()
     try:
         run_evaluation(args, env)
-    except InputError as err:  # a model file or shard folder that cannot be used: the message names it
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except Exception as err:  # a clear one-line message for the user, the traceback in the log
-        logging.getLogger("evaluate").exception("evaluation failed")
+    except Exception as err:  # a clear one-line message for the user; for anything but bad input, a traceback too
+        if not isinstance(err, InputError):
+            logging.getLogger("evaluate").exception("evaluation failed")
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:

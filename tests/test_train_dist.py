@@ -89,8 +89,8 @@ def test_fsdp_sharded_load_gives_the_same_llm_as_a_whole_load(offload, tiny_over
 
     llm = make_tiny_llama(str(tmp_path / "tied_llama"), hidden=48, heads=4, kv_heads=2, intermediate=97,
                           tie_embeddings=True)
-    overrides = [o for o in tiny_overrides if not o.startswith("llm.name_or_path=")] + [f"llm.name_or_path={llm}",
-                                                                                         f"dist.fsdp_cpu_offload={offload}"]
+    overrides = [o for o in tiny_overrides if not o.startswith("llm.name_or_path=")]
+    overrides += [f"llm.name_or_path={llm}", f"dist.fsdp_cpu_offload={offload}"]
     runs = {}
     for sharded in (True, False):
         out = str(tmp_path / f"sharded_{sharded}.json")

@@ -269,11 +269,9 @@ def tune_cpu_allocator(phase: str = "step") -> bool:
     except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
-    if phase == "step":
-        limit = (1 << 31) - 1
-        done = mallopt(m_mmap_threshold, limit) == 1 and mallopt(m_trim_threshold, limit) == 1
-    else:
-        done = mallopt(m_mmap_threshold, 128 << 10) == 1 and mallopt(m_trim_threshold, 128 << 10) == 1
+    threshold = (1 << 31) - 1 if phase == "step" else 128 << 10
+    done = mallopt(m_mmap_threshold, threshold) == 1 and mallopt(m_trim_threshold, threshold) == 1
+    if phase == "load":
         malloc_trim(0)
     if done:
         log.debug("glibc malloc set for the %s phase", phase)
