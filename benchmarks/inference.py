@@ -34,8 +34,9 @@ from htr_dist.inference import Recognizer
 from htr_dist.models.htr import HTRModel, count_parameters
 from htr_dist.train.export import export_model
 
-from _report import reserve_stdout, spread  # benchmarks/, first on sys.path when run as a script
-from step_time import CHARS, REFERENCE_CFG, SEED_CFG, forward_macs, paired_ratio
+from _macs import forward_macs  # benchmarks/, first on sys.path when run as a script
+from _report import reserve_stdout, spread
+from step_time import CHARS, REFERENCE_CFG, SEED_CFG, paired_ratio
 
 CNN_CFGS = {"default": ArchConfig().cnn_cfg, "reference": REFERENCE_CFG, "seed": SEED_CFG}
 

@@ -8,6 +8,12 @@ counted by ``torch.utils.flop_counter.FlopCounterMode``). ``--memory-format auto
 three models without LLM in the other layouts, with ``<case>_<format>_paired_ratio`` (their step over the first
 layout's, per round).
 
+The goals compare our steps with the seed system's own, timed on one machine. ``seed_code`` and ``seed_code_llm`` run
+the seed's step (restated in ``_seed_code.py``) at its configuration, without and with its LLM path, in the same
+rounds, so the ratios can be judged on any machine: ``seed_hybrid_vs_seed_code_paired`` (ours at the seed's
+configuration over the seed's, per round; the goal is at most 0.8) and ``seed_code_llm_overhead_paired`` (the seed's
+LLM overhead, to read next to ``llm_overhead_paired``).
+
     .venv/bin/python benchmarks/step_time.py --steps 5 --warmup 1
 
 Strategy mode times the real training script instead: ``perf/step_s`` of launch/train.py for each ``--strategy`` at
@@ -29,7 +35,6 @@ import tempfile
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from htr_dist.config import ArchConfig, ConnectorConfig, LLMConfig, TrainConfig
 from htr_dist.dist import env as dist_env
@@ -37,7 +42,9 @@ from htr_dist.dist.env import launcher_command
 from htr_dist.models.htr import HTRModel, compute_losses, count_parameters, num_llm_samples
 from htr_dist.train.optim import build_optimizer
 
-from _report import reserve_stdout, spread  # benchmarks/, first on sys.path when run as a script
+from _macs import forward_macs  # benchmarks/, first on sys.path when run as a script
+from _report import reserve_stdout, spread
+from _seed_code import SeedCodeCase
 
 REFERENCE_CFG = [[2, 64], "M", [3, 128], "M", [2, 256]]
 SEED_CFG = [[2, 64], "M", "mobilevit1", [4, 128], "M", "mobilevit2", [4, 256]]
@@ -83,34 +90,6 @@ def load_teacher(name: str, cache_dir: str, dtype: torch.dtype = torch.float32, 
 
     lm, tokenizer = load_causal_lm(name, cache_dir, dtype=dtype, attn_implementation=attn)
     return PrefixLM(lm, tokenizer).eval()
-
-
-def _rnn_macs(module: torch.nn.RNNBase, inputs: tuple) -> int:
-    """Multiply-accumulates of one LSTM/GRU call: gates x hidden x (input + hidden) per step, layer and direction."""
-    x = inputs[0]
-    batch, steps = (x.shape[0], x.shape[1]) if module.batch_first else (x.shape[1], x.shape[0])
-    gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1)
-    dirs = 2 if module.bidirectional else 1
-    total, in_dim = 0, module.input_size
-    for _ in range(module.num_layers):
-        total += dirs * gates * module.hidden_size * (in_dim + module.hidden_size)
-        in_dim = dirs * module.hidden_size
-    return total * batch * steps
-
-
-def forward_macs(module: torch.nn.Module, fn) -> int:
-    """Forward MACs of ``fn()``: FlopCounterMode's FLOPs / 2, plus LSTM/GRU layers, which it does not count on CPU."""
-    rnn_total = [0]
-    hooks = [m.register_forward_hook(lambda mod, inp, out: rnn_total.__setitem__(0, rnn_total[0] + _rnn_macs(mod, inp)))
-             for m in module.modules() if isinstance(m, torch.nn.RNNBase)]
-    try:
-        # not under no_grad: FlopCounterMode's module tracker fails on views of parameters made there (torch 2.13)
-        with FlopCounterMode(display=False) as counter:
-            fn()
-    finally:
-        for h in hooks:
-            h.remove()
-    return counter.get_total_flops() // 2 + rnn_total[0]
 
 
 class Case:
@@ -264,6 +243,11 @@ def main(argv=None) -> None:
     only = set(filter(None, args.only.split(",")))
     specs = [s for s in specs if (not only or s[0] in only) and (s[2] is not None or not s[0].startswith("llm"))]
     cases = [Case(*spec[:2], args, *spec[2:]) for spec in specs]
+    # the seed's own step at its configuration, without and with its LLM path: the baselines of the goals
+    llm_lines = num_llm_samples(args.batch, 0.125)
+    seed_specs = [("seed_code", None, 0), ("seed_code_llm", teacher, llm_lines)]
+    cases += [SeedCodeCase(name, SEED_CFG, len(CHARS) + 1, t, n) for name, t, n in seed_specs
+              if (not only or name in only) and (n == 0 or t is not None)]
     batch = make_batch(args.batch, args.height, args.width, args.line_chars)
     reports = {case.name: case.report(args, batch) for case in cases}  # first: a failure here costs no timing run
 
@@ -292,6 +276,10 @@ def main(argv=None) -> None:
             # the same ratio taken within each round, where both cases ran back to back: slow drift of the machine
             # (other tenants, thermal state) cancels, which the ratio of the two medians does not do
             result[f"llm_overhead{suffix}_paired"] = paired_ratio(sampled, by_name["no_llm"])
+    if "seed_hybrid" in by_name and "seed_code" in by_name:  # the goal: at most 0.8
+        result["seed_hybrid_vs_seed_code_paired"] = paired_ratio(by_name["seed_hybrid"], by_name["seed_code"])
+    if "seed_code_llm" in by_name and "seed_code" in by_name:  # the seed's own LLM overhead, next to ours
+        result["seed_code_llm_overhead_paired"] = paired_ratio(by_name["seed_code_llm"], by_name["seed_code"])
     for f in formats[1:]:
         for name, _ in plain:
             if f"{name}_{f}" in by_name and name in by_name:  # this layout's step over the first one's, per round

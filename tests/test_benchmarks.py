@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
 
@@ -40,6 +42,45 @@ def test_step_time_prints_one_json_object_with_paired_overhead(tiny_llama):
         paired = result[key]
         assert 0 < paired["min"] <= paired["median"] <= paired["max"]
     assert result["llm_sampled"]["llm_lines_per_step"] == 1
+
+
+def test_step_time_times_the_seed_code_in_the_same_rounds(tiny_llama):
+    # 128 x 256: the seed's MobileViT needs whole 8 x 8 patches at 1/16 of the input
+    cmd = [sys.executable, os.path.join(BENCH, "step_time.py"), "--llm", tiny_llama, "--steps", "2", "--warmup", "0",
+           "--batch", "3", "--height", "128", "--width", "256", "--only", "seed_hybrid,seed_code,seed_code_llm"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert "round 2/2" in out.stderr and "no_llm" not in result
+    assert result["seed_code"]["params_trainable"] == 10401744  # the seed's "about 10.4 M" at its configuration
+    assert result["seed_code_llm"]["params_trainable"] > result["seed_code"]["params_trainable"]  # + its connector
+    assert result["seed_code_llm"]["llm_lines_per_step"] == 1
+    assert result["seed_code"]["macs_per_line"] > 0
+    for key in ("seed_hybrid_vs_seed_code_paired", "seed_code_llm_overhead_paired"):
+        paired = result[key]
+        assert 0 < paired["min"] <= paired["median"] <= paired["max"]
+
+
+def test_seed_code_step_does_the_seeds_work(tiny_llama, monkeypatch):
+    """Its cost comes from the backbone run again on the LLM lines and the LLM scoring 128 positions each."""
+    monkeypatch.syspath_prepend(BENCH)
+    from _seed_code import SeedCodeCase
+    from step_time import SEED_CFG, load_teacher, make_batch
+
+    teacher = load_teacher(tiny_llama, "")
+    case = SeedCodeCase("seed_code_llm", SEED_CFG, 80, teacher, llm_lines=2)
+    seen = {"backbone": [], "llm": []}
+    case.model.features.register_forward_hook(lambda m, args, out: seen["backbone"].append(args[0].shape[0]))
+    teacher.lm.register_forward_hook(
+        lambda m, args, kwargs, out: seen["llm"].append((kwargs["inputs_embeds"].shape, kwargs["labels"].shape)),
+        with_kwargs=True)
+    before = [p.detach().clone() for p in case.model.connector.parameters()]
+    case.step(make_batch(5, 128, 256, 45))
+    assert seen["backbone"] == [5, 2]
+    # every frame of a 256-pixel line (T = 256 / 8) goes in, and every position is a label, padding included
+    assert seen["llm"] == [((2, 32, teacher.hidden_size), (2, 32))]
+    assert all(not torch.equal(a, p) for a, p in zip(before, case.model.connector.parameters()))
+    assert not any(p.requires_grad for p in teacher.lm.parameters())
 
 
 def test_step_time_compares_memory_formats_in_one_run():
