@@ -1,8 +1,10 @@
 """End to end, as a user runs it: synth -> prepare -> 2-rank training -> export -> evaluate (2 ranks) -> recognize."""
 
 import csv
+import io
 import json
 import os
+import shutil
 import subprocess
 import tarfile
 
@@ -56,6 +58,32 @@ def test_end_to_end(tmp_path, tiny_llama):
     assert len(got) == 4
     for path, text in got.items():
         assert text == expected[os.path.basename(path)[: -len(".png")]]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_train_reports_corrupt_shards_in_one_line(workers, shard_dir, tmp_path):
+    """Too many undecodable images stop the run with the loader's own message, also when a DataLoader worker process
+    found them (PyTorch re-raises a worker's error with the worker's whole traceback as its message)."""
+    broken = tmp_path / "broken"
+    shutil.copytree(shard_dir, broken)
+    for name in os.listdir(broken):
+        if name.startswith("train-") and name.endswith(".tar"):
+            with tarfile.open(broken / name) as tar:
+                members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+            with tarfile.open(broken / name, "w") as tar:
+                for m, data in members:
+                    data = b"not a png" if m.name.endswith(".png") else data
+                    m.size = len(data)
+                    tar.addfile(m, io.BytesIO(data))
+    proc = subprocess.run([PY, "launch/train.py", "--config", "configs/tiny_cpu.yaml", f"data.path={broken}",
+                           f"data.num_workers={workers}", f"run.dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "samples skipped" in errors[0], proc.stderr[-3000:]
+    assert "more than data.max_skip_fraction=" in errors[0] and "cannot be decoded" in errors[0]
+    assert ("in DataLoader worker process 0" in errors[0]) == (workers == 1)
+    assert "Traceback" not in proc.stderr and "Caught " not in proc.stderr
 
 
 @pytest.mark.parametrize("case", ["shards", "llm", "config", "resume", "not_a_checkpoint"])

@@ -169,6 +169,23 @@ def test_abort_when_too_many_skipped(tmp_path):
         list(build_eval_loader(cfg, "train", Alphabet("abcdefghij "), 0, 1))
 
 
+class _Aborts(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        raise TooManySkipped("7 of 100 samples skipped: shard a.tar")
+
+
+def test_an_abort_in_a_worker_keeps_its_message():
+    """torch re-raises a worker's error with the worker's traceback as the message; ours come back as they were."""
+    with pytest.raises(TooManySkipped) as caught:
+        next(iter(torch.utils.data.DataLoader(_Aborts(), batch_size=None, num_workers=1)))
+    assert str(caught.value) == "7 of 100 samples skipped: shard a.tar (in DataLoader worker process 0)"
+    with pytest.raises(TooManySkipped) as caught:
+        next(iter(torch.utils.data.DataLoader(_Aborts(), batch_size=None, num_workers=0)))
+    assert str(caught.value) == "7 of 100 samples skipped: shard a.tar"
+    other = "Caught ValueError in DataLoader worker process 0.\nOriginal Traceback ...\nValueError: x"
+    assert str(TooManySkipped(other)) == other  # not this class's own text: left as it is
+
+
 @pytest.mark.parametrize("counts", [[25], [9, 9, 7], [1, 1, 1, 1, 1, 20], [13, 2]])
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_eval_sees_every_line_once(tmp_path, counts, world):
