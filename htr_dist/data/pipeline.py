@@ -122,6 +122,9 @@ class StreamDataset(torch.utils.data.IterableDataset):
             with Image.open(io.BytesIO(s["png"])) as im:
                 img = np.asarray(im.convert("L"), dtype=np.uint8)
             text = s["txt"].decode("utf-8").strip()
+        except Image.UnidentifiedImageError:  # PIL's own message names only a BytesIO object's address
+            self._counter.skip(f"{where} cannot be decoded (png: {len(s['png'])} bytes that are not an image)")
+            return None
         except Exception as err:  # noqa: BLE001 - any decoding failure is a skipped sample, counted and named
             self._counter.skip(f"{where} cannot be decoded ({type(err).__name__}: {err})")
             return None
