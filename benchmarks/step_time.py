@@ -224,7 +224,7 @@ def main(argv=None) -> None:
 
     llm_dtype = torch.bfloat16 if args.llm_precision == "bf16" else torch.float32
     # resolved and checked as training does: auto -> sdpa here, an unknown name is an error naming the key
-    attns = [dist_env.attn_implementation(torch.device("cpu"), a) for a in args.llm_attn.split(",")]
+    attns = [dist_env.attn_implementation(torch.device("cpu"), a, llm_dtype) for a in args.llm_attn.split(",")]
     dist_env.tune_cpu_allocator("load")  # load, then step, as training does (htr_dist.dist.strategy.build_strategy)
     teachers = {a: load_teacher(args.llm, args.llm_cache, llm_dtype, a) for a in attns} if args.llm else {}
     teacher = teachers.get(attns[0])

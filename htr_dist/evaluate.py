@@ -42,7 +42,7 @@ def run_evaluation(args, env) -> dict:
     cfg.data.img_height, cfg.data.img_width = rec.img_height, rec.img_width
     cfg.train.batch_size = args.batch_size
     start = time.time()
-    loader = build_eval_loader(cfg, args.split, rec.alphabet, env.rank, env.world_size)
+    loader = build_eval_loader(cfg, args.split, rec.alphabet, env.rank, env.world_size, env.pin_memory)
     results = gather_results(evaluate_batches(rec, loader, args.decode, args.beam_width))
     scores = corpus_scores(results)
     scores.update(split=args.split, data=args.data, decode=args.decode, seconds=round(time.time() - start, 2))

@@ -98,3 +98,28 @@ def test_shipped_configs_load():
             ds = json.load(f)
         stage = ds["zero_optimization"]["stage"]
         assert stage == 3 if os.path.basename(path).startswith("llm_") else stage in (0, 1, 2), path
+
+
+def test_deepspeed_trainable_engine_keeps_fp32_weights_on_every_device(tmp_path):
+    """On CUDA with bf16 autocast too: a bf16 engine would cast the module's weights, which validation and export
+    use without the engine. A JSON that asks for one is an error that names the file and key."""
+    import json
+    import types
+
+    import torch
+
+    from htr_dist.dist.strategy import DeepSpeedStrategy
+
+    cfg = load_config(None, ["dist.strategy=deepspeed", "dist.precision=bf16", "train.batch_size=8"])
+    strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)  # the config logic only: no engine, no process group
+    strategy.cfg = cfg
+    strategy.env = types.SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16, world_size=4)
+    ds = strategy.trainable_config()
+    assert ds["bf16"] == {"enabled": False} and "fp16" not in ds
+    assert ds["train_batch_size"] == 8 * cfg.train.grad_accum * 4
+    for key in ("bf16", "fp16"):
+        path = tmp_path / f"{key}.json"
+        path.write_text(json.dumps({"zero_optimization": {"stage": 2}, key: {"enabled": True}}))
+        cfg.dist.deepspeed_config = str(path)
+        with pytest.raises(ConfigError, match=rf"{path}: {key}.enabled: the trainable part keeps fp32 weights"):
+            strategy.trainable_config()

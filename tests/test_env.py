@@ -33,6 +33,23 @@ def test_cuda_choices_without_a_gpu():
     assert dist_env.pick_dtype(cuda, "fp32") == torch.float32
     with pytest.raises(ValueError, match="dist.precision"):
         dist_env.pick_dtype(cuda, "fp16")
+    assert dist_env.DistEnv(0, 1, 0, cuda, "nccl", torch.bfloat16).pin_memory  # batches page-locked for the GPU
+    assert not dist_env.DistEnv(0, 1, 0, torch.device("cpu"), "gloo", torch.float32).pin_memory
+
+
+def test_flash_attention_only_for_a_half_precision_llm(monkeypatch):
+    """flash-attn computes bf16 and fp16 only: with the LLM in fp32 (dist.precision=fp32 on a GPU), auto is SDPA and
+    an explicit request is an error at start-up, not a failure in the first forward."""
+    import transformers.utils
+
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
+    cuda = torch.device("cuda", 0)
+    assert dist_env.attn_implementation(cuda, "auto", torch.bfloat16) == "flash_attention_2"
+    assert dist_env.attn_implementation(cuda, "auto", torch.float16) == "flash_attention_2"
+    assert dist_env.attn_implementation(cuda, "auto", torch.float32) == "sdpa"
+    with pytest.raises(ConfigError, match="flash_attention_2 needs the LLM in bf16 or fp16.*torch.float32"):
+        dist_env.attn_implementation(cuda, "flash_attention_2", torch.float32)
+    assert not dist_env.has_native_bf16(cuda)  # no GPU here: nothing native to claim
 
 
 @pytest.mark.parametrize("dtype, enabled", [(torch.float32, False), (torch.bfloat16, True)])
@@ -62,10 +79,12 @@ def test_llm_precision_follows_precision_unless_set(monkeypatch):
     assert dist_env.pick_llm_dtype(cuda, torch.bfloat16, "fp32") == torch.float32
     with pytest.raises(ValueError, match="dist.llm_precision"):
         dist_env.pick_llm_dtype(cpu, torch.float32, "fp16")
-    assert dist_env.pick_llm_dtype(cuda, torch.bfloat16, "bf16_native") == torch.bfloat16
-    for native, dtype in [(True, torch.bfloat16), (False, torch.float32)]:  # avx512_bf16/AMX or not
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for native, dtype in [(True, torch.bfloat16), (False, torch.float32)]:  # avx512_bf16/AMX or not, Ampere or not
         monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda n=native: n)
         assert dist_env.pick_llm_dtype(cpu, torch.float32, "bf16_native") == dtype
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native: n)
+        assert dist_env.pick_llm_dtype(cuda, torch.bfloat16, "bf16_native") == dtype
     env = dist_env.DistEnv(0, 1, 0, cpu, "gloo", torch.float32)
     assert env.llm_dtype == torch.float32  # not given: the trainable dtype
     env = dist_env.DistEnv(0, 1, 0, cpu, "gloo", torch.float32, torch.bfloat16)
@@ -207,3 +226,14 @@ def test_build_strategy_loads_under_the_load_phase_then_sets_the_step_phase(monk
     env = dist_env.init_distributed()
     assert strategy_mod.build_strategy(cfg, env, None, 10) == "built"
     assert calls == ["load", "build", "step"]
+
+def test_collectives_reduce_where_the_backend_can(monkeypatch):
+    """NCCL reduces CUDA tensors only: the loop's small CPU tensors (stop flag, validation counts, logged means) go to
+    the current CUDA device for the reduction there, and stay on the CPU for gloo."""
+    import torch.distributed as tdist
+
+    monkeypatch.setattr(tdist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert dist_env.collective_device() == torch.device("cuda", 3)
+    monkeypatch.setattr(tdist, "get_backend", lambda group=None: "gloo")
+    assert dist_env.collective_device() == torch.device("cpu")

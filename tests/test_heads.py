@@ -77,3 +77,18 @@ def test_ctc_loss_reductions(reduction):
 def test_ctc_loss_rejects_an_unknown_reduction():
     with pytest.raises(ValueError, match="'sum'"):
         ctc_loss(torch.randn(4, 1, 3), torch.tensor([1]), torch.tensor([1]), "sum")
+
+
+@pytest.mark.parametrize("rnn_type", ["lstm", "gru"])
+def test_recurrence_runs_in_fp32_under_bf16_autocast(rnn_type):
+    """Autocast would run the LSTM in fp16 on CUDA (cuDNN's RNN cast) and in bf16 on the CPU, where oneDNN cannot
+    build it without native bf16; the recurrence stays fp32 and gives what it gives without autocast."""
+    torch.manual_seed(0)
+    head = CTCtopB(12, 7, "both", rnn_type, hidden=10, layers=3, dropout=0.0).eval()
+    seq = torch.rand(2, 9, 12)
+    _, _, plain = head(seq)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        main, _, tap = head(seq.bfloat16())
+    assert tap.dtype == torch.float32 and main.dtype == torch.bfloat16  # the output block still autocasts
+    assert torch.equal(tap, head.rnn.lower(seq.bfloat16().float())[0])
+    assert torch.allclose(tap, plain, atol=1e-2)  # the bf16 input is the only rounding

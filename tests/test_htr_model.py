@@ -166,6 +166,19 @@ def test_compute_losses_without_llm():
     assert losses["ctc_shortcut"].item() == 0.0 and losses["ctc"] > 0
 
 
+def test_a_training_step_under_bf16_autocast():
+    """dist.precision=bf16: fp32 weights, the step under autocast; every trainable weight gets a finite fp32 grad."""
+    torch.manual_seed(0)
+    arch = tiny_arch()
+    model = HTRModel(arch, TINY_CONNECTOR, len(CHARS) + 1, 32, 160, llm_hidden=12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = compute_losses(model, CountingTeacher(), batch_of(["abc", "de"]), TrainConfig(use_llm=True), arch)
+    losses["total"].backward()
+    assert torch.isfinite(losses["total"]) and losses["llm"] > 0
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+
+
 def test_system_forward_returns_named_losses():
     arch = tiny_arch()
     teacher = CountingTeacher()

@@ -169,6 +169,14 @@ def test_abort_when_too_many_skipped(tmp_path):
         list(build_eval_loader(cfg, "train", Alphabet("abcdefghij "), 0, 1))
 
 
+def test_loaders_page_lock_batches_only_when_asked(tmp_path):
+    cfg = cfg_for(make_shards(str(tmp_path / "s"), [4]), **{"train.batch_size": 2})
+    alphabet = Alphabet("abcdefghij ")
+    assert not build_train_loader(cfg, alphabet, 0, 1).pin_memory
+    assert build_train_loader(cfg, alphabet, 0, 1, pin_memory=True).pin_memory
+    assert build_eval_loader(cfg, "train", alphabet, 0, 1, pin_memory=True).pin_memory
+
+
 class _Aborts(torch.utils.data.IterableDataset):
     def __iter__(self):
         raise TooManySkipped("7 of 100 samples skipped: shard a.tar")

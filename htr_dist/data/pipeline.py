@@ -193,11 +193,13 @@ class StreamDataset(torch.utils.data.IterableDataset):
             yield self._stamped(ready)
 
 
-def _loader(ds: StreamDataset, workers: int) -> torch.utils.data.DataLoader:
+def _loader(ds: StreamDataset, workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
     # A private generator: creating a loader iterator must not draw from the global torch RNG (dropout's), or a
     # resumed run, which creates its loader at a different moment, would not reproduce an uninterrupted one.
+    # pin_memory (for a GPU): page-locked batches, so that .to(device, non_blocking=True) really is asynchronous.
     return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=False,
-                                       prefetch_factor=4 if workers else None, generator=torch.Generator())
+                                       prefetch_factor=4 if workers else None, generator=torch.Generator(),
+                                       pin_memory=pin_memory)
 
 
 class SkipStats:
@@ -218,21 +220,23 @@ class SkipStats:
         return sum(v[1] for v in self.by_worker.values())
 
 
-def build_train_loader(cfg, alphabet: Alphabet, rank: int, world: int, epoch: int = 0, skip_batches: int = 0):
-    """This rank's training batches of ``epoch``; take exactly ``steps_per_epoch`` of them (the stream is infinite)."""
+def build_train_loader(cfg, alphabet: Alphabet, rank: int, world: int, epoch: int = 0, skip_batches: int = 0,
+                       pin_memory: bool = False):
+    """This rank's training batches of ``epoch``; take exactly ``steps_per_epoch`` of them (the stream is infinite).
+    ``pin_memory``: page-locked batches, for a copy to a GPU that overlaps with compute."""
     manifest = load_manifest(cfg.data.path)
     ds = StreamDataset(shard_urls(manifest, "train"), alphabet, cfg.data.img_height, cfg.data.img_width,
                        cfg.train.batch_size, rank, world, train=True, seed=cfg.train.seed, epoch=epoch,
                        skip_batches=skip_batches, shuffle_buffer=cfg.data.shuffle_buffer, augment=cfg.data.augment,
                        max_skip_fraction=cfg.data.max_skip_fraction, num_workers=cfg.data.num_workers)
-    return _loader(ds, cfg.data.num_workers)
+    return _loader(ds, cfg.data.num_workers, pin_memory)
 
 
-def build_eval_loader(cfg, split: str, alphabet: Alphabet, rank: int, world: int):
+def build_eval_loader(cfg, split: str, alphabet: Alphabet, rank: int, world: int, pin_memory: bool = False):
     """This rank's share of ``split``: across ranks, every line exactly once (the last batch may be short)."""
     manifest = load_manifest(cfg.data.path)
     workers = min(cfg.data.num_workers, 1)  # one worker keeps the sample order simple and is plenty for eval
     ds = StreamDataset(shard_urls(manifest, split), alphabet, cfg.data.img_height, cfg.data.img_width,
                        cfg.train.batch_size, rank, world, train=False,
                        max_skip_fraction=cfg.data.max_skip_fraction)
-    return _loader(ds, workers)
+    return _loader(ds, workers, pin_memory)

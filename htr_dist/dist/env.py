@@ -49,6 +49,11 @@ class DistEnv:
         return self.rank == 0
 
     @property
+    def pin_memory(self) -> bool:
+        """Whether loaders should page-lock batches: only for a copy to a GPU, which then overlaps with compute."""
+        return self.device.type == "cuda"
+
+    @property
     def autocast_enabled(self) -> bool:
         return self.dtype != torch.float32
 
@@ -87,8 +92,11 @@ def pick_backend(device: torch.device) -> str:
 
 
 def has_native_bf16(device: torch.device) -> bool:
-    """CUDA, or a CPU whose oneDNN computes bf16 natively (avx512_bf16 or AMX); elsewhere bf16 is emulated."""
-    return device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    """A GPU that computes bf16 natively (Ampere and newer), or a CPU whose oneDNN does (avx512_bf16 or AMX);
+    elsewhere bf16 is emulated, slowly."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def pick_dtype(device: torch.device, precision: str = "auto", key: str = "dist.precision") -> torch.dtype:
@@ -98,8 +106,8 @@ def pick_dtype(device: torch.device, precision: str = "auto", key: str = "dist.p
     if precision not in CHOICES[key]:
         raise ConfigError(not_one_of(key, precision))
     if not has_native_bf16(device):
-        log.warning("%s=bf16 on a CPU without native bf16 (avx512_bf16 or AMX): emulated, expect it slower than fp32",
-                    key)
+        log.warning("%s=bf16 on %s without native bf16 (a CPU without avx512_bf16 or AMX, a GPU before Ampere): "
+                    "emulated, expect it slower than fp32", key, device)
     return torch.bfloat16
 
 
@@ -109,7 +117,7 @@ def pick_llm_dtype(device: torch.device, dtype: torch.dtype, llm_precision: str 
     if llm_precision == "bf16_native":
         native = has_native_bf16(device)
         if not native:
-            log.info("dist.llm_precision=bf16_native: this CPU has no native bf16 (avx512_bf16 or AMX), LLM in fp32")
+            log.info("dist.llm_precision=bf16_native: %s has no native bf16, the LLM runs in fp32", device)
         return torch.bfloat16 if native else torch.float32
     return dtype if llm_precision == "auto" else pick_dtype(device, llm_precision, "dist.llm_precision")
 
@@ -131,10 +139,10 @@ def pick_channels_last(device: torch.device, memory_format: str = "auto", backwa
     return device.type == "cuda" or not backward or torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
-def attn_implementation(device: torch.device, requested: str = "auto") -> str:
-    """``llm.attn_implementation`` -> what transformers gets. ``auto``: flash-attn 2 where it is installed and the
-    device is CUDA, else PyTorch SDPA. An explicit ``flash_attention_2`` that cannot run is an error here, at start-up
-    (transformers does not fall back)."""
+def attn_implementation(device: torch.device, requested: str = "auto", llm_dtype: torch.dtype = torch.bfloat16) -> str:
+    """``llm.attn_implementation`` -> what transformers gets. ``auto``: flash-attn 2 where it is installed, the device
+    is CUDA and the LLM's weights are bf16 or fp16 (flash-attn computes nothing else), else PyTorch SDPA. An explicit
+    ``flash_attention_2`` that cannot run is an error here, at start-up (transformers does not fall back)."""
     if requested not in CHOICES["llm.attn_implementation"]:
         raise ConfigError(not_one_of("llm.attn_implementation", requested))
     flash = False
@@ -142,11 +150,15 @@ def attn_implementation(device: torch.device, requested: str = "auto") -> str:
         from transformers.utils import is_flash_attn_2_available
 
         flash = is_flash_attn_2_available()
+    half = llm_dtype in (torch.bfloat16, torch.float16)
     if requested == "auto":
-        return "flash_attention_2" if flash else "sdpa"
+        return "flash_attention_2" if flash and half else "sdpa"
     if requested == "flash_attention_2" and not flash:
         raise ConfigError(f"llm.attn_implementation=flash_attention_2 needs CUDA and the flash-attn package "
-                         f"(pip install .[flash]); this rank's device is {device}")
+                          f"(pip install .[flash]); this rank's device is {device}")
+    if requested == "flash_attention_2" and not half:
+        raise ConfigError(f"llm.attn_implementation=flash_attention_2 needs the LLM in bf16 or fp16, and "
+                          f"dist.precision / dist.llm_precision make it {llm_dtype}")
     return requested
 
 
@@ -319,11 +331,24 @@ def barrier() -> None:
         tdist.barrier()
 
 
+def collective_device() -> torch.device:
+    """Where tensors must be for the default group's collectives: NCCL reduces CUDA tensors only, gloo CPU ones."""
+    if tdist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
+    """A reduced copy of ``t`` on ``t``'s device, whichever device the backend reduces on."""
+    if not is_initialized():
+        return t
+    out = t.to(collective_device(), copy=True)
+    tdist.all_reduce(out, op=op)
+    return out.to(t.device)
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if is_initialized():
-        t = t.clone()
-        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
-    return t
+    return _all_reduce(t, tdist.ReduceOp.SUM)
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
@@ -331,10 +356,7 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if is_initialized():
-        t = t.clone()
-        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-    return t
+    return _all_reduce(t, tdist.ReduceOp.MAX)
 
 
 def all_gather_objects(obj) -> list:

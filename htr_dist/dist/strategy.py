@@ -96,7 +96,7 @@ class Strategy:
     # -- building -----------------------------------------------------------------------------------------------
     def load_teacher_lm(self, device: Optional[str] = None):
         """The frozen LLM in ``env.llm_dtype``, on ``device`` (default: this rank's device), and its tokenizer."""
-        attn = attn_implementation(self.env.device, self.cfg.llm.attn_implementation)
+        attn = attn_implementation(self.env.device, self.cfg.llm.attn_implementation, self.env.llm_dtype)
         return load_causal_lm(self.cfg.llm.name_or_path, self.cfg.llm.cache_dir, self.env.llm_dtype, attn,
                               device=device or str(self.env.device))
 
@@ -149,7 +149,9 @@ class Strategy:
         path = os.path.join(folder, "trainer.pt")
         if not os.path.isfile(path):
             raise ConfigError(f"train.resume: {folder}: not a checkpoint of this strategy (no trainer.pt)")
-        state = torch.load(path, map_location=self.env.device, weights_only=False)
+        # on the CPU: the RNG states in it must stay CPU tensors; load_state_dict copies weights and optimizer
+        # state to their parameters' device
+        state = torch.load(path, map_location="cpu", weights_only=False)
         self.module.load_state_dict(state.pop("model"))
         self.optimizer.load_state_dict(state.pop("optimizer"))
         self.scheduler.load_state_dict(state.pop("scheduler"))
@@ -176,7 +178,7 @@ class FSDPStrategy(Strategy):
                             "shards it", self.cfg.llm.name_or_path)
         lm = None
         if slices is not None:  # a skeleton: parameters on the meta device, filled after sharding
-            attn = attn_implementation(self.env.device, self.cfg.llm.attn_implementation)
+            attn = attn_implementation(self.env.device, self.cfg.llm.attn_implementation, self.env.llm_dtype)
             lm = build_empty_causal_lm(self.cfg.llm.name_or_path, self.cfg.llm.cache_dir, self.env.llm_dtype, attn)
             slices.base_prefix = lm.base_model_prefix
             unreadable = slices.mismatches(lm)
@@ -281,10 +283,16 @@ class DeepSpeedStrategy(Strategy):
         return ds
 
     def trainable_config(self) -> dict:
-        # bf16 engine (bf16 weights, fp32 master copy) on CUDA; on CPU the trainable part stays fp32 under autocast
-        bf16 = self.env.dtype == torch.bfloat16 and self.env.device.type == "cuda"
-        ds = self._batch_keys(self._read(self.cfg.dist.deepspeed_config), self.cfg.train.batch_size,
-                              self.cfg.train.grad_accum, bf16)
+        # fp32 weights on every device, the step under autocast (dist.precision), as with ddp and fsdp. A bf16 engine
+        # would cast the module's own weights to bf16: validation and export, which use the module without the
+        # engine, would then get bf16 weights (a dtype error in validation, rounded weights in model.pt), for no
+        # memory worth having (the trainable part is ~10-20 M parameters).
+        path = self.cfg.dist.deepspeed_config
+        ds = self._batch_keys(self._read(path), self.cfg.train.batch_size, self.cfg.train.grad_accum, False)
+        for key in ("bf16", "fp16"):
+            if ds.get(key, {}).get("enabled"):
+                raise ConfigError(f"{path}: {key}.enabled: the trainable part keeps fp32 weights and trains under "
+                                  f"autocast; set its precision with dist.precision (now {self.cfg.dist.precision})")
         ds["gradient_clipping"] = self.cfg.train.grad_clip
         ds.pop("optimizer", None)  # the optimizer and schedule come from train.* (build_optimizer)
         ds.pop("scheduler", None)

@@ -35,10 +35,14 @@ class RecurrentHead(nn.Module):
         self.tap_dim = 2 * hidden
 
     def forward(self, seq: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:  # (B, T, C)
-        tap, _ = self.lower(seq)  # (B, T, 2H)
-        y = tap
-        if self.upper is not None:
-            y, _ = self.upper(self.drop(tap))
+        # The recurrence runs in fp32 whatever the autocast: CUDA autocast would run cuDNN's LSTM in fp16 (its RNN
+        # cast is fp16 whatever the autocast dtype), with no loss scaling under bf16, and CPU bf16 autocast fails
+        # in oneDNN's LSTM on CPUs without native bf16 ("could not create a primitive descriptor").
+        with torch.autocast(seq.device.type, enabled=False):
+            tap, _ = self.lower(seq.float())  # (B, T, 2H)
+            y = tap
+            if self.upper is not None:
+                y, _ = self.upper(self.drop(tap))
         return self.out(y), tap  # (B, T, classes), (B, T, 2H)
 
 

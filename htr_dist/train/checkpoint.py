@@ -22,16 +22,21 @@ STEP_DIR = re.compile(r"^step_(\d{7})$")
 
 
 def rng_state(generator: Optional[torch.Generator] = None) -> dict:
+    """This rank's random states: CPU, this rank's CUDA device (dropout on the GPU), numpy, Python, LLM sampler."""
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
             "llm_sampler": generator.get_state() if generator is not None else None}
 
 
 def set_rng_state(state: dict, generator: Optional[torch.Generator] = None) -> None:
-    torch.set_rng_state(state["torch"])
+    # the setters take CPU byte tensors only, wherever a checkpoint loader may have put them
+    torch.set_rng_state(state["torch"].cpu())
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
     if generator is not None and state.get("llm_sampler") is not None:
-        generator.set_state(state["llm_sampler"])
+        generator.set_state(state["llm_sampler"].cpu())
 
 
 class CheckpointManager:

@@ -66,7 +66,7 @@ def validate(model: HTRModel, cfg, alphabet: Alphabet, env, logger, step: int, s
     model.eval()
     dist_chars = ref_chars = dist_words = ref_words = lines = 0
     samples = []
-    for batch in build_eval_loader(cfg, cfg.data.val_split, alphabet, env.rank, env.world_size):
+    for batch in build_eval_loader(cfg, cfg.data.val_split, alphabet, env.rank, env.world_size, env.pin_memory):
         hyps = [alphabet.decode(p) for p in greedy_decode(model(batch["images"].to(env.device))["ctc_logits"])]
         for i, (ref, hyp) in enumerate(zip(batch["texts"], hyps)):
             dist_chars += edit_distance(ref, hyp)
@@ -140,7 +140,8 @@ def train(cfg, env) -> dict:
     val = None
     while pos.step < steps:
         if stream is None:
-            stream = iter(build_train_loader(cfg, alphabet, env.rank, env.world_size, pos.epoch, pos.micro_in_epoch))
+            stream = iter(build_train_loader(cfg, alphabet, env.rank, env.world_size, pos.epoch, pos.micro_in_epoch,
+                                              env.pin_memory))
         for micro in range(accum):
             t0 = time.time()
             batch = next(stream)
@@ -159,7 +160,8 @@ def train(cfg, env) -> dict:
             if pos.micro_in_epoch >= micro_per_epoch:  # every rank rolls over at the same step
                 pos.epoch, pos.micro_in_epoch, stream = pos.epoch + 1, 0, None
                 if micro < accum - 1:
-                    stream = iter(build_train_loader(cfg, alphabet, env.rank, env.world_size, pos.epoch, 0))
+                    stream = iter(build_train_loader(cfg, alphabet, env.rank, env.world_size, pos.epoch, 0,
+                                                          env.pin_memory))
         grad_norm = strategy.step()
         pos.step += 1
         window_steps += 1
