@@ -193,6 +193,33 @@ def test_resume_is_exact(tiny_overrides, tmp_path):
         assert torch.allclose(a[k].float(), b[k].float(), rtol=0, atol=1e-6), k
 
 
+def test_resume_on_another_number_of_ranks(tiny_overrides, tmp_path):
+    """A checkpoint of 1 rank resumes on 2 (a job that comes back on a bigger allocation): rank 1 starts its random
+    streams fresh, the epoch position is rescaled, the log says the run is no longer exact, and it finishes."""
+    run = str(tmp_path / "run")
+    args = ["--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml")] + tiny_overrides + [
+        f"run.dir={run}", "train.max_steps=6", "train.save_every=3", "train.batch_size=2", "dist.strategy=ddp"]
+    script = os.path.join(ROOT, "launch", "train.py")
+    proc = subprocess.run([PY, script] + args + ["train.stop_after=3"], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = torchrun(script, args + ["train.resume=auto"])
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "was written by 1 rank(s) and this run has 2: training goes on from step 3" in out
+    assert "at step 3" in out and os.path.isfile(os.path.join(run, "model.pt"))
+    assert os.path.isdir(os.path.join(run, "checkpoints", "step_0000006"))
+
+
+def test_position_rescaled_for_another_number_of_ranks():
+    from htr_dist.train.loop import Position, _rescale_position
+
+    # 5 micro-steps of 1 rank = 2.5 of 2 ranks: 2 (a batch of each rank's share is seen again, none is skipped)
+    assert _rescale_position(Position(3, 1, 5), 1, 2, 10) == Position(3, 1, 2)
+    assert _rescale_position(Position(3, 1, 4), 2, 1, 10) == Position(3, 1, 8)
+    assert _rescale_position(Position(9, 0, 9), 2, 1, 10) == Position(9, 1, 0)  # the whole epoch: the next one
+
+
 def test_sigterm_checkpoints_and_exits_zero(tiny_overrides, tmp_path):
     run = str(tmp_path / "run")
     args = ["--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml")] + tiny_overrides + [

@@ -8,7 +8,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -101,6 +101,15 @@ def log_startup(cfg, env, strategy, model: HTRModel) -> None:
              cfg.llm.name_or_path if strategy.teacher is not None else "off", held / 1e6)
 
 
+def _rescale_position(pos: Position, saved_world: int, world: int, micro_per_epoch: int) -> Position:
+    """The data position of a checkpoint written by ``saved_world`` ranks, for ``world`` ranks: the same share of the
+    epoch consumed (each micro-step takes ``world`` batches, one per rank), the next epoch if that share is all of it."""
+    micro = pos.micro_in_epoch * saved_world // world
+    if micro >= micro_per_epoch:
+        return replace(pos, epoch=pos.epoch + 1, micro_in_epoch=0)
+    return replace(pos, micro_in_epoch=micro)
+
+
 def train(cfg, env) -> dict:
     """Run (or resume) training as configured; return the final metrics. Every rank calls this."""
     torch.manual_seed(cfg.train.seed)
@@ -122,7 +131,14 @@ def train(cfg, env) -> dict:
     if resume_from:
         state = strategy.load(resume_from)
         pos = Position(**state["position"])
-        set_rng_state(state["rng"][env.rank], sampler)
+        saved_world = len(state["rng"])
+        if saved_world != env.world_size:
+            pos = _rescale_position(pos, saved_world, env.world_size, micro_per_epoch)
+            log.warning("%s was written by %d rank(s) and this run has %d: training goes on from step %d, but not as "
+                        "the uninterrupted run would (this epoch's data order and the ranks' random streams differ)",
+                        resume_from, saved_world, env.world_size, pos.step)
+        if env.rank < saved_world:  # a rank the checkpoint did not have keeps the fresh seed it got above
+            set_rng_state(state["rng"][env.rank], sampler)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, pos.step, pos.epoch,
                  pos.micro_in_epoch)
     logger = make_logger(cfg.run.dir, env.is_main)
