@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from htr_dist.models.htr import ctc_loss
+
 from _macs import forward_macs
 
 
@@ -152,13 +154,10 @@ class SeedCodeCase:
             images = batch["images"]
             outputs = self.model(images)
         n = images.shape[0]
-        lengths = torch.full((n,), outputs[0].shape[0], dtype=torch.long)
-
-        def ctc(logits):
-            return F.ctc_loss(F.log_softmax(logits.float(), 2), batch["targets"], lengths, batch["target_lengths"],
-                              reduction="sum", zero_infinity=True) / n
-
-        loss = ctc(outputs[0]) + 0.1 * ctc(outputs[1]) + 0.1 * ctc(outputs[2])
+        # the seed's CTC, summed over the lines and divided by their number, is ctc_loss's "line" reduction
+        targets, lengths = batch["targets"], batch["target_lengths"]
+        main, shortcut, layer1 = (ctc_loss(logits, targets, lengths, "line") for logits in outputs)
+        loss = main + 0.1 * shortcut + 0.1 * layer1
         if self.llm_lines:
             picked = self.rng.sample(range(n), self.llm_lines)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
