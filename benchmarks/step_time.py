@@ -6,7 +6,9 @@ them alike. Prints one JSON object: min / median / max seconds per configuration
 within each round, which cancels the machine's slow drift), parameter counts and forward MACs per line (FLOPs / 2,
 counted by ``torch.utils.flop_counter.FlopCounterMode``). ``--memory-format auto,channels_last,contiguous`` adds the
 three models without LLM in the other layouts, with ``<case>_<format>_paired_ratio`` (their step over the first
-layout's, per round).
+layout's, per round); ``--precision fp32,bf16`` likewise adds them under bf16 autocast (as ``dist.precision``), with
+``<case>_bf16_paired_ratio`` and ``seed_hybrid_bf16_vs_seed_code_paired`` (the seed's own step stays in fp32, as it
+ships, unless ``--seed-precision bf16``).
 
 The goals compare our steps with the seed system's own, timed on one machine. ``seed_code`` and ``seed_code_llm`` run
 the seed's step (restated in ``_seed_code.py``) at its configuration, without and with its LLM path, in the same
@@ -95,8 +97,9 @@ def load_teacher(name: str, cache_dir: str, dtype: torch.dtype = torch.float32, 
 class Case:
     """One configuration: its model, optimizer and (optional) teacher; ``step()`` returns the seconds taken."""
 
-    def __init__(self, name: str, cnn_cfg, args, teacher=None, ratio: float = 0.125, channels_last: bool = True):
-        self.name, self.teacher = name, teacher
+    def __init__(self, name: str, cnn_cfg, args, teacher=None, ratio: float = 0.125, channels_last: bool = True,
+                 dtype: torch.dtype = torch.float32):
+        self.name, self.teacher, self.dtype = name, teacher, dtype
         torch.manual_seed(0)
         self.arch = ArchConfig(cnn_cfg=cnn_cfg)
         self.train_cfg = TrainConfig(use_llm=teacher is not None, llm_sample_ratio=ratio)
@@ -109,9 +112,10 @@ class Case:
         self.times: list = []
         self.max_tokens = LLMConfig().max_text_tokens
 
-    def step(self, batch: dict, bf16: bool = False) -> float:
+    def step(self, batch: dict) -> float:
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # fp32 weights; CTC is computed in fp32
+        # as training's env.autocast(): fp32 weights, the recurrence and CTC in fp32
+        with torch.autocast("cpu", dtype=self.dtype, enabled=self.dtype != torch.float32):
             losses = compute_losses(self.model, self.teacher, batch, self.train_cfg, self.arch, self.generator,
                                     self.max_tokens)
         self.opt.zero_grad(set_to_none=True)
@@ -197,7 +201,12 @@ def main(argv=None) -> None:
     parser.add_argument("--llm", default=LLMConfig().name_or_path, help="teacher for the llm_* cases ('' = skip)")
     parser.add_argument("--llm-cache", default=LLMConfig().cache_dir)
     parser.add_argument("--num-queries", type=int, default=0, help="connector.num_queries (0 = the default)")
-    parser.add_argument("--bf16", action="store_true", help="run the steps under CPU bf16 autocast")
+    parser.add_argument("--precision", default="fp32",
+                        help="our cases' autocast, as dist.precision (default: fp32; bf16_native = bf16 where the CPU "
+                             "computes it natively); a comma-separated list adds <case>_<precision> cases of the "
+                             "models without LLM for the others, and their per-round ratio to the first")
+    parser.add_argument("--seed-precision", choices=["fp32", "bf16"], default="fp32",
+                        help="the seed's own step (seed_code*): fp32 as it ships (default), or under bf16 autocast")
     parser.add_argument("--llm-precision", choices=["fp32", "bf16"], default="fp32",
                         help="the teacher's weights and compute, as dist.llm_precision (default: fp32)")
     parser.add_argument("--llm-attn", default="auto",
@@ -229,16 +238,20 @@ def main(argv=None) -> None:
     teachers = {a: load_teacher(args.llm, args.llm_cache, llm_dtype, a) for a in attns} if args.llm else {}
     teacher = teachers.get(attns[0])
     dist_env.tune_cpu_allocator("step")
+    precisions = args.precision.split(",")
+    dtypes = {p: dist_env.pick_dtype(torch.device("cpu"), p) for p in precisions}  # checked as training does
+    seed_bf16 = args.seed_precision == "bf16"
     formats = args.memory_format.split(",")
     layouts = {f: dist_env.pick_channels_last(torch.device("cpu"), f) for f in formats}  # checked as training does
-    first = layouts[formats[0]]
+    first, dtype = layouts[formats[0]], dtypes[precisions[0]]
     plain = [("reference_cnn", REFERENCE_CFG), ("no_llm", ArchConfig().cnn_cfg), ("seed_hybrid", SEED_CFG)]
     specs = [
-        *[(name, cfg, None, 0.125, first) for name, cfg in plain],
-        ("llm_sampled", ArchConfig().cnn_cfg, teacher, 0.125, first),
-        *[(f"llm_sampled_{a}", ArchConfig().cnn_cfg, teachers.get(a), 0.125, first) for a in attns[1:]],
-        ("llm_all", ArchConfig().cnn_cfg, teacher, 1.0, first),
-        *[(f"{name}_{f}", cfg, None, 0.125, layouts[f]) for f in formats[1:] for name, cfg in plain],
+        *[(name, cfg, None, 0.125, first, dtype) for name, cfg in plain],
+        ("llm_sampled", ArchConfig().cnn_cfg, teacher, 0.125, first, dtype),
+        *[(f"llm_sampled_{a}", ArchConfig().cnn_cfg, teachers.get(a), 0.125, first, dtype) for a in attns[1:]],
+        ("llm_all", ArchConfig().cnn_cfg, teacher, 1.0, first, dtype),
+        *[(f"{name}_{f}", cfg, None, 0.125, layouts[f], dtype) for f in formats[1:] for name, cfg in plain],
+        *[(f"{name}_{p}", cfg, None, 0.125, first, dtypes[p]) for p in precisions[1:] for name, cfg in plain],
     ]
     only = set(filter(None, args.only.split(",")))
     specs = [s for s in specs if (not only or s[0] in only) and (s[2] is not None or not s[0].startswith("llm"))]
@@ -253,7 +266,7 @@ def main(argv=None) -> None:
 
     for i in range(args.warmup + args.steps):
         for case in cases:  # round robin: noise is shared out evenly
-            seconds = case.step(batch, args.bf16)
+            seconds = case.step(batch, seed_bf16) if isinstance(case, SeedCodeCase) else case.step(batch)
             if i >= args.warmup:
                 case.times.append(seconds)
         print(f"round {i + 1}/{args.warmup + args.steps}: "
@@ -261,7 +274,8 @@ def main(argv=None) -> None:
               file=sys.stderr)
 
     result = {"batch": args.batch, "height": args.height, "width": args.width, "threads": args.threads,
-              "steps": args.steps, "warmup": args.warmup, "llm": args.llm or None, "bf16": args.bf16,
+              "steps": args.steps, "warmup": args.warmup, "llm": args.llm or None,
+              "precision": str(dtype).replace("torch.", ""), "seed_precision": args.seed_precision,
               "llm_precision": args.llm_precision, "llm_attn": attns[0],
               "memory_format": "channels_last" if first else "contiguous"}
     for case in cases:
@@ -280,10 +294,14 @@ def main(argv=None) -> None:
         result["seed_hybrid_vs_seed_code_paired"] = paired_ratio(by_name["seed_hybrid"], by_name["seed_code"])
     if "seed_code_llm" in by_name and "seed_code" in by_name:  # the seed's own LLM overhead, next to ours
         result["seed_code_llm_overhead_paired"] = paired_ratio(by_name["seed_code_llm"], by_name["seed_code"])
-    for f in formats[1:]:
+    for variant in formats[1:] + precisions[1:]:
         for name, _ in plain:
-            if f"{name}_{f}" in by_name and name in by_name:  # this layout's step over the first one's, per round
-                result[f"{name}_{f}_paired_ratio"] = paired_ratio(by_name[f"{name}_{f}"], by_name[name])
+            if f"{name}_{variant}" in by_name and name in by_name:  # this layout's or precision's step over the first
+                result[f"{name}_{variant}_paired_ratio"] = paired_ratio(by_name[f"{name}_{variant}"], by_name[name])
+    for p in precisions[1:]:
+        if f"seed_hybrid_{p}" in by_name and "seed_code" in by_name:
+            result[f"seed_hybrid_{p}_vs_seed_code_paired"] = paired_ratio(by_name[f"seed_hybrid_{p}"],
+                                                                          by_name["seed_code"])
     emit(result)
 
 

@@ -180,9 +180,11 @@ class DistConfig:
     timeout_s: int = 1800
     """Process-group timeout, seconds (a hung collective fails after this)."""
     precision: str = "auto"
-    """``auto`` (bf16 on CUDA, fp32 on CPU), ``fp32``, or ``bf16``: the trainable part's autocast and, unless
-    ``llm_precision`` says otherwise, the frozen LLM's weights. bf16 compute on CPU pays off only where the CPU has
-    native bf16 (avx512_bf16 or AMX); CTC stays fp32."""
+    """``auto`` (bf16 on CUDA, fp32 on CPU), ``fp32``, ``bf16``, or ``bf16_native``: bf16 where the device computes it
+    natively (CUDA from Ampere, a CPU with avx512_bf16 or AMX), else fp32. It sets the trainable part's autocast
+    (weights, optimizer and the BiLSTM recurrence stay fp32, CTC is computed in fp32) and, unless ``llm_precision``
+    says otherwise, the frozen LLM's weights. On an AMD EPYC with avx512_bf16 a step of the seed-configuration hybrid
+    took 0.64x as long in bf16; emulated bf16 (AVX2-only CPUs) is slower than fp32."""
     llm_precision: str = "auto"
     """The frozen LLM's weights and compute: ``auto`` (= ``precision``), ``fp32``, ``bf16``, or ``bf16_native``: bf16
     where the device computes it natively (CUDA, or a CPU with avx512_bf16 or AMX), else fp32. bf16 halves the bytes
@@ -230,7 +232,7 @@ CHOICES = {
     "train.schedule": ("multistep", "cosine"),
     "train.ctc_reduction": ("line", "char"),
     "llm.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
-    "dist.precision": ("auto", "fp32", "bf16"),
+    "dist.precision": ("auto", "fp32", "bf16", "bf16_native"),
     "dist.llm_precision": ("auto", "fp32", "bf16", "bf16_native"),
     "dist.strategy": ("ddp", "fsdp", "deepspeed"),
     "dist.memory_format": ("auto", "channels_last", "contiguous"),

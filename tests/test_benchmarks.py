@@ -98,6 +98,23 @@ def test_step_time_compares_memory_formats_in_one_run():
     assert bad.returncode != 0 and "dist.memory_format: 'nhwc' is not one of" in bad.stderr
 
 
+def test_step_time_compares_precisions_in_one_run():
+    """--precision fp32,bf16: our models also under bf16 autocast, in the same rounds; the seed's step stays fp32."""
+    cmd = [sys.executable, os.path.join(BENCH, "step_time.py"), "--llm", "", "--steps", "2", "--warmup", "0",
+           "--batch", "2", "--height", "128", "--width", "256", "--only", "seed_hybrid,seed_hybrid_bf16,seed_code",
+           "--precision", "fp32,bf16"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["precision"] == "float32" and result["seed_precision"] == "fp32"
+    assert {"seed_hybrid", "seed_hybrid_bf16", "seed_code"} <= set(result) and "no_llm_bf16" not in result
+    for key in ("seed_hybrid_bf16_paired_ratio", "seed_hybrid_bf16_vs_seed_code_paired",
+                "seed_hybrid_vs_seed_code_paired"):
+        assert 0 < result[key]["min"] <= result[key]["median"] <= result[key]["max"], key
+    bad = subprocess.run(cmd[:-1] + ["fp32,fp16"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert bad.returncode != 0 and "dist.precision: 'fp16' is not one of" in bad.stderr
+
+
 def test_inference_compares_layouts_and_decoders_in_one_run(shard_dir):
     cmd = [sys.executable, os.path.join(BENCH, "inference.py"), "--batch", "2", "--height", "32", "--width", "128",
            "--steps", "2", "--warmup", "0", "--memory-format", "contiguous,channels_last,auto"]

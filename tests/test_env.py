@@ -85,6 +85,11 @@ def test_llm_precision_follows_precision_unless_set(monkeypatch):
         assert dist_env.pick_llm_dtype(cpu, torch.float32, "bf16_native") == dtype
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native: n)
         assert dist_env.pick_llm_dtype(cuda, torch.bfloat16, "bf16_native") == dtype
+        # the trainable part's autocast takes the same rule, and the LLM follows it unless told otherwise
+        for device in (cpu, cuda):
+            assert dist_env.pick_dtype(device, "bf16_native") == dtype
+            assert dist_env.pick_llm_dtype(device, dist_env.pick_dtype(device, "bf16_native")) == dtype
+    assert load_config(None, ["dist.precision=bf16_native"]).dist.precision == "bf16_native"
     env = dist_env.DistEnv(0, 1, 0, cpu, "gloo", torch.float32)
     assert env.llm_dtype == torch.float32  # not given: the trainable dtype
     env = dist_env.DistEnv(0, 1, 0, cpu, "gloo", torch.float32, torch.bfloat16)

@@ -100,11 +100,17 @@ def has_native_bf16(device: torch.device) -> bool:
 
 
 def pick_dtype(device: torch.device, precision: str = "auto", key: str = "dist.precision") -> torch.dtype:
-    """``dist.precision`` (or ``key``) -> dtype: ``auto`` is bf16 on CUDA and fp32 on CPU."""
+    """``dist.precision`` (or ``key``) -> dtype: ``auto`` is bf16 on CUDA and fp32 on CPU; ``bf16_native`` is bf16
+    where the device computes bf16 natively, else fp32."""
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return torch.float32
     if precision not in CHOICES[key]:
         raise ConfigError(not_one_of(key, precision))
+    if precision == "bf16_native":
+        if has_native_bf16(device):
+            return torch.bfloat16
+        log.info("%s=bf16_native: %s has no native bf16, fp32 it is", key, device)
+        return torch.float32
     if not has_native_bf16(device):
         log.warning("%s=bf16 on %s without native bf16 (a CPU without avx512_bf16 or AMX, a GPU before Ampere): "
                     "emulated, expect it slower than fp32", key, device)
@@ -114,11 +120,6 @@ def pick_dtype(device: torch.device, precision: str = "auto", key: str = "dist.p
 def pick_llm_dtype(device: torch.device, dtype: torch.dtype, llm_precision: str = "auto") -> torch.dtype:
     """``dist.llm_precision`` -> the frozen LLM's dtype: ``auto`` follows ``dtype`` (``dist.precision``);
     ``bf16_native`` is bf16 where the device computes bf16 natively, else fp32."""
-    if llm_precision == "bf16_native":
-        native = has_native_bf16(device)
-        if not native:
-            log.info("dist.llm_precision=bf16_native: %s has no native bf16, the LLM runs in fp32", device)
-        return torch.bfloat16 if native else torch.float32
     return dtype if llm_precision == "auto" else pick_dtype(device, llm_precision, "dist.llm_precision")
 
 
