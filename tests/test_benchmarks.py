@@ -83,36 +83,40 @@ def test_seed_code_step_does_the_seeds_work(tiny_llama, monkeypatch):
     assert not any(p.requires_grad for p in teacher.lm.parameters())
 
 
-def test_step_time_compares_memory_formats_in_one_run():
+def _step_time_variants(size: list, only: str, flag: str, values: str, bad_value: str):
+    """step_time.py without LLM over ``only`` with ``flag values``: its JSON, and the stderr of a run whose list
+    ends in ``bad_value`` instead (which must fail)."""
     cmd = [sys.executable, os.path.join(BENCH, "step_time.py"), "--llm", "", "--steps", "2", "--warmup", "0",
-           "--batch", "2", "--height", "32", "--width", "128", "--only", "no_llm,no_llm_channels_last",
-           "--memory-format", "contiguous,channels_last"]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+           "--batch", "2", *size, "--only", only, flag]
+    out = subprocess.run(cmd + [values], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
+    bad = subprocess.run(cmd + [values.rsplit(",", 1)[0] + "," + bad_value], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert bad.returncode != 0
+    return json.loads(out.stdout), bad.stderr
+
+
+def test_step_time_compares_memory_formats_in_one_run():
+    result, bad = _step_time_variants(["--height", "32", "--width", "128"], "no_llm,no_llm_channels_last",
+                                      "--memory-format", "contiguous,channels_last", "nhwc")
     assert result["memory_format"] == "contiguous"
     assert {"no_llm", "no_llm_channels_last"} <= set(result) and "seed_hybrid" not in result
     ratio = result["no_llm_channels_last_paired_ratio"]
     assert 0 < ratio["min"] <= ratio["median"] <= ratio["max"]
-    bad = subprocess.run(cmd[:-1] + ["nhwc"], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert bad.returncode != 0 and "dist.memory_format: 'nhwc' is not one of" in bad.stderr
+    assert "dist.memory_format: 'nhwc' is not one of" in bad
 
 
 def test_step_time_compares_precisions_in_one_run():
     """--precision fp32,bf16: our models also under bf16 autocast, in the same rounds; the seed's step stays fp32."""
-    cmd = [sys.executable, os.path.join(BENCH, "step_time.py"), "--llm", "", "--steps", "2", "--warmup", "0",
-           "--batch", "2", "--height", "128", "--width", "256", "--only", "seed_hybrid,seed_hybrid_bf16,seed_code",
-           "--precision", "fp32,bf16"]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
+    # 128 x 256: the seed's MobileViT needs whole 8 x 8 patches at 1/16 of the input
+    result, bad = _step_time_variants(["--height", "128", "--width", "256"], "seed_hybrid,seed_hybrid_bf16,seed_code",
+                                      "--precision", "fp32,bf16", "fp16")
     assert result["precision"] == "float32" and result["seed_precision"] == "fp32"
     assert {"seed_hybrid", "seed_hybrid_bf16", "seed_code"} <= set(result) and "no_llm_bf16" not in result
     for key in ("seed_hybrid_bf16_paired_ratio", "seed_hybrid_bf16_vs_seed_code_paired",
                 "seed_hybrid_vs_seed_code_paired"):
         assert 0 < result[key]["min"] <= result[key]["median"] <= result[key]["max"], key
-    bad = subprocess.run(cmd[:-1] + ["fp32,fp16"], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert bad.returncode != 0 and "dist.precision: 'fp16' is not one of" in bad.stderr
+    assert "dist.precision: 'fp16' is not one of" in bad
 
 
 def test_inference_compares_layouts_and_decoders_in_one_run(shard_dir):
