@@ -131,9 +131,9 @@ class SeedCodeNet(nn.Module):
 class SeedCodeCase:
     """A step_time case (same ``step`` / ``report`` / ``times`` as its ``Case``) running the seed's step."""
 
-    def __init__(self, name: str, cnn_cfg, num_classes: int, teacher=None, llm_lines: int = 0):
+    def __init__(self, name: str, cnn_cfg, num_classes: int, teacher=None, llm_lines: int = 0, bf16: bool = False):
         torch.manual_seed(0)
-        self.name, self.llm_lines = name, llm_lines
+        self.name, self.llm_lines, self.bf16 = name, llm_lines, bf16
         lm = teacher.lm if teacher is not None else None
         self.tokenizer = teacher.tokenizer if teacher is not None else None
         self.model = SeedCodeNet(cnn_cfg, num_classes, lm).train()
@@ -148,9 +148,9 @@ class SeedCodeCase:
         rows = [ids[:length] + [pad] * max(0, length - len(ids)) for ids in self.tokenizer(list(texts))["input_ids"]]
         return torch.tensor(rows, dtype=torch.long)
 
-    def step(self, batch: dict, bf16: bool = False) -> float:
+    def step(self, batch: dict) -> float:
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             images = batch["images"]
             outputs = self.model(images)
         n = images.shape[0]
@@ -160,7 +160,7 @@ class SeedCodeCase:
         loss = main + 0.1 * shortcut + 0.1 * layer1
         if self.llm_lines:
             picked = self.rng.sample(range(n), self.llm_lines)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
                 labels = self._labels([batch["texts"][i] for i in picked], outputs[0].shape[0])
                 loss = loss + self.model.llm_loss(images[picked], labels)
         self.opt.zero_grad(set_to_none=True)

@@ -99,7 +99,8 @@ class Case:
 
     def __init__(self, name: str, cnn_cfg, args, teacher=None, ratio: float = 0.125, channels_last: bool = True,
                  dtype: torch.dtype = torch.float32):
-        self.name, self.teacher, self.dtype = name, teacher, dtype
+        self.name, self.teacher = name, teacher
+        self.env = dist_env.DistEnv(0, 1, 0, torch.device("cpu"), "gloo", dtype)  # for its autocast, as training's
         torch.manual_seed(0)
         self.arch = ArchConfig(cnn_cfg=cnn_cfg)
         self.train_cfg = TrainConfig(use_llm=teacher is not None, llm_sample_ratio=ratio)
@@ -114,8 +115,7 @@ class Case:
 
     def step(self, batch: dict) -> float:
         start = time.perf_counter()
-        # as training's env.autocast(): fp32 weights, the recurrence and CTC in fp32
-        with torch.autocast("cpu", dtype=self.dtype, enabled=self.dtype != torch.float32):
+        with self.env.autocast():  # fp32 weights; the recurrence and CTC run in fp32
             losses = compute_losses(self.model, self.teacher, batch, self.train_cfg, self.arch, self.generator,
                                     self.max_tokens)
         self.opt.zero_grad(set_to_none=True)
@@ -240,7 +240,6 @@ def main(argv=None) -> None:
     dist_env.tune_cpu_allocator("step")
     precisions = args.precision.split(",")
     dtypes = {p: dist_env.pick_dtype(torch.device("cpu"), p) for p in precisions}  # checked as training does
-    seed_bf16 = args.seed_precision == "bf16"
     formats = args.memory_format.split(",")
     layouts = {f: dist_env.pick_channels_last(torch.device("cpu"), f) for f in formats}  # checked as training does
     first, dtype = layouts[formats[0]], dtypes[precisions[0]]
@@ -259,14 +258,15 @@ def main(argv=None) -> None:
     # the seed's own step at its configuration, without and with its LLM path: the baselines of the goals
     llm_lines = num_llm_samples(args.batch, 0.125)
     seed_specs = [("seed_code", None, 0), ("seed_code_llm", teacher, llm_lines)]
-    cases += [SeedCodeCase(name, SEED_CFG, len(CHARS) + 1, t, n) for name, t, n in seed_specs
+    cases += [SeedCodeCase(name, SEED_CFG, len(CHARS) + 1, t, n, args.seed_precision == "bf16")
+              for name, t, n in seed_specs
               if (not only or name in only) and (n == 0 or t is not None)]
     batch = make_batch(args.batch, args.height, args.width, args.line_chars)
     reports = {case.name: case.report(args, batch) for case in cases}  # first: a failure here costs no timing run
 
     for i in range(args.warmup + args.steps):
         for case in cases:  # round robin: noise is shared out evenly
-            seconds = case.step(batch, seed_bf16) if isinstance(case, SeedCodeCase) else case.step(batch)
+            seconds = case.step(batch)
             if i >= args.warmup:
                 case.times.append(seconds)
         print(f"round {i + 1}/{args.warmup + args.steps}: "

@@ -183,8 +183,8 @@ class DistConfig:
     """``auto`` (bf16 on CUDA, fp32 on CPU), ``fp32``, ``bf16``, or ``bf16_native``: bf16 where the device computes it
     natively (CUDA from Ampere, a CPU with avx512_bf16 or AMX), else fp32. It sets the trainable part's autocast
     (weights, optimizer and the BiLSTM recurrence stay fp32, CTC is computed in fp32) and, unless ``llm_precision``
-    says otherwise, the frozen LLM's weights. On an AMD EPYC with avx512_bf16 a step of the seed-configuration hybrid
-    took 0.64x as long in bf16; emulated bf16 (AVX2-only CPUs) is slower than fp32."""
+    says otherwise, the frozen LLM's weights. On an AMD EPYC with avx512_bf16, steps of the 128 x 1024 models took
+    0.56-0.66x as long in bf16; emulated bf16 (AVX2-only CPUs) is slower than fp32."""
     llm_precision: str = "auto"
     """The frozen LLM's weights and compute: ``auto`` (= ``precision``), ``fp32``, ``bf16``, or ``bf16_native``: bf16
     where the device computes it natively (CUDA, or a CPU with avx512_bf16 or AMX), else fp32. bf16 halves the bytes

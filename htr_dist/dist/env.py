@@ -106,12 +106,11 @@ def pick_dtype(device: torch.device, precision: str = "auto", key: str = "dist.p
         return torch.float32
     if precision not in CHOICES[key]:
         raise ConfigError(not_one_of(key, precision))
-    if precision == "bf16_native":
-        if has_native_bf16(device):
-            return torch.bfloat16
+    native = has_native_bf16(device)
+    if precision == "bf16_native" and not native:
         log.info("%s=bf16_native: %s has no native bf16, fp32 it is", key, device)
         return torch.float32
-    if not has_native_bf16(device):
+    if not native:
         log.warning("%s=bf16 on %s without native bf16 (a CPU without avx512_bf16 or AMX, a GPU before Ampere): "
                     "emulated, expect it slower than fp32", key, device)
     return torch.bfloat16
