@@ -153,3 +153,32 @@ def test_bad_layout_is_rejected_with_the_entry():
     with pytest.raises(ValueError, match="mobilevit3"):
         HybridBackboneCRNNMobileViT([[1, 8], "mobilevit3"], 8, (2, 2), (4, 8))
     assert parse_cnn_cfg([[2, 64], "M", "mobilevit2"]) == [("res", 2, 64), ("pool",), ("vit", 1)]
+
+
+def _block_by_formula(block, x):
+    """BasicBlock's forward written out of place: relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))."""
+    out = torch.relu(block.bn1(block.conv1(x)))
+    return torch.relu(block.bn2(block.conv2(out)) + block.shortcut(x))
+
+
+@pytest.mark.parametrize("cin, cout", [(8, 16), (16, 16)])  # projection shortcut, identity shortcut
+@pytest.mark.parametrize("autocast", [False, True])
+def test_basic_block_in_place_sum_matches_the_formula(cin, cout, autocast):
+    """The block adds its shortcut in place; values, dtype and gradients are those of the out-of-place formula, in
+    training mode (batch statistics) and under bf16 autocast, where the two summands may differ in dtype."""
+    torch.manual_seed(0)
+    block = BasicBlock(cin, cout).train()
+    x = torch.randn(2, cin, 8, 12).contiguous(memory_format=torch.channels_last)
+    outs, grads = [], []
+    for forward in (block, lambda t: _block_by_formula(block, t)):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            y = forward(xi)
+        (y.float() * torch.arange(y.numel()).view_as(y)).sum().backward()  # a gradient that differs per element
+        outs.append(y)
+        grads.append([xi.grad] + [p.grad.clone() for p in block.parameters()])
+        block.zero_grad()
+    assert outs[0].dtype == outs[1].dtype
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
