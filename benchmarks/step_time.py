@@ -207,8 +207,10 @@ def main(argv=None) -> None:
                              "models without LLM for the others, and their per-round ratio to the first")
     parser.add_argument("--seed-precision", choices=["fp32", "bf16"], default="fp32",
                         help="the seed's own step (seed_code*): fp32 as it ships (default), or under bf16 autocast")
-    parser.add_argument("--llm-precision", choices=["fp32", "bf16"], default="fp32",
-                        help="the teacher's weights and compute, as dist.llm_precision (default: fp32)")
+    parser.add_argument("--llm-precision", default="auto",
+                        help="the teacher's weights and compute, as dist.llm_precision (default: auto, bf16 where the "
+                             "CPU computes it natively, else the --precision's dtype); a comma-separated list adds "
+                             "llm_sampled_llm_<precision> cases for the others")
     parser.add_argument("--llm-attn", default="auto",
                         help="the teacher's attention, as llm.attn_implementation (default: auto, sdpa on the CPU); "
                              "a comma-separated list adds llm_sampled_<attn> cases for the others")
@@ -231,15 +233,24 @@ def main(argv=None) -> None:
         return
     torch.set_num_threads(args.threads)
 
-    llm_dtype = torch.bfloat16 if args.llm_precision == "bf16" else torch.float32
-    # resolved and checked as training does: auto -> sdpa here, an unknown name is an error naming the key
-    attns = [dist_env.attn_implementation(torch.device("cpu"), a, llm_dtype) for a in args.llm_attn.split(",")]
-    dist_env.tune_cpu_allocator("load")  # load, then step, as training does (htr_dist.dist.strategy.build_strategy)
-    teachers = {a: load_teacher(args.llm, args.llm_cache, llm_dtype, a) for a in attns} if args.llm else {}
-    teacher = teachers.get(attns[0])
-    dist_env.tune_cpu_allocator("step")
+    cpu = torch.device("cpu")
     precisions = args.precision.split(",")
-    dtypes = {p: dist_env.pick_dtype(torch.device("cpu"), p) for p in precisions}  # checked as training does
+    dtypes = {p: dist_env.pick_dtype(cpu, p) for p in precisions}  # checked as training does
+    # the teacher's dtype and attention, resolved and checked as training does (an unknown name is an error naming
+    # the key); one teacher per attention at the first LLM precision, one per further LLM precision
+    llm_precisions = args.llm_precision.split(",")
+    llm_dtypes = {p: dist_env.pick_llm_dtype(cpu, dtypes[precisions[0]], p) for p in llm_precisions}
+    llm_dtype = llm_dtypes[llm_precisions[0]]
+    attn_asked = args.llm_attn.split(",")
+    attns = [dist_env.attn_implementation(cpu, a, llm_dtype) for a in attn_asked]
+    teacher_specs = {**{f"_{a}": (llm_dtype, a) for a in attns[1:]},
+                     **{f"_llm_{p}": (llm_dtypes[p], dist_env.attn_implementation(cpu, attn_asked[0], llm_dtypes[p]))
+                        for p in llm_precisions[1:]}}
+    dist_env.tune_cpu_allocator("load")  # load, then step, as training does (htr_dist.dist.strategy.build_strategy)
+    teacher = load_teacher(args.llm, args.llm_cache, llm_dtype, attns[0]) if args.llm else None
+    others = {suffix: load_teacher(args.llm, args.llm_cache, *spec) for suffix, spec in teacher_specs.items()
+              if args.llm}
+    dist_env.tune_cpu_allocator("step")
     formats = args.memory_format.split(",")
     layouts = {f: dist_env.pick_channels_last(torch.device("cpu"), f) for f in formats}  # checked as training does
     first, dtype = layouts[formats[0]], dtypes[precisions[0]]
@@ -247,7 +258,7 @@ def main(argv=None) -> None:
     specs = [
         *[(name, cfg, None, 0.125, first, dtype) for name, cfg in plain],
         ("llm_sampled", ArchConfig().cnn_cfg, teacher, 0.125, first, dtype),
-        *[(f"llm_sampled_{a}", ArchConfig().cnn_cfg, teachers.get(a), 0.125, first, dtype) for a in attns[1:]],
+        *[(f"llm_sampled{suffix}", ArchConfig().cnn_cfg, t, 0.125, first, dtype) for suffix, t in others.items()],
         ("llm_all", ArchConfig().cnn_cfg, teacher, 1.0, first, dtype),
         *[(f"{name}_{f}", cfg, None, 0.125, layouts[f], dtype) for f in formats[1:] for name, cfg in plain],
         *[(f"{name}_{p}", cfg, None, 0.125, first, dtypes[p]) for p in precisions[1:] for name, cfg in plain],
@@ -276,14 +287,16 @@ def main(argv=None) -> None:
     result = {"batch": args.batch, "height": args.height, "width": args.width, "threads": args.threads,
               "steps": args.steps, "warmup": args.warmup, "llm": args.llm or None,
               "precision": str(dtype).replace("torch.", ""), "seed_precision": args.seed_precision,
-              "llm_precision": args.llm_precision, "llm_attn": attns[0],
+              "llm_precision": str(llm_dtype).replace("torch.", ""), "llm_attn": attns[0],
+              **{f"llm_sampled{suffix}_llm": f"{str(d).replace('torch.', '')} {a}"
+                 for suffix, (d, a) in teacher_specs.items()},
               "memory_format": "channels_last" if first else "contiguous"}
     for case in cases:
         result[f"{case.name}_s"] = statistics.median(case.times)
         result[case.name] = {"min_s": min(case.times), "median_s": statistics.median(case.times),
                              "max_s": max(case.times), **reports[case.name]}
     by_name = {case.name: case.times for case in cases}
-    for suffix in ["", *[f"_{attn}" for attn in attns[1:]]]:
+    for suffix in ["", *teacher_specs]:
         sampled = by_name.get(f"llm_sampled{suffix}")
         if sampled and "no_llm" in by_name:
             result[f"llm_overhead{suffix}"] = statistics.median(sampled) / statistics.median(by_name["no_llm"])
