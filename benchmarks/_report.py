@@ -16,15 +16,31 @@ def spread(values) -> dict:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
+def machine() -> dict:
+    """What decides a figure's meaning: the CPU model and cores, the SIMD level PyTorch dispatches to, and whether
+    bf16 is native there (figures from different machines of the same kind differ 2x, see the README)."""
+    import torch
+
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:  # not Linux
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), "torch": torch.__version__}
+
+
 def reserve_stdout():
-    """Send everything written to stdout from now on to stderr; return ``emit(report)``, which prints the JSON."""
+    """Send everything written to stdout from now on to stderr; return ``emit(report)``, which prints the JSON
+    object ``report`` with a ``machine`` entry (:func:`machine`) added."""
     sys.stdout.flush()
     report_fd = os.dup(1)
     os.dup2(2, 1)
 
-    def emit(report) -> None:
+    def emit(report: dict) -> None:
         with os.fdopen(report_fd, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1)
+            json.dump({**report, "machine": machine()}, f, indent=1)
             f.write("\n")
 
     return emit

@@ -24,7 +24,11 @@ def test_reserve_stdout_keeps_stdout_for_the_report():
     ])
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout) == {"answer": 42}
+    report = json.loads(out.stdout)
+    machine = report.pop("machine")  # every report says where it was measured
+    assert report == {"answer": 42}
+    assert machine["cores"] == os.cpu_count() and machine["cpu_capability"] and machine["torch"]
+    assert isinstance(machine["native_bf16"], bool)
     for noise in ("noise from print", "noise from fd 1", "noise from a child"):
         assert noise in out.stderr
 
