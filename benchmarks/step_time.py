@@ -208,12 +208,12 @@ def main(argv=None) -> None:
     parser.add_argument("--seed-precision", choices=["fp32", "bf16"], default="fp32",
                         help="the seed's own step (seed_code*): fp32 as it ships (default), or under bf16 autocast")
     parser.add_argument("--llm-precision", default="auto",
-                        help="the teacher's weights and compute, as dist.llm_precision (default: auto, bf16 where the "
-                             "CPU computes it natively, else the --precision's dtype); a comma-separated list adds "
-                             "llm_sampled_llm_<precision> cases for the others")
+                        help="the teacher's weights and compute, as dist.llm_precision (default: auto, which follows "
+                             "--precision); a comma-separated list adds llm_sampled_llm_<precision>[_<attn>] cases "
+                             "for the others, with each --llm-attn")
     parser.add_argument("--llm-attn", default="auto",
                         help="the teacher's attention, as llm.attn_implementation (default: auto, sdpa on the CPU); "
-                             "a comma-separated list adds llm_sampled_<attn> cases for the others")
+                             "a comma-separated list adds llm_sampled[_llm_<precision>]_<attn> cases for the others")
     parser.add_argument("--memory-format", default="auto",
                         help="the backbone's layout, as dist.memory_format (default: auto); a comma-separated list "
                              "adds <case>_<format> cases of the models without LLM for the others, and their "
@@ -237,17 +237,22 @@ def main(argv=None) -> None:
     precisions = args.precision.split(",")
     dtypes = {p: dist_env.pick_dtype(cpu, p) for p in precisions}  # checked as training does
     # the teacher's dtype and attention, resolved and checked as training does (an unknown name is an error naming
-    # the key); one teacher per attention at the first LLM precision, one per further LLM precision
+    # the key): llm_sampled runs the first of each list, llm_sampled[_llm_<precision>][_<attn>] every other pair
+    only = set(filter(None, args.only.split(",")))
     llm_precisions = args.llm_precision.split(",")
     llm_dtypes = {p: dist_env.pick_llm_dtype(cpu, dtypes[precisions[0]], p) for p in llm_precisions}
     llm_dtype = llm_dtypes[llm_precisions[0]]
     attn_asked = args.llm_attn.split(",")
-    attns = [dist_env.attn_implementation(cpu, a, llm_dtype) for a in attn_asked]
-    teacher_specs = {**{f"_{a}": (llm_dtype, a) for a in attns[1:]},
-                     **{f"_llm_{p}": (llm_dtypes[p], dist_env.attn_implementation(cpu, attn_asked[0], llm_dtypes[p]))
-                        for p in llm_precisions[1:]}}
+    first_attn = dist_env.attn_implementation(cpu, attn_asked[0], llm_dtype)
+    teacher_specs = {}
+    for i, p in enumerate(llm_precisions):
+        for j, a in enumerate(attn_asked):
+            attn = dist_env.attn_implementation(cpu, a, llm_dtypes[p])
+            suffix = (f"_llm_{p}" if i else "") + (f"_{attn}" if j else "")
+            if suffix and (not only or f"llm_sampled{suffix}" in only):
+                teacher_specs[suffix] = (llm_dtypes[p], attn)
     dist_env.tune_cpu_allocator("load")  # load, then step, as training does (htr_dist.dist.strategy.build_strategy)
-    teacher = load_teacher(args.llm, args.llm_cache, llm_dtype, attns[0]) if args.llm else None
+    teacher = load_teacher(args.llm, args.llm_cache, llm_dtype, first_attn) if args.llm else None
     others = {suffix: load_teacher(args.llm, args.llm_cache, *spec) for suffix, spec in teacher_specs.items()
               if args.llm}
     dist_env.tune_cpu_allocator("step")
@@ -263,7 +268,6 @@ def main(argv=None) -> None:
         *[(f"{name}_{f}", cfg, None, 0.125, layouts[f], dtype) for f in formats[1:] for name, cfg in plain],
         *[(f"{name}_{p}", cfg, None, 0.125, first, dtypes[p]) for p in precisions[1:] for name, cfg in plain],
     ]
-    only = set(filter(None, args.only.split(",")))
     specs = [s for s in specs if (not only or s[0] in only) and (s[2] is not None or not s[0].startswith("llm"))]
     cases = [Case(*spec[:2], args, *spec[2:]) for spec in specs]
     # the seed's own step at its configuration, without and with its LLM path: the baselines of the goals
@@ -287,7 +291,7 @@ def main(argv=None) -> None:
     result = {"batch": args.batch, "height": args.height, "width": args.width, "threads": args.threads,
               "steps": args.steps, "warmup": args.warmup, "llm": args.llm or None,
               "precision": str(dtype).replace("torch.", ""), "seed_precision": args.seed_precision,
-              "llm_precision": str(llm_dtype).replace("torch.", ""), "llm_attn": attns[0],
+              "llm_precision": str(llm_dtype).replace("torch.", ""), "llm_attn": first_attn,
               **{f"llm_sampled{suffix}_llm": f"{str(d).replace('torch.', '')} {a}"
                  for suffix, (d, a) in teacher_specs.items()},
               "memory_format": "channels_last" if first else "contiguous"}

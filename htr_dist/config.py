@@ -110,11 +110,10 @@ class LLMConfig:
     max_text_tokens: int = 48
     """Transcription tokens fed to the LLM per line (longer lines are cut, counted and logged)."""
     attn_implementation: str = "auto"
-    """The LLM's attention: ``auto``, ``sdpa``, ``eager`` or ``flash_attention_2``. ``auto`` is ``flash_attention_2``
-    on CUDA where flash-attn is installed and the LLM is bf16/fp16, else ``sdpa``; on the CPU ``eager`` for a bf16 LLM
-    and ``sdpa`` for fp32: at the ~80-token sequences of a line, PyTorch's CPU flash-attention kernel is overhead, and
-    eager ran connector + SmolLM2 forward and backward in bf16 in 0.30 s against 0.35 s (AMX Xeon) and 0.19 against
-    0.24 s (AVX-512 EPYC); in fp32 the two are even."""
+    """The LLM's attention: ``auto`` (``flash_attention_2`` on CUDA where flash-attn is installed, else ``sdpa``),
+    ``sdpa``, ``eager`` or ``flash_attention_2``. On the CPU, at the ~80-token sequences of a line, ``eager`` ran
+    SmolLM2's forward and backward in bf16 in 0.19 s against 0.24 s for ``sdpa`` on an AVX-512 EPYC, and with the
+    connector 0.31 s against 0.36 s on an AMX Xeon (fp32: 0.51 s against 0.54 s, and even); the demo sets it."""
 
 
 @dataclass
@@ -188,12 +187,12 @@ class DistConfig:
     says otherwise, the frozen LLM's weights. On an AMD EPYC with avx512_bf16, steps of the 128 x 1024 models took
     0.56-0.66x as long in bf16; emulated bf16 (AVX2-only CPUs) is slower than fp32."""
     llm_precision: str = "auto"
-    """The frozen LLM's weights and compute: ``auto``, ``fp32``, ``bf16``, or ``bf16_native``: bf16 where the device
-    computes it natively (CUDA from Ampere, a CPU with avx512_bf16 or AMX), else fp32. ``auto`` is bf16 where native,
-    else ``precision``'s dtype, so by default the trainable part stays fp32 on a CPU while its frozen teacher runs in
-    bf16 where that is fast (the LLM path of a step on an AMX Xeon: 0.30 s against 0.53 s in fp32). bf16 halves the
-    bytes that ZeRO-3/FSDP gather every step; emulated bf16 compute costs more than that saves (the demo's step on an
-    AVX2 CPU: 6.3 s with a bf16 LLM, 2.1 s with fp32)."""
+    """The frozen LLM's weights and compute: ``auto`` (= ``precision``), ``fp32``, ``bf16``, or ``bf16_native``: bf16
+    where the device computes it natively (CUDA, or a CPU with avx512_bf16 or AMX), else fp32. bf16 halves the bytes
+    that ZeRO-3/FSDP gather every step, and where bf16 is native it speeds the teacher up: on an AMX Xeon its path
+    (connector + SmolLM2 on 2 lines, forward and backward) took 0.31 s in bf16 (eager attention) against 0.51 s in
+    fp32. Emulated bf16 compute costs more than it saves (the demo's step on an AVX2 CPU: 6.3 s with a bf16 LLM, 2.1 s
+    with fp32)."""
     memory_format: str = "auto"
     """Layout of the backbone's feature maps and conv weights: ``channels_last`` (NHWC), ``contiguous`` (NCHW), or
     ``auto``: channels_last on CUDA and on CPUs with AVX-512, contiguous on other CPUs, where oneDNN's NHWC

@@ -36,18 +36,20 @@ def test_reserve_stdout_keeps_stdout_for_the_report():
 def test_step_time_prints_one_json_object_with_paired_overhead(tiny_llama):
     cmd = [sys.executable, os.path.join(BENCH, "step_time.py"), "--llm", tiny_llama, "--steps", "2", "--warmup", "0",
            "--batch", "2", "--height", "32", "--width", "256",
-           "--only", "no_llm,llm_sampled,llm_sampled_eager,llm_sampled_llm_bf16", "--llm-attn", "sdpa,eager",
-           "--llm-precision", "fp32,bf16"]
+           "--only", "no_llm,llm_sampled,llm_sampled_eager,llm_sampled_llm_bf16,llm_sampled_llm_bf16_eager",
+           "--llm-attn", "sdpa,eager", "--llm-precision", "fp32,bf16"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)  # the whole of stdout: progress and library logs went to stderr
     assert "round 2/2" in out.stderr
     assert result["llm_overhead"] == result["llm_sampled_s"] / result["no_llm_s"]
-    # the teachers each case ran: the first LLM precision with each attention, then the other precisions
+    # the teachers each case ran: every pair of LLM precision and attention
     assert (result["llm_precision"], result["llm_attn"]) == ("float32", "sdpa")
     assert result["llm_sampled_eager_llm"] == "float32 eager"
     assert result["llm_sampled_llm_bf16_llm"] == "bfloat16 sdpa"
-    for key in ("llm_overhead_paired", "llm_overhead_eager_paired", "llm_overhead_llm_bf16_paired"):
+    assert result["llm_sampled_llm_bf16_eager_llm"] == "bfloat16 eager"
+    for key in ("llm_overhead_paired", "llm_overhead_eager_paired", "llm_overhead_llm_bf16_paired",
+                "llm_overhead_llm_bf16_eager_paired"):
         paired = result[key]
         assert 0 < paired["min"] <= paired["median"] <= paired["max"]
     assert result["llm_sampled"]["llm_lines_per_step"] == 1

@@ -18,12 +18,8 @@ def test_cpu_choices():
     assert dist_env.pick_dtype(cpu) == torch.float32  # auto: fp32 on CPU
     assert dist_env.pick_dtype(cpu, "fp32") == torch.float32
     assert dist_env.pick_dtype(cpu, "bf16") == torch.bfloat16
-    # auto: eager for a bf16/fp16 LLM (the CPU flash kernel is all overhead at a line's ~80 tokens), SDPA for fp32
-    assert dist_env.attn_implementation(cpu, "auto", torch.bfloat16) == "eager"
-    assert dist_env.attn_implementation(cpu, "auto", torch.float16) == "eager"
-    assert dist_env.attn_implementation(cpu, "auto", torch.float32) == "sdpa"
-    assert dist_env.attn_implementation(cpu, "sdpa", torch.bfloat16) == "sdpa"  # an explicit choice is kept
-    assert dist_env.attn_implementation(cpu, "eager", torch.float32) == "eager"
+    assert dist_env.attn_implementation(cpu) == "sdpa"
+    assert dist_env.attn_implementation(cpu, "eager") == "eager"
     with pytest.raises(ValueError, match="flash_attention_2 needs CUDA"):
         dist_env.attn_implementation(cpu, "flash_attention_2")
     with pytest.raises(ValueError, match="'flash'"):
@@ -75,20 +71,10 @@ def test_precision_key_is_validated():
         load_config(None, ["dist.llm_precision=half"])
 
 
-def test_llm_precision_auto_is_bf16_where_native_else_the_trainable_dtype(monkeypatch):
+def test_llm_precision_follows_precision_unless_set(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for native in (True, False):
-        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda n=native: n)
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native: n)
-        for device in (cpu, cuda):
-            for dtype in (torch.float32, torch.bfloat16):  # the trainable part's (dist.precision)
-                assert dist_env.pick_llm_dtype(device, dtype) == (torch.bfloat16 if native else dtype)
-            assert dist_env.pick_llm_dtype(device, torch.float32, "fp32") == torch.float32  # asked for: kept
-
-
-def test_llm_precision_set_explicitly(monkeypatch):
-    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert dist_env.pick_llm_dtype(cpu, torch.float32) == torch.float32
+    assert dist_env.pick_llm_dtype(cuda, torch.bfloat16) == torch.bfloat16
     assert dist_env.pick_llm_dtype(cpu, torch.float32, "bf16") == torch.bfloat16  # the CPU demo: bf16 LLM only
     assert dist_env.pick_llm_dtype(cuda, torch.bfloat16, "fp32") == torch.float32
     with pytest.raises(ValueError, match="dist.llm_precision"):

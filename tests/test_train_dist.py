@@ -42,13 +42,12 @@ def run_dist_check(strategy, args, nproc=2):
 
 
 @pytest.mark.parametrize("strategy, llm_precision, memory_format", [
-    ("ddp", "auto", "auto"), ("fsdp", "fp32", "auto"), ("deepspeed", "fp32", "auto"),
+    ("ddp", "auto", "auto"), ("fsdp", "auto", "auto"), ("deepspeed", "auto", "auto"),
     ("fsdp", "bf16", "channels_last"), ("deepspeed", "bf16", "contiguous"),
 ])
 def test_strategy_two_ranks_different_batch_sizes(strategy, llm_precision, memory_format, tiny_overrides, tmp_path):
-    """Every strategy, and the sharded ones with an fp32 and with a bf16 LLM under an fp32 trainable part (bf16 is
-    what ``auto`` picks on a CPU with native bf16, and what the demo runs). The last two pin the backbone's layout, so
-    both layouts run here whatever ``auto`` picks on this CPU."""
+    """Every strategy, and the sharded ones with a bf16 LLM under an fp32 trainable part (what the demo runs). The
+    last two pin the backbone's layout, so both layouts run here whatever ``auto`` picks on this CPU."""
     out = str(tmp_path / "result.json")
     args = [out] + tiny_overrides + ["train.llm_sample_ratio=0.5", f"dist.llm_precision={llm_precision}",
                                      f"dist.memory_format={memory_format}"]
@@ -71,9 +70,7 @@ def test_strategy_two_ranks_different_batch_sizes(strategy, llm_precision, memor
     assert res["teacher_training"] is False
     assert res["llm_requires_grad"] is False and res["llm_grads"] is False
     assert res["channels_last"] == dist_env.pick_channels_last(torch.device("cpu"), memory_format)
-    want = {"auto": str(dist_env.pick_llm_dtype(torch.device("cpu"), torch.float32)), "bf16": "torch.bfloat16",
-            "fp32": "torch.float32"}[llm_precision]
-    assert res["llm_dtypes"] == [want]
+    assert res["llm_dtypes"] == ["torch.bfloat16" if llm_precision == "bf16" else "torch.float32"]
     if strategy == "ddp":
         assert res["held"] == res["full"]  # replicated
     elif demo_zero3:

@@ -36,8 +36,7 @@ class DistEnv:
     dtype: torch.dtype
     """Autocast dtype of the trainable part (``dist.precision``: by default bf16 on CUDA, fp32 on CPU)."""
     llm_dtype: Optional[torch.dtype] = None
-    """Dtype of the frozen LLM's weights and compute (``dist.llm_precision``: by default bf16 where the device computes
-    it natively); None = ``dtype``."""
+    """Dtype of the frozen LLM's weights and compute (``dist.llm_precision``); None = ``dtype``."""
     channels_last: bool = True
     """The backbone's memory format (``dist.memory_format``): NHWC if True, else NCHW."""
 
@@ -118,16 +117,9 @@ def pick_dtype(device: torch.device, precision: str = "auto", key: str = "dist.p
 
 
 def pick_llm_dtype(device: torch.device, dtype: torch.dtype, llm_precision: str = "auto") -> torch.dtype:
-    """``dist.llm_precision`` -> the frozen LLM's dtype: ``auto`` is bf16 where the device computes bf16 natively,
-    else ``dtype`` (``dist.precision``'s); ``bf16_native`` is bf16 where the device computes it natively, else fp32.
-
-    A frozen teacher trains nothing, so bf16 costs no accuracy of its own (Llama-3.2 ships its weights in bf16), and
-    where bf16 is native it halves the bytes ZeRO-3/FSDP gather and the time of its matrix products: on an AMX Xeon
-    the LLM path of a step took 0.30 s in bf16 against 0.53 s in fp32 while the trainable part stays fp32.
-    """
-    if llm_precision == "auto":
-        return torch.bfloat16 if has_native_bf16(device) else dtype
-    return pick_dtype(device, llm_precision, "dist.llm_precision")
+    """``dist.llm_precision`` -> the frozen LLM's dtype: ``auto`` follows ``dtype`` (``dist.precision``);
+    ``bf16_native`` is bf16 where the device computes bf16 natively, else fp32."""
+    return dtype if llm_precision == "auto" else pick_dtype(device, llm_precision, "dist.llm_precision")
 
 
 def pick_channels_last(device: torch.device, memory_format: str = "auto", backward: bool = True) -> bool:
@@ -149,15 +141,8 @@ def pick_channels_last(device: torch.device, memory_format: str = "auto", backwa
 
 def attn_implementation(device: torch.device, requested: str = "auto", llm_dtype: torch.dtype = torch.bfloat16) -> str:
     """``llm.attn_implementation`` -> what transformers gets. ``auto``: flash-attn 2 where it is installed, the device
-    is CUDA and the LLM's weights are bf16 or fp16 (flash-attn computes nothing else), else PyTorch SDPA on CUDA; on
-    the CPU, ``eager`` for a bf16 or fp16 LLM and SDPA for fp32. An explicit ``flash_attention_2`` that cannot run is
-    an error here, at start-up (transformers does not fall back).
-
-    Why eager on the CPU: at a line's ~80 tokens PyTorch's CPU flash-attention kernel is all overhead, its backward
-    2.7 ms a layer in bf16 (a quarter of SmolLM2's forward and backward), where eager's batched products take
-    microseconds: connector + SmolLM2 in bf16 took 0.30 s against 0.35 s with SDPA on an AMX Xeon, 0.19 against
-    0.24 s on an AVX-512 EPYC. In fp32 the two are even (0.53 / 0.53 s; 0.51 / 0.54 s).
-    """
+    is CUDA and the LLM's weights are bf16 or fp16 (flash-attn computes nothing else), else PyTorch SDPA. An explicit
+    ``flash_attention_2`` that cannot run is an error here, at start-up (transformers does not fall back)."""
     if requested not in CHOICES["llm.attn_implementation"]:
         raise ConfigError(not_one_of("llm.attn_implementation", requested))
     flash = False
@@ -167,8 +152,6 @@ def attn_implementation(device: torch.device, requested: str = "auto", llm_dtype
         flash = is_flash_attn_2_available()
     half = llm_dtype in (torch.bfloat16, torch.float16)
     if requested == "auto":
-        if device.type != "cuda":
-            return "eager" if half else "sdpa"
         return "flash_attention_2" if flash and half else "sdpa"
     if requested == "flash_attention_2" and not flash:
         raise ConfigError(f"llm.attn_implementation=flash_attention_2 needs CUDA and the flash-attn package "
