@@ -113,7 +113,8 @@ class LLMConfig:
     """The LLM's attention: ``auto`` (``flash_attention_2`` on CUDA where flash-attn is installed, else ``sdpa``),
     ``sdpa``, ``eager`` or ``flash_attention_2``. On the CPU, at the ~80-token sequences of a line, ``eager`` ran
     SmolLM2's forward and backward in bf16 in 0.19 s against 0.24 s for ``sdpa`` on an AVX-512 EPYC, and with the
-    connector 0.31 s against 0.36 s on an AMX Xeon (fp32: 0.51 s against 0.54 s, and even); the demo sets it."""
+    connector 0.31 s against 0.36 s on an AMX Xeon; in fp32, 0.51 s against 0.54 s on the EPYC and even on the Xeon.
+    The demo sets it for its bf16 teacher."""
 
 
 @dataclass
