@@ -21,6 +21,8 @@ def machine() -> dict:
     bf16 is native there (figures from different machines of the same kind differ 2x, see the README)."""
     import torch
 
+    from htr_dist.dist.env import has_native_bf16
+
     model = ""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -28,7 +30,7 @@ def machine() -> dict:
     except OSError:  # not Linux
         pass
     return {"cpu": model, "cores": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), "torch": torch.__version__}
+            "native_bf16": has_native_bf16(torch.device("cpu")), "torch": torch.__version__}
 
 
 def reserve_stdout():

@@ -147,6 +147,11 @@ class Case:
         return out
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``bfloat16``, as the report names dtypes."""
+    return str(dtype).replace("torch.", "")
+
+
 def paired_ratio(times: list, base: list) -> dict:
     """Min / median / max of ``times[i] / base[i]``: steps of one round ran back to back, so drift cancels."""
     return spread([a / b for a, b in zip(times, base)])
@@ -257,7 +262,7 @@ def main(argv=None) -> None:
               if args.llm}
     dist_env.tune_cpu_allocator("step")
     formats = args.memory_format.split(",")
-    layouts = {f: dist_env.pick_channels_last(torch.device("cpu"), f) for f in formats}  # checked as training does
+    layouts = {f: dist_env.pick_channels_last(cpu, f) for f in formats}  # checked as training does
     first, dtype = layouts[formats[0]], dtypes[precisions[0]]
     plain = [("reference_cnn", REFERENCE_CFG), ("no_llm", ArchConfig().cnn_cfg), ("seed_hybrid", SEED_CFG)]
     specs = [
@@ -290,10 +295,9 @@ def main(argv=None) -> None:
 
     result = {"batch": args.batch, "height": args.height, "width": args.width, "threads": args.threads,
               "steps": args.steps, "warmup": args.warmup, "llm": args.llm or None,
-              "precision": str(dtype).replace("torch.", ""), "seed_precision": args.seed_precision,
-              "llm_precision": str(llm_dtype).replace("torch.", ""), "llm_attn": first_attn,
-              **{f"llm_sampled{suffix}_llm": f"{str(d).replace('torch.', '')} {a}"
-                 for suffix, (d, a) in teacher_specs.items()},
+              "precision": dtype_name(dtype), "seed_precision": args.seed_precision,
+              "llm_precision": dtype_name(llm_dtype), "llm_attn": first_attn,
+              **{f"llm_sampled{suffix}_llm": f"{dtype_name(d)} {a}" for suffix, (d, a) in teacher_specs.items()},
               "memory_format": "channels_last" if first else "contiguous"}
     for case in cases:
         result[f"{case.name}_s"] = statistics.median(case.times)
