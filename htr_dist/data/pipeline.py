@@ -1,18 +1,21 @@
 """Streaming WebDataset loaders, as an explicit list of stages.
 
-    shard list (manifest) -> seeded per-epoch shard shuffle -> split by node and worker -> tar reading (with a
-    counting handler) -> sample shuffle buffer -> raw batches -> [skip to the resume position] -> decode,
-    preprocess, augment (train only), collate with CTC targets
+    shard list (manifest) -> this reader's pieces of the shards -> tar reading (with a counting handler) -> sample
+    shuffle buffer -> raw batches -> [skip to the resume position] -> decode, preprocess, augment (train only),
+    collate with CTC targets
 
-Splitting: with at least ``world * workers`` shards, each (rank, worker) reads its own shards; with fewer, every
-(rank, worker) reads the shards and keeps every ``world * workers``-th sample (robust for any layout, at the price of
-reading bytes it drops). Evaluation always splits by sample index over the sorted shard list, so across N ranks
-every line is seen exactly once, for any N and shard layout.
+Training: an epoch's sequence is the training shards in a seeded per-epoch order, concatenated and started at a
+seeded per-epoch line. Readers (rank, loader worker) take consecutive stretches of it, each exactly as many lines as
+its batches of the epoch need (:func:`reader_share`), so an epoch trains on every line at most once and on all but
+fewer than ``world * batch`` of them, whatever the shard sizes; a reader opens only the shards its stretch crosses
+and stops reading at its end. After its stretch a reader goes on along the sequence (only needed where samples were
+undecodable): the stream is infinite, and the loop takes exactly :func:`steps_per_epoch` batches per epoch on every
+rank, so uneven shards cannot leave one rank waiting for another in a DDP all-reduce.
 
-Training streams are infinite (a rank cycles over its shards) and the loop takes exactly
-:func:`steps_per_epoch` batches per epoch on every rank: uneven shards cannot leave one rank waiting for another in a
-DDP all-reduce. The data position is ``(epoch, batches taken)``; a stream is a pure function of (seed, epoch, rank,
-world, workers), and resuming skips the taken batches BEFORE decoding them.
+Evaluation splits by sample index over the sorted shard list, so across N ranks every line is seen exactly once.
+
+The data position is ``(epoch, batches taken)``; a stream is a pure function of (seed, epoch, rank, world, workers,
+batch size, shard counts), and resuming skips the taken batches BEFORE decoding them.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from PIL import Image
 
 from htr_dist.data.alphabet import Alphabet
 from htr_dist.data.shards import load_manifest, tar_samples
-from htr_dist.data.transforms import augment_preprocess, preprocess
+from htr_dist.data.transforms import augment_preprocess, gray8, preprocess
 from htr_dist.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -55,23 +58,29 @@ def shard_urls(manifest: dict, split: str) -> List[str]:
     return [os.path.join(manifest["_folder"], s["file"]) for s in info["shards"]]
 
 
-def assign(urls: List[str], rank: int, world: int, worker: int, workers: int, by_sample: bool) -> Tuple[list, int, int]:
-    """(urls this reader opens, sample stride, sample offset) for reader ``rank * workers + worker``."""
-    readers, reader = world * workers, rank * workers + worker
-    if not by_sample and len(urls) >= readers:
-        return urls[reader::readers], 1, 0
-    return urls, readers, reader
+def reader_share(steps: int, batch_size: int, rank: int, world: int, worker: int, workers: int) -> Tuple[int, int]:
+    """(first line, lines) of reader ``(rank, worker)`` in an epoch's training sequence.
+
+    Readers take consecutive stretches in the order rank 0 worker 0, rank 0 worker 1, ..., each as long as its
+    batches need: the DataLoader deals a rank's ``steps`` batches to its workers round-robin, so worker ``w`` makes
+    batches ``w, w + workers, ...``. All stretches together are ``world * steps * batch_size`` lines, at most the
+    split's lines (see :func:`steps_per_epoch`).
+    """
+    need = [len(range(w, steps, workers)) * batch_size for w in range(workers)]
+    return rank * sum(need) + sum(need[:worker]), need[worker]
 
 
 class _Counter:
     """Per-reader counts of read and skipped samples; aborts past the allowed skip fraction."""
 
     def __init__(self, max_fraction: float):
-        self.seen = self.skipped = self.unknown_chars = 0
+        self.seen = self.skipped = self.unknown_chars = self.read = 0
         self.max_fraction = max_fraction
+        self.last = ""
 
     def skip(self, what: str) -> None:
         self.skipped += 1
+        self.last = what
         log.warning("skipped sample: %s (%d skipped so far)", what, self.skipped)
         if self.seen >= MIN_SAMPLES_BEFORE_ABORT and self.skipped > self.max_fraction * self.seen:
             raise TooManySkipped(
@@ -86,30 +95,57 @@ class StreamDataset(torch.utils.data.IterableDataset):
     def __init__(self, urls: List[str], alphabet: Alphabet, height: int, width: int, batch_size: int, rank: int,
                  world: int, train: bool, seed: int = 0, epoch: int = 0, skip_batches: int = 0,
                  shuffle_buffer: int = 256, augment: bool = True, max_skip_fraction: float = 0.01,
-                 num_workers: int = 0):
+                 num_workers: int = 0, counts: Optional[List[int]] = None, steps: int = 1):
+        """``counts``: lines per shard of ``urls`` (the manifest's), and ``steps``: batches per epoch per rank; both
+        for training only."""
         super().__init__()
+        if train and (counts is None or len(counts) != len(urls) or sum(counts) <= 0):
+            raise ValueError(f"StreamDataset: training needs a positive line count per shard, got {counts!r} for "
+                             f"{len(urls)} shard(s)")
         self.__dict__.update(locals())
         del self.__dict__["self"]
 
     # -- stages -------------------------------------------------------------------------------------------------
-    def _shards(self, worker: int, workers: int) -> Iterator[dict]:
-        urls = list(self.urls)
-        if self.train:
-            random.Random(hash((self.seed, self.epoch)) & 0xFFFFFFFF).shuffle(urls)
-        mine, self._stride, self._offset = assign(urls, self.rank, self.world, worker, workers, by_sample=not self.train)
-        rounds = itertools.count() if self.train else range(1)
-        for _ in rounds:  # training cycles forever; the loop takes a fixed number of batches
-            for url in mine:
-                yield {"url": url}
+    def _train_sources(self, worker: int, workers: int) -> Tuple[Iterator[dict], Iterator[dict]]:
+        """This reader's stretch of the epoch's sequence, and the sequence after it (forever), as shard pieces."""
+        rnd = random.Random(hash((self.seed, self.epoch)) & 0xFFFFFFFF)
+        order = list(range(len(self.urls)))
+        rnd.shuffle(order)
+        total = sum(self.counts)
+        first, length = reader_share(self.steps, self.batch_size, self.rank, self.world, worker, workers)
+        start = (rnd.randrange(total) + first) % total
+        return self._pieces(order, start, length), self._pieces(order, (start + length) % total, None)
+
+    def _pieces(self, order: List[int], start: int, length: Optional[int]) -> Iterator[dict]:
+        """``{"url", "first", "stop"}`` pieces covering ``length`` lines (None: forever) of the cyclic sequence of
+        the shards in ``order``, from line ``start``. Forever stops with an error after a whole pass over the shards
+        that gave no sample at all (every shard unreadable), which would otherwise loop without end."""
+        counts = [self.counts[i] for i in order]
+        total, j, local = sum(counts), 0, start
+        while local >= counts[j]:
+            local -= counts[j]
+            j += 1
+        walked, mark, pass_end = 0, self._counter.read, total
+        while length is None or walked < length:
+            take = counts[j] - local if length is None else min(counts[j] - local, length - walked)
+            if take > 0:
+                yield {"url": self.urls[order[j]], "first": local, "stop": local + take}
+            walked += take
+            local, j = 0, (j + 1) % len(counts)
+            if length is None and walked >= pass_end:
+                if self._counter.read == mark:
+                    raise TooManySkipped(f"no sample could be read in a whole pass over the {len(counts)} training "
+                                         f"shard(s) ({self.urls[order[0]]}, ...); last problem: {self._counter.last}")
+                mark, pass_end = self._counter.read, pass_end + total
 
     def _handler(self, exn: Exception) -> bool:
         self._counter.skip(f"unreadable shard data ({type(exn).__name__}: {exn})")
         return True  # keep going with the next shard
 
-    def _select(self, samples: Iterator[dict]) -> Iterator[dict]:
-        for i, s in enumerate(samples):
-            if i % self._stride == self._offset:
-                yield s
+    def _counted(self, samples: Iterator[dict]) -> Iterator[dict]:
+        for s in samples:
+            self._counter.read += 1
+            yield s
 
     def _decode(self, s: dict, rng: np.random.Generator) -> Optional[tuple]:
         where = f"{s.get('__url__', '?')}:{s.get('__key__', '?')}"
@@ -120,7 +156,7 @@ class StreamDataset(torch.utils.data.IterableDataset):
             return None
         try:
             with Image.open(io.BytesIO(s["png"])) as im:
-                img = np.asarray(im.convert("L"), dtype=np.uint8)
+                img = gray8(im)
             text = s["txt"].decode("utf-8").strip()
         except Image.UnidentifiedImageError:  # PIL's own message names only a BytesIO object's address
             self._counter.skip(f"{where} cannot be decoded (png: {len(s['png'])} bytes that are not an image)")
@@ -159,11 +195,17 @@ class StreamDataset(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         self._counter = _Counter(self.max_skip_fraction)
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
-        samples = tar_samples(self._shards(worker, workers), handler=self._handler)
-        samples = self._select(samples)
         if self.train:
-            samples = wds.filters.shuffle(self.shuffle_buffer, initial=min(64, self.shuffle_buffer),
-                                          rng=random.Random(int(rng.integers(1 << 31))))(samples)
+            own, after = self._train_sources(worker, workers)
+            shuffle = wds.filters.shuffle(self.shuffle_buffer, initial=min(64, self.shuffle_buffer),
+                                          rng=random.Random(int(rng.integers(1 << 31))))
+            # the stretch is shuffled on its own, so that the lines after it come only once it is used up
+            samples = itertools.chain(shuffle(self._counted(tar_samples(own, handler=self._handler))),
+                                      shuffle(self._counted(tar_samples(after, handler=self._handler))))
+        else:  # every reader reads the shards and keeps every readers-th sample: each line once, any layout
+            readers, reader = self.world * workers, self.rank * workers + worker
+            samples = self._counted(tar_samples(({"url": u} for u in self.urls), handler=self._handler))
+            samples = (s for i, s in enumerate(samples) if i % readers == reader)
         # Raw batches: the resume skip happens here, before any PNG is decoded. Batches are dealt to workers
         # round-robin by the DataLoader, so worker w owns global batches w, w + workers, ...
         skip = len(range(worker, self.skip_batches, workers))
@@ -228,7 +270,9 @@ def build_train_loader(cfg, alphabet: Alphabet, rank: int, world: int, epoch: in
     ds = StreamDataset(shard_urls(manifest, "train"), alphabet, cfg.data.img_height, cfg.data.img_width,
                        cfg.train.batch_size, rank, world, train=True, seed=cfg.train.seed, epoch=epoch,
                        skip_batches=skip_batches, shuffle_buffer=cfg.data.shuffle_buffer, augment=cfg.data.augment,
-                       max_skip_fraction=cfg.data.max_skip_fraction, num_workers=cfg.data.num_workers)
+                       max_skip_fraction=cfg.data.max_skip_fraction, num_workers=cfg.data.num_workers,
+                       counts=[s["count"] for s in manifest["splits"]["train"]["shards"]],
+                       steps=steps_per_epoch(manifest, world, cfg.train.batch_size))
     return _loader(ds, cfg.data.num_workers, pin_memory)
 
 

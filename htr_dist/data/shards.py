@@ -219,12 +219,15 @@ def tar_members(f, url: str) -> Iterator[tuple]:
 def tar_samples(sources: Iterable[dict], handler: Callable[[Exception], bool]) -> Iterator[dict]:
     """WebDataset samples (``__key__``, ``__url__``, one bytes value per extension) of the shards ``{"url": path}``.
 
-    A shard that cannot be read on (missing, truncated, corrupt) goes to ``handler``, and reading goes on with the
-    next shard if the handler returns True. The sample being assembled at that point is still passed on with the
-    members read in whole, so that a consumer that needs the missing ones reports it by key.
+    A source may also name ``first`` and ``stop``: only the shard's samples ``first <= i < stop`` (counted from 0) are
+    passed on, and reading stops at ``stop``. A shard that cannot be read on (missing, truncated, corrupt) goes to
+    ``handler``, and reading goes on with the next shard if the handler returns True. The sample being assembled at
+    that point is still passed on with the members read in whole, so that a consumer that needs the missing ones
+    reports it by key.
     """
     for source in sources:
-        url, sample = source["url"], None
+        url, sample, index = source["url"], None, 0
+        first, stop = source.get("first", 0), source.get("stop")
         try:
             with open(url, "rb", buffering=1 << 20) as f:
                 for name, data in tar_members(f, url):
@@ -237,7 +240,12 @@ def tar_samples(sources: Iterable[dict], handler: Callable[[Exception], bool]) -
                     key, ext = name[:dot], name[dot + 1 :].lower()
                     if sample is None or sample["__key__"] != key:
                         if sample is not None:
-                            yield sample
+                            if index >= first:
+                                yield sample
+                            index += 1
+                            if stop is not None and index >= stop:
+                                sample = None
+                                break
                         sample = {"__key__": key, "__url__": url}
                     elif ext in sample:
                         raise ShardReadError(f"{url}: member {name} appears twice in sample {key}")
@@ -245,5 +253,5 @@ def tar_samples(sources: Iterable[dict], handler: Callable[[Exception], bool]) -
         except (OSError, ValueError) as exn:  # ShardReadError and UnicodeDecodeError are ValueErrors
             if not handler(exn):
                 raise
-        if sample is not None:
+        if sample is not None and index >= first:
             yield sample  # after an error too: its members are whole, and a sample missing one is named downstream
