@@ -18,7 +18,7 @@ from htr_dist.data.alphabet import Alphabet
 from htr_dist.data.pipeline import StreamDataset, TooManySkipped, build_eval_loader, build_train_loader, \
     steps_per_epoch
 from htr_dist.data.shards import load_manifest, png_bytes, write_manifest, write_split
-from htr_dist.data.transforms import augment_preprocess, morph3, photometric_lut, preprocess
+from htr_dist.data.transforms import augment_preprocess, gray8, morph3, photometric_lut, preprocess
 
 from conftest import free_port
 
@@ -47,6 +47,27 @@ def cfg_for(path, **kw):
     over = [f"data.path={path}", "data.img_height=16", "data.img_width=64", "data.num_workers=0",
             "data.shuffle_buffer=8"] + [f"{k}={v}" for k, v in kw.items()]
     return load_config(None, over)
+
+
+def test_gray8_keeps_ink_dark_on_light_paper_for_deep_and_transparent_images(tmp_path):
+    """16-bit scans are rescaled, not clipped to a white page; transparent pixels are paper, not black."""
+    ink = np.zeros((10, 20), bool)
+    ink[3:7, 5:15] = True
+    deep = np.where(ink, 1000, 60000).astype(np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as im:
+        assert im.mode.startswith("I")
+        g = gray8(im)
+    assert g.dtype == np.uint8 and g[0, 0] == 233 and g[5, 10] == 4  # 60000 / 257, 1000 / 257
+    rgba = np.zeros((10, 20, 4), np.uint8)
+    rgba[ink, 3] = 255  # opaque black ink on a transparent black background
+    for mode, arr in (("RGBA", rgba), ("LA", rgba[:, :, [0, 3]])):
+        g = gray8(Image.fromarray(arr, mode))
+        assert g[0, 0] == 255 and g[5, 10] == 0, mode
+    assert gray8(Image.fromarray(np.where(ink, 0.0, 1.0).astype(np.float32), "F"))[[0, 5], [0, 10]].tolist() == [255, 0]
+    plain = np.where(ink, 17, 240).astype(np.uint8)
+    assert np.array_equal(gray8(Image.fromarray(plain)), plain)
+    assert np.array_equal(gray8(Image.fromarray(np.stack([plain] * 3, -1))), plain)
 
 
 def test_preprocess_shape_range_aspect():
@@ -111,6 +132,36 @@ def test_train_stream_is_infinite_and_resumable(tmp_path):
     assert resumed == full[4:]
     other_epoch = [b["keys"] for b in itertools.islice(build_train_loader(cfg, alphabet, 0, 1, epoch=3), 9)]
     assert other_epoch != full
+
+
+@pytest.mark.parametrize("counts,world,workers", [([20, 20, 3], 2, 1), ([30, 5], 1, 2), ([50], 2, 2),
+                                                    ([2, 40, 2, 2], 3, 1)])
+def test_an_epoch_trains_on_distinct_lines_whatever_the_shard_sizes(tmp_path, counts, world, workers):
+    """Each epoch, the batches the loop takes over all ranks and workers hold distinct lines, all but fewer than
+    world * batch of the split: no reader cycles a small shard while another never reaches the end of a big one."""
+    folder = make_shards(str(tmp_path / "s"), counts)
+    cfg = cfg_for(folder, **{"train.batch_size": 4, "data.num_workers": workers, "data.augment": False})
+    steps = steps_per_epoch(load_manifest(folder), world, 4)
+    seen_over_epochs = set()
+    for epoch in range(3):
+        keys = []
+        for rank in range(world):
+            loader = build_train_loader(cfg, Alphabet("abcdefghij "), rank, world, epoch=epoch)
+            keys += [k for b in itertools.islice(loader, steps) for k in b["keys"]]
+        assert len(keys) == len(set(keys)) == world * steps * 4 > sum(counts) - world * 4
+        seen_over_epochs |= set(keys)
+    assert len(seen_over_epochs) > world * steps * 4  # the lines left out change from epoch to epoch
+
+
+def test_training_stops_when_no_shard_can_be_read(tmp_path):
+    folder = make_shards(str(tmp_path / "s"), [6, 6])
+    for name in ("train-000000.tar", "train-000001.tar"):
+        with open(os.path.join(folder, name), "r+b") as f:
+            f.seek(148)
+            f.write(b"0000000\0")  # a wrong checksum in the first header: nothing in the shard can be read
+    cfg = cfg_for(folder, **{"train.batch_size": 2})
+    with pytest.raises(TooManySkipped, match=r"no sample could be read in a whole pass over the 2 training shard"):
+        next(iter(build_train_loader(cfg, Alphabet("abcdefghij "), 0, 1)))
 
 
 def test_unknown_characters_counted(tmp_path):
