@@ -16,7 +16,7 @@ import torch
 
 from htr_dist.config import Config, from_dict
 from htr_dist.data.alphabet import Alphabet
-from htr_dist.data.transforms import preprocess
+from htr_dist.data.transforms import gray8, preprocess
 from htr_dist.dist.env import pick_channels_last
 from htr_dist.errors import InputError
 from htr_dist.models.htr import HTRModel
@@ -105,7 +105,7 @@ def read_gray(path: str) -> np.ndarray:
         raise InferenceError(f"{path}: no such image file")
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("L"), dtype=np.uint8)
+            return gray8(img)
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise InferenceError(f"{path}: cannot decode image ({err})") from None
 

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from htr_dist.data import iam
 from htr_dist.data.shards import MANIFEST, SPLITS, png_bytes, write_manifest, write_split
+from htr_dist.data.transforms import gray8
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class PrepareOptions:
 
 def _load_gray(path: str) -> np.ndarray:
     with Image.open(path) as im:
-        return np.asarray(im.convert("L"), dtype=np.uint8)
+        return gray8(im)
 
 
 def _form_samples(job: Tuple[str, PrepareOptions, list]) -> Tuple[List[dict], List[Tuple[str, str]]]:

@@ -22,6 +22,27 @@ PAPER = 255
 _INVERT = 1.0 - np.arange(256, dtype=np.float32) / np.float32(255.0)  # gray level -> ink in [0, 1]
 
 
+def gray8(im: Image.Image) -> np.ndarray:
+    """A PIL image of any mode -> 8-bit gray (h, w) uint8, dark ink on light paper as it was drawn.
+
+    Two cases PIL's ``convert("L")`` gets wrong for scans: 16- and 32-bit gray (``I;16``, ``I``, ``F``) it clips to
+    255 instead of rescaling, which turns a 16-bit scan into a white page; and transparency it drops, which turns
+    dark ink on a transparent (black) background into a black page. Here deep gray is rescaled by its bit depth
+    (floats by 1.0 as white) and transparent pixels become paper.
+    """
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() <= 65535 else 4294967295.0
+        return np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)
+    if im.mode == "F":
+        return np.clip(np.rint(np.asarray(im, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(paper, rgba)
+    return np.asarray(im.convert("L"), dtype=np.uint8)
+
+
 def _fit(h: int, w: int, height: int, width: int) -> float:
     return min(height / h, width / w)
 
