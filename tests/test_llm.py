@@ -133,6 +133,36 @@ def test_loss_is_cross_entropy_over_text_and_eos_only(tiny):
     assert torch.allclose(loss, mine, atol=1e-5) and torch.allclose(loss, hf, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["gemma2", "cohere", "granite"])
+def test_loss_equals_the_models_own_for_families_that_transform_their_logits(family):
+    """Soft-capped (Gemma 2), scaled (Cohere) or divided (Granite) logits: the loss is the model's own causal-LM loss."""
+    import transformers
+
+    tok = make_tokenizer()
+    common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, pad_token_id=tok.pad_token_id)
+    config, cls = {
+        "gemma2": (transformers.Gemma2Config(head_dim=8, final_logit_softcapping=2.0, **common),
+                   transformers.Gemma2ForCausalLM),
+        "cohere": (transformers.CohereConfig(logit_scale=0.25, **common), transformers.CohereForCausalLM),
+        "granite": (transformers.GraniteConfig(logits_scaling=4.0, **common), transformers.GraniteForCausalLM),
+    }[family]
+    torch.manual_seed(0)
+    lm = cls(config).eval()
+    with torch.no_grad():
+        lm.get_output_embeddings().weight.normal_(0.0, 1.0)  # logits large enough for the transform to matter
+    teacher = PrefixLM(lm, tok)
+    ids, mask = teacher.tokenize(["the cat sat"])
+    prefix = torch.randn(1, 5, 32)
+    labels = torch.full((1, 5 + ids.shape[1]), -100)
+    labels[0, 5:] = torch.where(teacher.label_mask(ids, mask), ids, -100)[0]
+    with torch.no_grad():
+        x = torch.cat([prefix, lm.get_input_embeddings()(ids)], 1)
+        own = lm(inputs_embeds=x, labels=labels).loss
+        ours = teacher(prefix, ids, mask)
+    assert torch.allclose(ours, own, atol=1e-5), (ours, own)
+
+
 def test_without_bos_the_first_text_token_is_scored(tiny):
     base = tiny.tokenizer
     from transformers import PreTrainedTokenizerFast

@@ -278,6 +278,23 @@ def checkpoint_slices(name_or_path: str, cache_dir: str, base_prefix: str = "") 
     return CheckpointSlices(folder, files, base_prefix)
 
 
+def final_logits(logits: torch.Tensor, config) -> torch.Tensor:
+    """What some causal LMs' own ``forward`` does to the vocabulary projection before the loss, which a caller of
+    ``base_model`` and ``get_output_embeddings`` must repeat: a multiplier (Cohere's ``logit_scale``), a divisor
+    (Granite's ``logits_scaling``) and a soft cap ``c * tanh(x / c)`` (Gemma 2 and 3's ``final_logit_softcapping``).
+    Llama-family models have none of them."""
+    scale = getattr(config, "logit_scale", None)
+    if scale is not None:
+        logits = logits * scale
+    divisor = getattr(config, "logits_scaling", None)
+    if divisor is not None:
+        logits = logits / divisor
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 class PrefixLM(nn.Module):
     """Frozen causal LM scoring a transcription after a prefix of visual tokens.
 
@@ -348,7 +365,7 @@ class PrefixLM(nn.Module):
         pred = hidden[:, q - 1 : q - 1 + input_ids.shape[1]]  # (k, L, H)
         scored = self.label_mask(input_ids, attention_mask)
         logits = self.lm.get_output_embeddings()(pred[scored])  # (N, V), only the scored positions
-        return F.cross_entropy(logits.float(), input_ids[scored])
+        return F.cross_entropy(final_logits(logits.float(), self.lm.config), input_ids[scored])
 
 
 if __name__ == "__main__":
