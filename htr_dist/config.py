@@ -7,6 +7,7 @@ invalid value raises :class:`ConfigError` naming the key (and, for a typo, the c
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import os
@@ -284,12 +285,15 @@ def validate(cfg: Config) -> None:
     if len(cfg.arch.stem_stride) != 2:
         raise ConfigError(f"arch.stem_stride: expected [height, width], got {cfg.arch.stem_stride!r}")
     n_vit = sum(1 for e in cfg.arch.cnn_cfg if isinstance(e, str) and e.startswith("mobilevit"))
-    if n_vit > len(cfg.arch.mobilevit_patch_sizes):
-        raise ConfigError(
-            f"arch.mobilevit_patch_sizes: {len(cfg.arch.mobilevit_patch_sizes)} sizes for {n_vit} MobileViT blocks"
-        )
+    sizes = len(cfg.arch.mobilevit_patch_sizes)
+    if n_vit > sizes:
+        raise ConfigError(f"arch.mobilevit_patch_sizes: {sizes} sizes for {n_vit} MobileViT blocks")
     for entry in cfg.arch.cnn_cfg:
-        ok = entry == "M" or (isinstance(entry, str) and entry.startswith("mobilevit") and entry[9:].isdigit())
+        vit = isinstance(entry, str) and entry.startswith("mobilevit") and entry[9:].isdigit()
+        if vit and not 1 <= int(entry[9:]) <= sizes:
+            raise ConfigError(f"arch.cnn_cfg: {entry!r} names MobileViT block {int(entry[9:])}, but "
+                              f"arch.mobilevit_patch_sizes has sizes for blocks 1..{sizes}")
+        ok = entry == "M" or vit
         ok = ok or (isinstance(entry, list) and len(entry) == 2 and all(isinstance(v, int) and v > 0 for v in entry))
         if not ok:
             raise ConfigError(f"arch.cnn_cfg: bad entry {entry!r} (expected [n, channels], 'M' or 'mobilevitK')")
@@ -449,6 +453,22 @@ def describe_keys() -> List[tuple]:
         for f in dataclasses.fields(cls):
             rows.append((f"{section.name}.{f.name}", getattr(default, f.name), docs.get(f.name, "")))
     return rows
+
+
+def int_at_least(low: int):
+    """An argparse ``type``: an integer >= ``low``, else a usage error that says so (not a traceback later)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
 
 
 def add_config_args(parser) -> None:

@@ -67,14 +67,20 @@ class Recognizer:
             raise InferenceError(f"{path}: not a loadable htr-dist model ({err})") from None
         if not isinstance(blob, dict) or blob.get("format") != EXPORT_FORMAT:
             raise InferenceError(f"{path}: not an htr-dist exported model (expected format {EXPORT_FORMAT!r})")
-        cfg = from_dict(blob["config"])
-        channels_last = pick_channels_last(device, memory_format or cfg.dist.memory_format, backward=False)
-        model = HTRModel(cfg.arch, cfg.connector, blob["num_classes"], blob["img_height"], blob["img_width"], None,
-                         channels_last)
-        model.load_state_dict(blob["state_dict"])
+        try:
+            cfg = from_dict(blob["config"])
+            channels_last = pick_channels_last(device, memory_format or cfg.dist.memory_format, backward=False)
+            model = HTRModel(cfg.arch, cfg.connector, blob["num_classes"], blob["img_height"], blob["img_width"], None,
+                             channels_last)
+            model.load_state_dict(blob["state_dict"])
+            alphabet = Alphabet(blob["alphabet"])
+        except KeyError as err:
+            raise InferenceError(f"{path}: exported model lacks its {err} entry (damaged or hand-made file)") from None
+        except (RuntimeError, ValueError) as err:  # ConfigError is a ValueError; a state dict mismatch a RuntimeError
+            raise InferenceError(f"{path}: cannot rebuild the model from it ({err})") from None
         model.to(device).eval()
         log.info("loaded %s on %s, backbone %s", path, device, "channels_last" if channels_last else "contiguous")
-        return cls(model, Alphabet(blob["alphabet"]), blob["img_height"], blob["img_width"], device, cfg)
+        return cls(model, alphabet, blob["img_height"], blob["img_width"], device, cfg)
 
     def batch_from_arrays(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """Gray uint8 (h, w) arrays -> (B, 1, H, W) float tensor, preprocessed exactly as in training."""

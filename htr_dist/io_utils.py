@@ -7,6 +7,15 @@ import os
 import tempfile
 
 
+def plain_mode(path: str, directory: bool = False) -> None:
+    """Give a file made by ``mkstemp`` (mode 0600) or a folder made by ``mkdtemp`` (0700) the mode that ``open`` or
+    ``os.makedirs`` would have given it, 0666 or 0777 less the umask: outputs renamed into place from a temporary
+    name stay readable by the group and others on a shared cluster, as the user's umask says."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~mask)
+
+
 def atomic_write_text(path: str, text: str) -> None:
     """Write ``text`` to ``path`` so that a reader sees either the old file or the whole new one."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -15,6 +24,7 @@ def atomic_write_text(path: str, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        plain_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+from htr_dist.config import int_at_least
 from htr_dist.dist.env import launcher_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,8 +25,8 @@ def parse_args(argv=None):
                    help="deepspeed: deepspeed launcher + LLM as a ZeRO-3 engine (default); "
                         "fsdp: torchrun + LLM sharded by FSDP2")
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.yaml"), help="training config")
-    p.add_argument("--forms", type=int, default=600, help="synthetic forms to generate (default: 600)")
-    p.add_argument("--nproc", type=int, default=2, help="training processes (default: 2)")
+    p.add_argument("--forms", type=int_at_least(3), default=600, help="synthetic forms to generate (default: 600)")
+    p.add_argument("--nproc", type=int_at_least(1), default=2, help="training processes (default: 2)")
     p.add_argument("--workdir", default=ROOT, help="where data/, shards/ and runs/ go (default: the repository)")
     p.add_argument("--fresh", action="store_true", help="delete the previous demo run and train from scratch")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="extra training config overrides")

@@ -8,7 +8,7 @@ import argparse
 import logging
 import sys
 
-from htr_dist.config import CHOICES
+from htr_dist.config import CHOICES, int_at_least
 from htr_dist.dist import env as dist_env
 from htr_dist.errors import InputError
 from htr_dist.evaluate import run_evaluation
@@ -20,13 +20,13 @@ def parse_args(argv=None):
     p.add_argument("--data", required=True, help="shard folder with manifest.json, e.g. shards/iam")
     p.add_argument("--split", default="test", help="split to evaluate: train, val or test (default: test)")
     p.add_argument("--decode", choices=["greedy", "beam"], default="greedy", help="CTC decoding (default: greedy)")
-    p.add_argument("--beam-width", type=int, default=10, help="beam width for --decode beam (default: 10)")
-    p.add_argument("--batch-size", type=int, default=32, help="lines per batch (default: 32)")
+    p.add_argument("--beam-width", type=int_at_least(1), default=10, help="beam width for --decode beam (default: 10)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=32, help="lines per batch (default: 32)")
     p.add_argument("--memory-format", choices=CHOICES["dist.memory_format"], default=None,
                    help="backbone layout (default: the training run's dist.memory_format, resolved for this machine)")
     p.add_argument("--json", default=None, help="write the scores as JSON to this file")
     p.add_argument("--predictions", default=None, help="write per-line id, truth, prediction, edit distance (TSV)")
-    p.add_argument("--show", type=int, default=0, help="print this many predictions next to the ground truth")
+    p.add_argument("--show", type=int_at_least(0), default=0, help="print this many predictions next to the ground truth")
     return p.parse_args(argv)
 
 

@@ -8,7 +8,7 @@ read, and the exit status is 1 if any image failed.
 import argparse
 import sys
 
-from htr_dist.config import CHOICES
+from htr_dist.config import CHOICES, int_at_least
 from htr_dist.dist.env import tune_cpu_allocator
 from htr_dist.inference import InferenceError, Recognizer, read_gray
 
@@ -18,10 +18,10 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", required=True, help="run folder (uses its model.pt) or an exported model.pt")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="line images (PNG, JPEG, TIFF)")
     p.add_argument("--decode", choices=["greedy", "beam"], default="greedy", help="CTC decoding (default: greedy)")
-    p.add_argument("--beam-width", type=int, default=10, help="beam width for --decode beam (default: 10)")
+    p.add_argument("--beam-width", type=int_at_least(1), default=10, help="beam width for --decode beam (default: 10)")
     p.add_argument("--memory-format", choices=CHOICES["dist.memory_format"], default=None,
                    help="backbone layout (default: the training run's dist.memory_format, resolved for this machine)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=16, help="images per forward pass (default: 16)")
     return p.parse_args(argv)
 
 

@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 
+from htr_dist.config import int_at_least
 from htr_dist.data.synth import FontsNotFound, synthesize
 
 
@@ -35,7 +36,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", metavar="OUT", help="output folder (written to a temporary folder, then renamed; an "
                                               "existing OUT is replaced)")
-    p.add_argument("--forms", type=int, default=100, help="number of forms (default: 100; the prose lasts for "
+    p.add_argument("--forms", type=int_at_least(3), default=100, help="number of forms (default: 100; the prose lasts for "
                                                           "about 850 forms of 6-10 lines)")
     p.add_argument("--seed", type=int, default=0, help="random seed of text, writers and rendering (default: 0)")
     p.add_argument("--fonts", nargs="+", default=None, metavar="PATH_OR_NAME",
@@ -43,7 +44,7 @@ def parse_args(argv=None):
                         "handwriting font that is installed)")
     p.add_argument("--lines-per-form", type=_range, default=(6, 10), metavar="A-B",
                    help="handwritten lines per form, drawn uniformly from A..B (default: 6-10)")
-    p.add_argument("--workers", type=int, default=0, help="processes (default 0 = all cores; 1 = no subprocess)")
+    p.add_argument("--workers", type=int_at_least(0), default=0, help="processes (default 0 = all cores; 1 = no subprocess)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 

@@ -31,6 +31,8 @@ def test_yaml_then_overrides(tmp_path):
         ("train.use_llm=maybe", "train.use_llm: expected true or false, got 'maybe'"),
         ("dist.strategy=zero9", "dist.strategy: 'zero9' is not one of"),
         ("arch.cnn_cfg=[[2, 64], 'Q']", "arch.cnn_cfg: bad entry 'Q'"),
+        ("arch.cnn_cfg=[[2, 64], mobilevit0]", "'mobilevit0' names MobileViT block 0, but arch.mobilevit_patch_sizes"),
+        ("arch.cnn_cfg=[[2, 64], mobilevit3]", "'mobilevit3' names MobileViT block 3, but arch.mobilevit_patch_sizes"),
         ("arch.llm_tap_layer=4", "arch.llm_tap_layer: must be in [1, arch.rnn_layers=3], got 4"),
         ("train.lr", "expected key=value"),
     ],

@@ -1,6 +1,7 @@
 """The whole recogniser: LLM subset sampling, compute_losses (one teacher call, features reused), parameter counts,
 and an overfit run on rendered lines with and without the LLM loss."""
 
+import fractions
 import math
 
 import numpy as np
@@ -62,7 +63,8 @@ def test_llm_subset_size_and_indices(ratio):
     gen = torch.Generator().manual_seed(0)
     for batch in range(1, 18):
         k = num_llm_samples(batch, ratio)
-        assert k == min(batch, max(1, math.floor(ratio * batch + 0.5))) and 1 <= k <= batch
+        exact = fractions.Fraction(str(ratio)) * batch  # the ratio as written, in exact arithmetic
+        assert k == min(batch, max(1, math.floor(exact + fractions.Fraction(1, 2)))) and 1 <= k <= batch
         idx = sample_llm_index(batch, ratio, gen)
         assert idx.dtype == torch.long and len(idx) == k
         assert idx.tolist() == sorted(set(idx.tolist())) and 0 <= int(idx.min()) and int(idx.max()) < batch
@@ -73,6 +75,7 @@ def test_llm_subset_rounding_examples():
     assert num_llm_samples(12, 0.125) == 2  # 1.5 rounds half up
     assert num_llm_samples(4, 0.125) == 1  # 0.5 rounds half up
     assert num_llm_samples(3, 0.125) == 1  # 0.375 would round to 0: never 0 (a rank skipping the LLM hangs)
+    assert num_llm_samples(50, 0.29) == 15  # 14.5 rounds up, although 0.29 * 50 is 14.499999999999998 in floats
     with pytest.raises(ValueError, match="llm_sample_ratio"):
         num_llm_samples(16, 0.0)
     with pytest.raises(ValueError, match="batch size"):
@@ -287,3 +290,33 @@ def test_exported_model_loads_in_the_runs_memory_format(trained, override, tmp_p
         ref = model(images, None)["ctc_logits"]
         got = rec.model(images, None)["ctc_logits"]
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_exported_model_is_readable_as_the_umask_says_and_a_damaged_one_is_named(tmp_path):
+    """model.pt is renamed into place from a temporary file (mode 0600): it ends with the mode plain open() gives.
+    A file that is an export but does not rebuild is an InferenceError naming the file, not a traceback."""
+    import os
+
+    from htr_dist.config import Config
+    from htr_dist.inference import InferenceError, Recognizer
+    from htr_dist.train.export import export_model
+
+    cfg = Config()
+    cfg.arch, cfg.connector = tiny_arch(), TINY_CONNECTOR
+    cfg.data.img_height, cfg.data.img_width = 32, 160
+    model = HTRModel(cfg.arch, cfg.connector, len(CHARS) + 1, 32, 160).eval()
+    old = os.umask(0o022)
+    try:
+        path = export_model(model, cfg, CHARS, str(tmp_path / "model.pt"))
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o644
+    blob = torch.load(path, weights_only=True)
+    blob["state_dict"].pop(next(iter(blob["state_dict"])))
+    torch.save(blob, tmp_path / "missing_weight.pt")
+    with pytest.raises(InferenceError, match=r"(?s)missing_weight.pt: cannot rebuild the model from it .*Missing key"):
+        Recognizer.load(str(tmp_path / "missing_weight.pt"))
+    del blob["num_classes"]
+    torch.save(blob, tmp_path / "no_classes.pt")
+    with pytest.raises(InferenceError, match=r"no_classes.pt: exported model lacks its 'num_classes' entry"):
+        Recognizer.load(str(tmp_path / "no_classes.pt"))

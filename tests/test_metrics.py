@@ -32,6 +32,11 @@ def test_beam_on_clear_paths_matches_greedy():
         assert beam_decode(logits, 5) == greedy_decode(logits)
 
 
+def test_beam_width_below_one_is_named():
+    with pytest.raises(ValueError, match="beam width must be >= 1, got 0"):
+        beam_decode(one_hot_logits([1, 2]), 0)
+
+
 def test_beam_finds_the_best_labelling_where_greedy_does_not():
     # each frame: blank 0.6, 'a' 0.4. Best path is blank-blank (0.36); but P('a') = 1 - 0.36 = 0.64.
     probs = np.array([[0.6, 0.4], [0.6, 0.4]])

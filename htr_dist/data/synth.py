@@ -40,6 +40,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from htr_dist.errors import InputError
+from htr_dist.io_utils import plain_mode
 
 log = logging.getLogger(__name__)
 
@@ -494,6 +495,7 @@ def synthesize(out_dir: str, forms: int = 100, seed: int = 0, fonts: Optional[Se
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}-")
     try:
+        plain_mode(tmp, directory=True)  # it becomes out_dir: the mode os.makedirs would give, not 0700
         for sub in ("forms", "xml", "ascii", "splits"):
             os.makedirs(os.path.join(tmp, sub))
         jobs = [(s, tmp) for s in specs]

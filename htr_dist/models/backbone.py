@@ -110,7 +110,7 @@ def parse_cnn_cfg(cnn_cfg: Sequence) -> List[tuple]:
     for entry in cnn_cfg:
         if entry == "M":
             out.append(("pool",))
-        elif isinstance(entry, str) and entry.startswith("mobilevit") and entry[9:].isdigit():
+        elif isinstance(entry, str) and entry.startswith("mobilevit") and entry[9:].isdigit() and int(entry[9:]) >= 1:
             out.append(("vit", int(entry[9:]) - 1))
         elif isinstance(entry, (list, tuple)) and len(entry) == 2:
             out.append(("res", int(entry[0]), int(entry[1])))

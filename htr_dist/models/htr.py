@@ -6,6 +6,7 @@ callable (a plain :class:`~htr_dist.models.llm.PrefixLM`, an FSDP-sharded one, o
 
 from __future__ import annotations
 
+import fractions
 import math
 import time
 from typing import Optional
@@ -67,7 +68,9 @@ def num_llm_samples(batch_size: int, ratio: float) -> int:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"train.llm_sample_ratio must be in (0, 1], got {ratio}")
-    return min(batch_size, max(1, math.floor(ratio * batch_size + 0.5)))
+    # ratio as the decimal it was written as: 0.29 * 50 is 14.499999999999998 in binary floating point, not 14.5
+    exact = fractions.Fraction(repr(float(ratio))) * batch_size
+    return min(batch_size, max(1, math.floor(exact + fractions.Fraction(1, 2))))
 
 
 def sample_llm_index(batch_size: int, ratio: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:

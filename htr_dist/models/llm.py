@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from htr_dist.errors import InputError
-from htr_dist.io_utils import atomic_write_json
+from htr_dist.io_utils import atomic_write_json, plain_mode
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ def convert_gguf(gguf_path: str, out_dir: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out_dir)), prefix=".convert-")
     try:
+        plain_mode(tmp, directory=True)  # a shared cache: readable as the umask says, not 0700
         fresh.save_pretrained(tmp)
         _drop_gguf_quantization(tmp)
         tokenizer.save_pretrained(tmp)
@@ -99,12 +100,12 @@ def resolve_llm_path(name_or_path: str, cache_dir: str) -> str:
     cache_dir = os.path.expanduser(cache_dir)
     if name_or_path == SMOLLM2:
         return convert_gguf(smollm2_gguf(), os.path.join(cache_dir, "SmolLM2-135M"))
-    if name_or_path.endswith(".gguf"):
-        if not os.path.isfile(name_or_path):
-            raise LLMLoadError(f"llm.name_or_path: GGUF file not found: {name_or_path}")
-        stem = os.path.splitext(os.path.basename(name_or_path))[0]
-        return convert_gguf(name_or_path, os.path.join(cache_dir, stem))
     path = os.path.expanduser(name_or_path)
+    if path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise LLMLoadError(f"llm.name_or_path: GGUF file not found: {name_or_path}")
+        stem = os.path.splitext(os.path.basename(path))[0]
+        return convert_gguf(path, os.path.join(cache_dir, stem))
     if os.path.isdir(path):
         return path
     if path.startswith((os.sep, ".", "~")):  # clearly meant as a local path, not a hub id ("org/name")

@@ -10,6 +10,7 @@ import torch
 
 from htr_dist.config import to_dict
 from htr_dist.inference import EXPORT_FORMAT
+from htr_dist.io_utils import plain_mode
 
 
 def export_model(model, cfg, alphabet: str, path: str) -> str:
@@ -26,6 +27,12 @@ def export_model(model, cfg, alphabet: str, path: str) -> str:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".model-", suffix=".pt.tmp")
     os.close(fd)
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(blob, tmp)
+        plain_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
     return path

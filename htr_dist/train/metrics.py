@@ -38,6 +38,8 @@ def prefix_beam_search(log_probs: np.ndarray, beam_width: int = 10, blank: int =
     not extended, which keeps the search fast without changing the result in practice. The frame's candidates are
     turned into Python numbers once, not once per beam (half the time of reading them from numpy in the inner loop).
     """
+    if beam_width < 1:
+        raise ValueError(f"beam width must be >= 1, got {beam_width}")
     lse, unseen = _logsumexp, (-math.inf, -math.inf)
     beams = {(): (0.0, -math.inf)}  # prefix -> (log p ending in blank, log p ending in non-blank)
     for frame in log_probs:
