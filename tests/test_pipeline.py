@@ -164,6 +164,18 @@ def test_training_stops_when_no_shard_can_be_read(tmp_path):
         next(iter(build_train_loader(cfg, Alphabet("abcdefghij "), 0, 1)))
 
 
+@pytest.mark.parametrize("skip", [1, 3, 4])
+def test_resume_with_two_loader_workers_goes_on_in_the_same_order(tmp_path, skip):
+    """The DataLoader asks worker 0 first: a resume at an odd batch must still continue with batch ``skip``."""
+    folder = make_shards(str(tmp_path / "s"), [20, 13])
+    cfg = cfg_for(folder, **{"train.batch_size": 3, "data.num_workers": 2, "data.augment": False})
+    alphabet = Alphabet("abcdefghij ")
+    full = [b["keys"] for b in itertools.islice(build_train_loader(cfg, alphabet, 0, 1, epoch=1), 10)]
+    resumed = [b["keys"] for b in itertools.islice(build_train_loader(cfg, alphabet, 0, 1, epoch=1,
+                                                                      skip_batches=skip), 10 - skip)]
+    assert resumed == full[skip:]
+
+
 def test_unknown_characters_counted(tmp_path):
     folder = make_shards(str(tmp_path / "s"), [4], split="test", texts=["abc", "aXb", "YZ", "a"])
     cfg = cfg_for(folder, **{"train.batch_size": 4})
@@ -202,6 +214,19 @@ def test_bad_samples_skipped_counted_and_named(tmp_path, caplog):
     assert "train-000000.tar:k0002 has no txt" in text
     assert "unreadable shard data (ShardReadError: " in text and "train-000001.tar: truncated tar header" in text
     assert "train-000001.tar:k0006 has no txt" in text
+
+
+def test_resume_after_undecodable_samples_sees_the_same_batches(tmp_path):
+    """Skipped batches are counted without decoding, but they must drop the samples decoding drops."""
+    folder = make_shards(str(tmp_path / "s"), [12, 12])
+    _corrupt_png(folder)  # k0001 is no image, k0002 has no txt
+    cfg = cfg_for(folder, **{"train.batch_size": 3, "data.max_skip_fraction": 0.5})
+    alphabet = Alphabet("abcdefghij ")
+    full = list(itertools.islice(build_train_loader(cfg, alphabet, 0, 1, epoch=0), 6))
+    for skip in (1, 2, 4):
+        resumed = list(itertools.islice(build_train_loader(cfg, alphabet, 0, 1, epoch=0, skip_batches=skip), 6 - skip))
+        assert [b["keys"] for b in resumed] == [b["keys"] for b in full[skip:]]
+        assert all(torch.equal(a["images"], b["images"]) for a, b in zip(resumed, full[skip:]))
 
 
 def test_abort_when_too_many_skipped(tmp_path):

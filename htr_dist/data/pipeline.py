@@ -33,7 +33,7 @@ import webdataset as wds
 from PIL import Image
 
 from htr_dist.data.alphabet import Alphabet
-from htr_dist.data.shards import load_manifest, tar_samples
+from htr_dist.data.shards import ManifestError, load_manifest, tar_samples
 from htr_dist.data.transforms import augment_preprocess, gray8, preprocess
 from htr_dist.errors import InputError
 
@@ -53,8 +53,11 @@ def steps_per_epoch(manifest: dict, world: int, batch_size: int, split: str = "t
 
 def shard_urls(manifest: dict, split: str) -> List[str]:
     info = manifest["splits"].get(split)
-    if info is None or not info["shards"]:
-        raise ValueError(f"{manifest['_folder']}/manifest.json: no shards for split {split!r}")
+    where = os.path.join(manifest["_folder"], "manifest.json")
+    if info is None:
+        raise ManifestError(f"{where}: no split {split!r}; it has {', '.join(sorted(manifest['splits'])) or 'none'}")
+    if not info["shards"]:
+        raise ManifestError(f"{where}: split {split!r} has no shards (no lines)")
     return [os.path.join(manifest["_folder"], s["file"]) for s in info["shards"]]
 
 
@@ -87,6 +90,21 @@ class _Counter:
                 f"{self.skipped} of {self.seen} samples skipped ({self.skipped / self.seen:.1%}), more than "
                 f"data.max_skip_fraction={self.max_fraction}: the shards look corrupt; last problem: {what}"
             )
+
+
+def _usable(s: dict) -> bool:
+    """Whether :meth:`StreamDataset._decode` would keep a sample, judged without decoding its pixels (the resume
+    skip): both members present, an image header PIL reads, UTF-8 text. Batches skipped on resume then end where
+    the interrupted run's did, around undecodable samples too; only an image whose header reads but whose pixel data
+    is corrupt can still shift the resumed stream by one sample."""
+    if "txt" not in s or "png" not in s:
+        return False
+    try:
+        Image.open(io.BytesIO(s["png"])).close()  # lazy: reads the header only
+        s["txt"].decode("utf-8")
+    except Exception:  # noqa: BLE001 - any failure here is a failure in _decode as well
+        return False
+    return True
 
 
 class StreamDataset(torch.utils.data.IterableDataset):
@@ -193,6 +211,10 @@ class StreamDataset(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        # The DataLoader asks worker 0 for the first batch, then 1, ...; in the uninterrupted stream batch g came
+        # from worker g % workers. A resumed loader's first batch is batch skip_batches, so loader worker i plays
+        # the part of worker (i + skip_batches) % workers: the stream goes on in the same order, whatever the skip.
+        worker = (worker + self.skip_batches) % workers
         self._counter = _Counter(self.max_skip_fraction)
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
         if self.train:
@@ -215,7 +237,7 @@ class StreamDataset(torch.utils.data.IterableDataset):
             # One generator per sample, keyed by its place in the stream: augmentation does not depend on whether
             # earlier samples were decoded or skipped on resume, so a resumed run sees exactly the same images.
             item = self._decode(s, np.random.default_rng([self.seed, self.epoch, self.rank, worker, index])) \
-                if skip == 0 else s
+                if skip == 0 else s if _usable(s) else None
             if item is None:
                 continue
             pending.append(item)
@@ -245,17 +267,23 @@ def _loader(ds: StreamDataset, workers: int, pin_memory: bool) -> torch.utils.da
 
 
 class SkipStats:
-    """Adds up the cumulative per-worker counters carried by the batches."""
+    """Adds up the per-worker counters the batches carry (each cumulative within its loader), over the run's loaders:
+    ``base`` holds what earlier loaders (earlier epochs, or the run before a resume) counted."""
 
-    def __init__(self):
+    def __init__(self, base: int = 0):
+        self.base = base
         self.by_worker: dict = {}
+
+    def new_loader(self) -> None:
+        """Call before taking batches from a new loader: the old one's counts move into ``base``."""
+        self.base, self.by_worker = self.skipped, {}
 
     def update(self, batch: dict) -> None:
         self.by_worker[batch["worker"]] = (batch["skipped"], batch["unknown_chars"])
 
     @property
     def skipped(self) -> int:
-        return sum(v[0] for v in self.by_worker.values())
+        return self.base + sum(v[0] for v in self.by_worker.values())
 
     @property
     def unknown_chars(self) -> int:
