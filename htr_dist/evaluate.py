@@ -8,6 +8,7 @@ import time
 from collections import Counter
 
 from htr_dist.dist import env as dist_env
+from htr_dist.errors import InputError
 from htr_dist.inference import LineResult, Recognizer, corpus_scores, evaluate_batches
 from htr_dist.io_utils import atomic_write_json, atomic_write_text
 
@@ -44,6 +45,8 @@ def run_evaluation(args, env) -> dict:
     start = time.time()
     loader = build_eval_loader(cfg, args.split, rec.alphabet, env.rank, env.world_size, env.pin_memory)
     results = gather_results(evaluate_batches(rec, loader, args.decode, args.beam_width))
+    if not results:  # every rank holds all results: all stop together
+        raise InputError(f"{args.data}: no line of split {args.split!r} could be read (see the warnings above)")
     scores = corpus_scores(results)
     scores.update(split=args.split, data=args.data, decode=args.decode, seconds=round(time.time() - start, 2))
     if env.is_main:

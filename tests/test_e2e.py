@@ -87,7 +87,23 @@ def test_train_reports_corrupt_shards_in_one_line(workers, shard_dir, tmp_path):
     assert "Traceback" not in proc.stderr and "Caught " not in proc.stderr
 
 
-@pytest.mark.parametrize("case", ["shards", "llm", "config", "resume", "not_a_checkpoint"])
+def test_a_validation_split_that_cannot_be_read_stops_the_run(shard_dir, tmp_path):
+    """No readable validation line is an error, not a CER of 0.00% over 0 lines."""
+    broken = tmp_path / "broken"
+    shutil.copytree(shard_dir, broken)
+    for name in os.listdir(broken):
+        if name.startswith("val-") and name.endswith(".tar"):
+            (broken / name).write_bytes(os.urandom(4096))
+    proc = subprocess.run([PY, "launch/train.py", "--config", "configs/tiny_cpu.yaml", f"data.path={broken}",
+                           "train.max_steps=1", f"run.dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {broken}: no line of split 'val' could be read for validation (see the warnings "
+                      "above); a CER over 0 lines would read as 0%"], proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("case", ["shards", "llm", "config", "resume", "not_a_checkpoint", "split"])
 def test_train_reports_bad_input_in_one_line(case, shard_dir, tmp_path):
     """A missing shard folder, LLM folder or checkpoint, or a bad config value, is the user's to fix: train.py exits
     with one line that names it (2 for what the config check finds, before any process group exists; 1 for the rest),
@@ -100,6 +116,8 @@ def test_train_reports_bad_input_in_one_line(case, shard_dir, tmp_path):
         "resume": (f"train.resume={missing}", 1, f"error: train.resume: checkpoint folder not found: {missing}"),
         "not_a_checkpoint": (f"train.resume={shard_dir}", 1,
                              f"error: train.resume: {shard_dir}: not a checkpoint of this strategy (no trainer.pt)"),
+        "split": ("data.val_split=validation", 1,  # found before training, not when the run validates at its end
+                  f"error: {shard_dir}/manifest.json: no split 'validation'; it has test, train, val"),
     }[case]
     proc = subprocess.run([PY, "launch/train.py", "--config", "configs/tiny_cpu.yaml", f"data.path={shard_dir}",
                            "train.use_llm=true", f"run.dir={tmp_path / 'run'}", override],

@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from conftest import PY, ROOT
+from htr_dist.config import load_config
 from htr_dist.dist import env as dist_env
 from htr_dist.dist.env import free_port, launcher_command
+from htr_dist.train.optim import lr_factor
 
 
 def torchrun(script, args, nproc=2, timeout=300):
@@ -159,6 +161,10 @@ def test_train_script_two_ranks(launcher, strategy, trainable_zero, tiny_overrid
     assert len(scalars["train/loss_total"]) == 6 and all(math.isfinite(v) for v in scalars["train/loss_total"])
     assert scalars["train/loss_llm"][0] > 0
     assert all(math.isfinite(v) and v > 0 for v in scalars["train/grad_norm"])  # measured, whoever clips
+    cfg = load_config(args[1], args[2:])
+    warmup = min(cfg.train.warmup_steps, 5)
+    used = [cfg.train.lr * lr_factor(k, 6, warmup, cfg.train.schedule) for k in range(6)]
+    assert scalars["train/lr"] == pytest.approx(used)  # the rate each step used, not the next step's
     assert len(scalars["val/cer"]) == 2  # at step 3 and at the end
     assert "val/line_0" in acc.Tags()["images"]
     ckpts = sorted(os.listdir(os.path.join(run, "checkpoints")))
@@ -184,7 +190,8 @@ def test_resume_is_exact(tiny_overrides, tmp_path):
     script = os.path.join(ROOT, "launch", "train.py")
     for args in ([f"run.dir={straight}", "train.max_steps=6", "train.save_every=3"],
                  [f"run.dir={split}", "train.max_steps=6", "train.save_every=3", "train.stop_after=3"],
-                 [f"run.dir={split}", "train.max_steps=6", "train.save_every=3", "train.resume=auto"]):
+                 [f"run.dir={split}", "train.max_steps=6", "train.save_every=3", "train.stop_after=3",
+                  "train.resume=auto"]):  # the same stop_after, as a job script passes it: 3 more steps
         proc = subprocess.run([PY, script] + base + args, capture_output=True, text=True, timeout=300, cwd=ROOT)
         assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _final_weights(straight), _final_weights(split)

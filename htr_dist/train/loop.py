@@ -16,10 +16,11 @@ from tqdm import tqdm
 
 from htr_dist.config import save_config, to_dict
 from htr_dist.data.alphabet import Alphabet
-from htr_dist.data.pipeline import SkipStats, build_eval_loader, build_train_loader, steps_per_epoch
+from htr_dist.data.pipeline import SkipStats, build_eval_loader, build_train_loader, shard_urls, steps_per_epoch
 from htr_dist.data.shards import load_manifest
 from htr_dist.dist import env as dist_env
 from htr_dist.dist.strategy import build_strategy, llm_hidden_size, llm_param_bytes_on_rank
+from htr_dist.errors import InputError
 from htr_dist.models.htr import HTRModel, compute_losses, count_parameters
 from htr_dist.train.checkpoint import CheckpointManager, rng_state, set_rng_state
 from htr_dist.train.export import export_model
@@ -81,6 +82,9 @@ def validate(model: HTRModel, cfg, alphabet: Alphabet, env, logger, step: int, s
     model.train(was_training)
     result = {"cer": (sums[0] / max(1.0, sums[1])).item(), "wer": (sums[2] / max(1.0, sums[3])).item(),
               "lines": int(sums[4])}
+    if result["lines"] == 0:  # every rank knows the sum: all stop together, none waits in a collective
+        raise InputError(f"{cfg.data.path}: no line of split {cfg.data.val_split!r} could be read for validation "
+                         f"(see the warnings above); a CER over 0 lines would read as 0%")
     logger.scalars({"cer": result["cer"], "wer": result["wer"]}, step, prefix="val/")
     for i, (img, ref, hyp) in enumerate(samples):
         logger.image(f"val/line_{i}", img, step)
@@ -115,6 +119,7 @@ def train(cfg, env) -> dict:
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     manifest = load_manifest(cfg.data.path)
+    shard_urls(manifest, cfg.data.val_split)  # a misnamed split is an error now, not after the run has trained
     alphabet = Alphabet(manifest["alphabet"])
     steps = total_steps(cfg, manifest, env.world_size)
     micro_per_epoch = steps_per_epoch(manifest, env.world_size, cfg.train.batch_size)
@@ -141,11 +146,15 @@ def train(cfg, env) -> dict:
             set_rng_state(state["rng"][env.rank], sampler)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, pos.step, pos.epoch,
                  pos.micro_in_epoch)
+        skipped = state.get("data_skipped")
+        skip_stats = SkipStats(skipped[env.rank] if isinstance(skipped, list) and env.rank < len(skipped) else 0)
+    else:
+        skip_stats = SkipStats()
+    start_step = pos.step
     logger = make_logger(cfg.run.dir, env.is_main)
     if pos.step == 0:
         logger.text("config", "```\n" + _yaml(cfg) + "\n```", 0)
     stop = StopFlag()
-    skip_stats = SkipStats()
     bar = tqdm(total=steps, initial=pos.step, desc="train", unit="step", disable=not (env.is_main and cfg.run.progress),
                dynamic_ncols=True)
     accum = cfg.train.grad_accum
@@ -156,6 +165,7 @@ def train(cfg, env) -> dict:
     val = None
     while pos.step < steps:
         if stream is None:
+            skip_stats.new_loader()
             stream = iter(build_train_loader(cfg, alphabet, env.rank, env.world_size, pos.epoch, pos.micro_in_epoch,
                                               env.pin_memory))
         for micro in range(accum):
@@ -176,20 +186,23 @@ def train(cfg, env) -> dict:
             if pos.micro_in_epoch >= micro_per_epoch:  # every rank rolls over at the same step
                 pos.epoch, pos.micro_in_epoch, stream = pos.epoch + 1, 0, None
                 if micro < accum - 1:
+                    skip_stats.new_loader()
                     stream = iter(build_train_loader(cfg, alphabet, env.rank, env.world_size, pos.epoch, 0,
                                                           env.pin_memory))
+        lr = strategy.lr()  # the rate this step uses; the schedule moves on inside strategy.step()
         grad_norm = strategy.step()
         pos.step += 1
         window_steps += 1
         bar.update(1)
         if pos.step % cfg.train.log_every == 0 or pos.step == steps:
-            _write_window(logger, window, window_steps, time.time() - window_start, grad_norm, strategy, env,
+            _write_window(logger, window, window_steps, time.time() - window_start, grad_norm, lr, env,
                           skip_stats, pos.step, bar)
             window = {k: 0.0 for k in window}
             window_steps, window_start = 0, time.time()
         if cfg.train.eval_every and pos.step % cfg.train.eval_every == 0 and pos.step < steps:
             val = validate(strategy.module, cfg, alphabet, env, logger, pos.step)
-        stopping = stop.any_rank() or 0 < cfg.train.stop_after <= pos.step < steps
+        # stop_after counts this run's steps: a job script that always passes it goes on by that many each time
+        stopping = stop.any_rank() or (0 < cfg.train.stop_after <= pos.step - start_step and pos.step < steps)
         if stopping or (cfg.train.save_every and pos.step % cfg.train.save_every == 0) or pos.step == steps:
             _save(ckpts, strategy, cfg, alphabet, pos, sampler, skip_stats)
         if stopping:
@@ -216,19 +229,19 @@ def _save(ckpts, strategy, cfg, alphabet, pos: Position, sampler, skip_stats) ->
         "config": to_dict(cfg),
         "alphabet": alphabet.chars,
         "llm": cfg.llm.name_or_path if cfg.train.use_llm else None,
-        "data_skipped": skip_stats.skipped,
+        "data_skipped": dist_env.all_gather_objects(skip_stats.skipped),  # per rank, as "rng"
     }
     ckpts.save(strategy, pos.step, client_state)
 
 
-def _write_window(logger, window, n_steps, seconds, grad_norm, strategy, env, skip_stats, step, bar) -> None:
+def _write_window(logger, window, n_steps, seconds, grad_norm, lr, env, skip_stats, step, bar) -> None:
     values = torch.tensor([window[k] / n_steps for k in LOSS_KEYS] + [window["llm_s"] / n_steps,
                           window["data_s"] / n_steps, window["lines"], float(skip_stats.skipped)])
     values = dist_env.all_reduce_mean(values)
     for i, k in enumerate(LOSS_KEYS):
         logger.scalar(f"train/loss_{k}", values[i].item(), step)
     lines_per_s = values[6].item() * env.world_size / max(seconds, 1e-9)
-    logger.scalar("train/lr", strategy.lr(), step)
+    logger.scalar("train/lr", lr, step)
     logger.scalar("train/grad_norm", grad_norm, step)
     logger.scalar("perf/lines_per_s", lines_per_s, step)
     logger.scalar("perf/step_s", seconds / n_steps, step)
