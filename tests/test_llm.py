@@ -198,6 +198,20 @@ def test_bf16_lm_takes_fp32_prefix_and_returns_fp32_loss(tiny_llama):
     assert prefix.grad.dtype == torch.float32 and prefix.grad.abs().sum() > 0
 
 
+def test_an_fp32_teacher_stays_fp32_inside_the_recognisers_bf16_autocast(tiny):
+    """dist.precision=bf16 with dist.llm_precision=fp32: the teacher's products run in fp32, not in the autocast."""
+    seen = []
+    hook = tiny.lm.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    prefix = torch.randn(2, Q, tiny.hidden_size)
+    ids, mask = tiny.tokenize(["the cat", "sat"], 48)
+    plain = tiny(prefix, ids, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = tiny(prefix, ids, mask)
+    hook.remove()
+    assert seen == [torch.float32, torch.float32]
+    assert torch.equal(inside, plain)
+
+
 def test_shape_mismatch_is_named(tiny):
     ids, mask = tiny.tokenize(["the cat"], 48)
     with pytest.raises(ValueError, match="hidden_size=64"):

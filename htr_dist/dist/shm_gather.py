@@ -19,6 +19,7 @@ Both issue their gathers in the same order on every rank, and a gather returns o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import uuid
@@ -69,14 +70,17 @@ class ShmAllGather:
         self.generation += 1
         paths = [os.path.join(self.shm_dir, f"htr-dist-{self.tag}-g{self.generation}-r{r}") for r in range(self.world)]
         mine = paths[self.rank]
-        with open(mine, "wb") as f:
-            f.truncate(2 * capacity)
-        tdist.barrier(group=self.group)  # every file exists at its full size
         try:
-            parts = [torch.from_file(p, shared=True, size=2 * capacity, dtype=torch.uint8) for p in paths]
-        finally:
-            tdist.barrier(group=self.group)  # every rank has mapped every file (or failed): the names can go
-            os.unlink(mine)
+            with open(mine, "wb") as f:
+                f.truncate(2 * capacity)
+            tdist.barrier(group=self.group)  # every file exists at its full size
+            try:
+                parts = [torch.from_file(p, shared=True, size=2 * capacity, dtype=torch.uint8) for p in paths]
+            finally:
+                tdist.barrier(group=self.group)  # every rank has mapped every file (or failed): the names can go
+        finally:  # also when a barrier fails (a peer died): a file in /dev/shm outlives the process
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(mine)
         self.parts, self.capacity = parts, capacity
         log.debug("shared-memory all-gather: %d ranks, %.1f MB per part", self.world, capacity / 1e6)
 

@@ -356,17 +356,20 @@ class PrefixLM(nn.Module):
         if prefix.dim() != 3 or prefix.shape[2] != self.hidden_size or prefix.shape[0] != input_ids.shape[0]:
             raise ValueError(f"PrefixLM: prefix {tuple(prefix.shape)} does not match (k={input_ids.shape[0]}, Q, "
                              f"hidden_size={self.hidden_size}) for input_ids {tuple(input_ids.shape)}")
-        emb = self.lm.get_input_embeddings()(input_ids)  # (k, L, H); a module call, so ZeRO-3/FSDP gather it
-        q = prefix.shape[1]
-        x = torch.cat([prefix.to(emb.dtype), emb], dim=1)  # (k, Q + L, H)
-        mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
-        # use_cache=False: eval mode would otherwise fill a KV cache nobody reads
-        hidden = self.lm.base_model(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state
-        # position Q - 1 + j predicts text token j
-        pred = hidden[:, q - 1 : q - 1 + input_ids.shape[1]]  # (k, L, H)
-        scored = self.label_mask(input_ids, attention_mask)
-        logits = self.lm.get_output_embeddings()(pred[scored])  # (N, V), only the scored positions
-        return F.cross_entropy(final_logits(logits.float(), self.lm.config), input_ids[scored])
+        # The LLM computes in its own weights' dtype (dist.llm_precision), not in the trainable part's autocast:
+        # an fp32 teacher beside a bf16 recogniser stays fp32, and a bf16 one runs bf16 either way.
+        with torch.autocast(prefix.device.type, enabled=False):
+            emb = self.lm.get_input_embeddings()(input_ids)  # (k, L, H); a module call, so ZeRO-3/FSDP gather it
+            q = prefix.shape[1]
+            x = torch.cat([prefix.to(emb.dtype), emb], dim=1)  # (k, Q + L, H)
+            mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
+            # use_cache=False: eval mode would otherwise fill a KV cache nobody reads
+            hidden = self.lm.base_model(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state
+            # position Q - 1 + j predicts text token j
+            pred = hidden[:, q - 1 : q - 1 + input_ids.shape[1]]  # (k, L, H)
+            scored = self.label_mask(input_ids, attention_mask)
+            logits = self.lm.get_output_embeddings()(pred[scored])  # (N, V), only the scored positions
+            return F.cross_entropy(final_logits(logits.float(), self.lm.config), input_ids[scored])
 
 
 if __name__ == "__main__":
