@@ -91,12 +91,28 @@ def test_a_handler_that_declines_reraises(tmp_path):
         list(tar_samples([{"url": str(tmp_path / "cut.tar")}], handler=lambda e: False))
 
 
-def test_stream_without_end_blocks_and_real_shard_layout(tmp_path):
+def test_a_tar_cut_at_a_member_boundary_is_reported_and_keeps_its_samples(tmp_path):
+    """Every tar writer ends with zero blocks: without them the shard was cut short, even at a member boundary."""
     data = _tar_bytes([("k.txt", b"t"), ("k.png", b"p")])
     (tmp_path / "noend.tar").write_bytes(data[: 512 * 4])  # the two members without tarfile's end-of-archive blocks
     samples, problems = _read_all(tmp_path / "noend.tar")
     assert samples == [{"__key__": "k", "__url__": str(tmp_path / "noend.tar"), "txt": b"t", "png": b"p"}]
-    assert len(problems) == 1 and not os.path.exists(str(tmp_path / "noend.tar") + ".missing")
+    assert len(problems) == 2 and "noend.tar: ends at byte 2048 without the end-of-archive blocks" in str(problems[0])
+
+
+def test_a_shard_that_holds_other_than_its_manifest_count_is_reported(tmp_path):
+    data = _tar_bytes([("a.txt", b"1"), ("a.png", b"p"), ("b.txt", b"2"), ("b.png", b"p")])
+    (tmp_path / "two.tar").write_bytes(data)
+    url = str(tmp_path / "two.tar")
+    for source, kept in (({"count": 3}, 2), ({"count": 1}, 2), ({"first": 1, "stop": 3, "count": 3}, 1)):
+        problems = []
+        samples = list(tar_samples([dict(source, url=url)], handler=lambda e: problems.append(e) or True))
+        assert len(samples) == kept
+        assert [str(p) for p in problems] == [f"{url}: 2 samples, but the manifest counts {source['count']} "
+                                              "(changed after it was written?)"], source
+    ok = list(tar_samples([{"url": url, "count": 2}, {"url": url, "first": 0, "stop": 1, "count": 5}],
+                          handler=lambda e: False))
+    assert [s["__key__"] for s in ok] == ["a", "b", "a"]  # a piece that stops before the end does not see it
 
 
 def test_signed_header_checksum_is_accepted(tmp_path):

@@ -147,7 +147,7 @@ class StreamDataset(torch.utils.data.IterableDataset):
         while length is None or walked < length:
             take = counts[j] - local if length is None else min(counts[j] - local, length - walked)
             if take > 0:
-                yield {"url": self.urls[order[j]], "first": local, "stop": local + take}
+                yield {"url": self.urls[order[j]], "first": local, "stop": local + take, "count": counts[j]}
             walked += take
             local, j = 0, (j + 1) % len(counts)
             if length is None and walked >= pass_end:
@@ -226,7 +226,9 @@ class StreamDataset(torch.utils.data.IterableDataset):
                                       shuffle(self._counted(tar_samples(after, handler=self._handler))))
         else:  # every reader reads the shards and keeps every readers-th sample: each line once, any layout
             readers, reader = self.world * workers, self.rank * workers + worker
-            samples = self._counted(tar_samples(({"url": u} for u in self.urls), handler=self._handler))
+            counts = self.counts or [None] * len(self.urls)
+            sources = ({"url": u, "count": n} for u, n in zip(self.urls, counts))
+            samples = self._counted(tar_samples(sources, handler=self._handler))
             samples = (s for i, s in enumerate(samples) if i % readers == reader)
         # Raw batches: the resume skip happens here, before any PNG is decoded. Batches are dealt to workers
         # round-robin by the DataLoader, so worker w owns global batches w, w + workers, ...
@@ -310,5 +312,6 @@ def build_eval_loader(cfg, split: str, alphabet: Alphabet, rank: int, world: int
     workers = min(cfg.data.num_workers, 1)  # one worker keeps the sample order simple and is plenty for eval
     ds = StreamDataset(shard_urls(manifest, split), alphabet, cfg.data.img_height, cfg.data.img_width,
                        cfg.train.batch_size, rank, world, train=False,
-                       max_skip_fraction=cfg.data.max_skip_fraction)
+                       max_skip_fraction=cfg.data.max_skip_fraction,
+                       counts=[s["count"] for s in manifest["splits"][split]["shards"]])
     return _loader(ds, workers, pin_memory)

@@ -186,8 +186,10 @@ def tar_members(f, url: str) -> Iterator[tuple]:
     offset, long_name, pax = 0, None, {}
     while True:
         header = f.read(BLOCK)
-        if not header or header == bytes(BLOCK):  # end of the archive (or a stream without end blocks)
+        if header == bytes(BLOCK):  # the end-of-archive blocks every tar writer puts last
             return
+        if not header:  # a tar cut at a member boundary would otherwise read as complete
+            raise ShardReadError(f"{url}: ends at byte {offset} without the end-of-archive blocks (truncated?)")
         if len(header) < BLOCK:
             raise ShardReadError(f"{url}: truncated tar header at byte {offset}")
         stored = _octal(header[148:156], url, offset, "checksum")
@@ -220,14 +222,16 @@ def tar_samples(sources: Iterable[dict], handler: Callable[[Exception], bool]) -
     """WebDataset samples (``__key__``, ``__url__``, one bytes value per extension) of the shards ``{"url": path}``.
 
     A source may also name ``first`` and ``stop``: only the shard's samples ``first <= i < stop`` (counted from 0) are
-    passed on, and reading stops at ``stop``. A shard that cannot be read on (missing, truncated, corrupt) goes to
+    passed on, and reading stops at ``stop``; and ``count``, the samples the manifest says the shard holds. A shard
+    that ends before ``stop``, or read to its end holds other than ``count`` samples, goes to ``handler`` as well. A
+    shard that cannot be read on (missing, truncated, corrupt) goes to
     ``handler``, and reading goes on with the next shard if the handler returns True. The sample being assembled at
     that point is still passed on with the members read in whole, so that a consumer that needs the missing ones
     reports it by key.
     """
     for source in sources:
-        url, sample, index = source["url"], None, 0
-        first, stop = source.get("first", 0), source.get("stop")
+        url, sample, index, ended = source["url"], None, 0, False
+        first, stop, count = source.get("first", 0), source.get("stop"), source.get("count")
         try:
             with open(url, "rb", buffering=1 << 20) as f:
                 for name, data in tar_members(f, url):
@@ -250,8 +254,17 @@ def tar_samples(sources: Iterable[dict], handler: Callable[[Exception], bool]) -
                     elif ext in sample:
                         raise ShardReadError(f"{url}: member {name} appears twice in sample {key}")
                     sample[ext] = data
+                else:
+                    ended = True  # read to the end-of-archive blocks
         except (OSError, ValueError) as exn:  # ShardReadError and UnicodeDecodeError are ValueErrors
             if not handler(exn):
                 raise
+        total = index + (sample is not None)
         if sample is not None and index >= first:
             yield sample  # after an error too: its members are whole, and a sample missing one is named downstream
+        if ended and ((stop is not None and total < stop) or (count is not None and total != count)):
+            counted = count if count is not None else stop
+            exn = ShardReadError(f"{url}: {total} samples, but the manifest counts {counted} (changed after it was "
+                                 f"written?)")
+            if not handler(exn):
+                raise exn
