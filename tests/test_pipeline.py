@@ -91,6 +91,19 @@ def test_augment_deterministic_and_shaped():
     assert 0.0 <= a.min() and a.max() <= 1.0 and a.max() > 0.5
 
 
+@pytest.mark.parametrize("h, w", [(16, 128), (105, 1677), (60, 200), (128, 128)])
+def test_augmentation_keeps_the_corners_of_the_line_inside_the_canvas(h, w):
+    """Scale, shear and rotation together must fit: a corner pushed off the canvas cuts ink the label still has."""
+    from htr_dist.data.transforms import _inverse_map
+
+    corners = np.array([[0.0, 0.0, w, w], [0.0, h, 0.0, h]])
+    for seed in range(300):
+        inv = _inverse_map(h, w, 128, 1024, np.random.default_rng(seed))  # output (u, v, 1) -> source (x, y)
+        fwd = np.linalg.inv(inv[:, :2])
+        uv = fwd @ (corners - inv[:, 2:])
+        assert uv[0].min() > -1e-6 and uv[0].max() < 1024 + 1e-6 and uv[1].min() > -1e-6 and uv[1].max() < 128 + 1e-6
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (2, 3), (17, 40)])
 def test_morph3_matches_pil_rank_filters(shape):
     img = np.random.default_rng(3).integers(0, 256, shape, dtype=np.uint8)

@@ -63,12 +63,17 @@ def preprocess(img: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def _inverse_map(h: int, w: int, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
     """2x3 matrix mapping output (u, v, 1) to source (x, y): random rescale, shear, rotation, placement."""
-    s = _fit(h, w, height, width) * rng.uniform(0.7, 1.0)  # shrink only, so the line stays inside the canvas
+    shrink = rng.uniform(0.7, 1.0)
     shear = rng.uniform(-0.35, 0.35)  # slant: x' = x + shear * (y - centre)
     angle = math.radians(rng.uniform(-1.5, 1.5))
     c, si = math.cos(angle), math.sin(angle)
     # forward: source centred -> shear -> rotate -> scale -> placed in the output
-    fwd = s * np.array([[c, -si], [si, c]]) @ np.array([[1.0, shear], [0.0, 1.0]])
+    unit = np.array([[c, -si], [si, c]]) @ np.array([[1.0, shear], [0.0, 1.0]])
+    # the scale that fits the sheared, rotated box (not just the line) into the canvas, then a random shrink: the
+    # corners of the line stay inside, so the label still matches the image
+    box_w = abs(unit[0, 0]) * w + abs(unit[0, 1]) * h
+    box_h = abs(unit[1, 0]) * w + abs(unit[1, 1]) * h
+    fwd = _fit(box_h, box_w, height, width) * shrink * unit
     out_w = abs(fwd[0, 0]) * w + abs(fwd[0, 1]) * h
     out_h = abs(fwd[1, 0]) * w + abs(fwd[1, 1]) * h
     cu = width / 2 + rng.uniform(-0.5, 0.5) * max(0.0, width - out_w)
