@@ -6,8 +6,12 @@
   python launch/prepare_iam.py FORMS XML SPLITS OUT          (the seed's positional form)
 
 DIR holds formsA-D/ formsE-H/ formsI-Z/ (or forms/), xml/, splits/*.uttlist, and for --source lines also lines/ and
-ascii/lines.txt. Writes OUT/{train,val,test}-%06d.tar and OUT/manifest.json. Lines that cannot be used are named in
-the log and counted in the summary and the manifest; re-running replaces the shards atomically.
+ascii/lines.txt. In the positional form, FORMS is the folder that HOLDS formsA-D/ formsE-H/ formsI-Z/ (or forms/), or
+lines/ for --source lines: usually the IAM root itself, not the folder of form images; XML is the xml/ folder and
+SPLITS the folder of *.uttlist files. Writes OUT/{train,val,test}-%06d.tar and OUT/manifest.json. Lines that cannot be
+used, lines written without a writer id and split-list forms without lines are named in the log and counted in the
+summary and the manifest; a split left without lines, or a line id met twice, is an error and nothing is written.
+Re-running replaces the shards atomically.
 """
 
 import argparse
@@ -21,13 +25,16 @@ from htr_dist.data.prepare import PrepareOptions, prepare, summary
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("positional", nargs="*", metavar="FORMS XML SPLITS OUT", help="the seed's positional form")
+    p.add_argument("positional", nargs="*", metavar="FORMS XML SPLITS OUT",
+                   help="the seed's positional form; FORMS is the folder holding formsA-D/ ... or forms/ (or lines/), "
+                        "e.g. the IAM root, not the folder of form images")
     p.add_argument("--iam", help="IAM root folder (forms*/, xml/, splits/, lines/, ascii/)")
     p.add_argument("--out", help="output shard folder, e.g. shards/iam")
     p.add_argument("--source", choices=["forms", "lines"], default="forms",
                    help="crop lines from the forms with the XML cmp boxes (default), or read lines/ + lines.txt")
     p.add_argument("--splits", help="folder of *.uttlist split files (default: IAM/splits)")
-    p.add_argument("--lines-txt", help="IAM's lines.txt for --source lines (default: IAM/ascii/lines.txt)")
+    p.add_argument("--lines-txt", help="IAM's lines.txt for --source lines, and to name the lines of a malformed XML "
+                                       "file (default: IAM/ascii/lines.txt, or FORMS/ascii/lines.txt)")
     p.add_argument("--scale", type=float, default=1.0, help="rescale each line crop (the reference uses 0.5)")
     p.add_argument("--margin", type=int, default=DEFAULT_MARGIN,
                    help=f"pixels of paper added around the cmp-box union, before scaling (default: {DEFAULT_MARGIN})")
@@ -51,7 +58,8 @@ def parse_args(argv=None):
 def options(args) -> PrepareOptions:
     if args.positional:
         forms, xml, splits, out = args.positional
-        return PrepareOptions(forms, xml, splits, out, args.source, args.lines_txt, args.scale, args.margin,
+        lines_txt = args.lines_txt or os.path.join(forms, "ascii", "lines.txt")  # FORMS is usually the IAM root
+        return PrepareOptions(forms, xml, splits, out, args.source, lines_txt, args.scale, args.margin,
                               args.shard_size, args.workers, args.name)
     if not os.path.isdir(args.iam):
         raise FileNotFoundError(f"IAM folder not found: {args.iam}")

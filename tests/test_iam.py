@@ -80,6 +80,18 @@ def test_lines_txt(tmp_path):
         iam.parse_lines_txt(str(path))
 
 
+def test_duplicate_line_ids_name_file_and_id(tmp_path, xml_path):
+    path = tmp_path / "lines.txt"
+    path.write_text(LINES_TXT + "a01-000u-00 ok 154 19 408 746 1661 89 A|MOVE\n")
+    with pytest.raises(iam.IAMFormatError, match=r"lines.txt:7: line id a01-000u-00 is already listed on line 5"):
+        iam.parse_lines_txt(str(path))
+    twice = FORM_XML.replace('id="a01-000u-02"', 'id="a01-000u-00"')
+    with open(xml_path, "wb") as f:
+        f.write(twice.encode("latin-1"))
+    with pytest.raises(iam.IAMFormatError, match=r"a01-000u.xml: line id a01-000u-00 appears twice"):
+        iam.parse_form_xml(xml_path)
+
+
 def test_split_lists(tmp_path):
     (tmp_path / "train.uttlist").write_text("a01-000u\na01-003\n")
     (tmp_path / "validation.uttlist").write_text("b02-000\n")

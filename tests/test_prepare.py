@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import shutil
 import tarfile
 from xml.sax.saxutils import quoteattr
 
@@ -124,6 +125,25 @@ def read_shards(folder, split):
                 assert ext not in out.get(key, {}), f"{key}.{ext} twice"
                 out.setdefault(key, {})[ext] = tar.extractfile(m).read()
     return out
+
+
+def add_form(root, form_id, folder, split, lines, writer="9"):
+    """One more form (XML, white page image) in ``split``'s uttlist (None: in no split list)."""
+    with open(os.path.join(root, "xml", form_id + ".xml"), "wb") as f:
+        f.write(form_xml(form_id, writer, lines))
+    os.makedirs(os.path.join(root, folder), exist_ok=True)
+    Image.new("L", (600, 400), 255).save(os.path.join(root, folder, form_id + ".png"))
+    if split:
+        with open(os.path.join(root, "splits", split + ".uttlist"), "a") as f:
+            f.write(form_id + "\n")
+
+
+def write_line_images(root):
+    """IAM's lines/ images for every line of lines.txt (for source=lines)."""
+    for rec in iam.parse_lines_txt(os.path.join(root, "ascii", "lines.txt")):
+        path = iam.line_image_path(root, rec.id)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.new("L", (80, 30), 40).save(path)
 
 
 def run_prepare(root, out, **kw):
@@ -428,30 +448,143 @@ def test_bad_inputs_reported_counted_and_in_manifest(tmp_path, capsys, caplog):
     root = make_iam(tmp_path / "iam", text_override={"n04-002x-01": "  "})
     os.unlink(os.path.join(root, "formsE-H", "e03-010.png"))  # missing form image (1 line)
     with open(os.path.join(root, "xml", "b02-001.xml"), "ab") as f:
-        f.write(b"<oops>")  # malformed XML (its 2 lines cannot be read)
-    with open(os.path.join(root, "xml", "p05-000.xml"), "wb") as f:  # a form in no split list
-        f.write(form_xml("p05-000", "9", [("orphan line", [(10, 10, 50, 20), (70, 10, 40, 20)])]))
-    os.makedirs(os.path.join(root, "formsI-Z"), exist_ok=True)
-    Image.new("L", (600, 400), 255).save(os.path.join(root, "formsI-Z", "p05-000.png"))
+        f.write(b"<oops>")  # malformed XML: its 2 lines cannot be read (lines.txt names them)
+    add_form(root, "p05-000", "formsI-Z", None, [("orphan line", [(10, 10, 50, 20), (70, 10, 40, 20)])])
+    add_form(root, "c03-000", "formsA-D", "validation", [("val line", [(10, 10, 50, 20), (70, 10, 40, 20)])])
+    add_form(root, "f04-000", "formsE-H", "test", [("test line", [(10, 10, 50, 20), (70, 10, 40, 20)])])
     out = str(tmp_path / "shards")
     caplog.set_level(logging.INFO)
     assert prepare_iam.main(["--iam", root, "--out", out, "--workers", "2", "--no-progress"]) == 0
     stdout = capsys.readouterr().out
     manifest = load_manifest(out)
     counts = manifest["problems"]["counts"]
-    assert counts == {"missing_form_image": 1, "malformed_xml": 1, "empty_transcription": 1, "form_in_no_split": 1}
-    assert manifest["problems"]["total"] == 4
-    assert "NOT written: 4 line(s): empty_transcription 1, form_in_no_split 1, malformed_xml 1, " \
+    assert counts == {"missing_form_image": 1, "malformed_xml": 2, "empty_transcription": 1, "form_in_no_split": 1}
+    assert manifest["problems"]["total"] == 5
+    assert manifest["problems"]["forms"] == {"malformed_xml": 1} and manifest["problems"]["written"] == {}
+    assert "NOT written: 5 line(s): empty_transcription 1, form_in_no_split 1, malformed_xml 2, " \
            "missing_form_image 1" in stdout
+    assert "forms with problems: malformed_xml 1" in stdout and "no problems" not in stdout
     messages = "\n".join(manifest["problems"]["messages"])
     log_text = caplog.text
     for needle in ("e03-010.png not found", "e03-010-00 not written", os.path.join(root, "xml", "b02-001.xml"),
-                   "malformed XML", "n04-002x.xml: line n04-002x-01: empty transcription", "p05-000-00"):
+                   "malformed XML", "lines not written: b02-001-00, b02-001-01",
+                   "n04-002x.xml: line n04-002x-01: empty transcription", "p05-000-00"):
         assert needle in messages and needle in log_text, needle
     written = {k for s in ("train", "val", "test") for k in read_shards(out, s)}
-    assert written == {"a01-000u-00", "a01-000u-01", "n04-002x-00"}
-    assert manifest["splits"]["val"] == {"lines": 0, "shards": []} and manifest["splits"]["test"]["lines"] == 0
-    assert not [p for p in os.listdir(out) if p != "manifest.json" and not p.startswith("train-")]
+    assert written == {"a01-000u-00", "a01-000u-01", "n04-002x-00", "c03-000-00", "f04-000-00"}
+    assert [manifest["splits"][s]["lines"] for s in ("train", "val", "test")] == [3, 1, 1]
+
+
+def test_malformed_xml_lines_counted_in_each_source(iam_root, tmp_path, capsys):
+    """A truncated XML of a 2-line form: with source=forms its 2 lines are not written (named from lines.txt, or
+    said to be uncounted without one); with source=lines they are written with an empty writer id, and said so, as
+    are the lines of a form that has no XML at all."""
+    with open(os.path.join(iam_root, "xml", "n04-002x.xml"), "wb") as f:
+        f.write(b"<form id='n04-002x'><handwritten-part><line")
+    lines_txt = os.path.join(iam_root, "ascii", "lines.txt")
+    forms = run_prepare(iam_root, str(tmp_path / "forms"), lines_txt=lines_txt)
+    assert forms["problems"]["counts"] == {"malformed_xml": 2} and forms["problems"]["total"] == 2
+    assert forms["problems"]["forms"] == {"malformed_xml": 1}
+    text = prepare_mod.summary(forms)
+    assert "NOT written: 2 line(s): malformed_xml 2" in text and "forms with problems: malformed_xml 1" in text
+    assert forms["splits"]["train"]["lines"] == 2
+
+    unknown = run_prepare(iam_root, str(tmp_path / "nolines"))  # no lines.txt: how many is unknown, and said so
+    assert unknown["problems"]["counts"] == {} and unknown["problems"]["total"] == 0
+    assert unknown["problems"]["forms"] == {"malformed_xml": 1, "malformed_xml_lines_unknown": 1}
+    text = prepare_mod.summary(unknown)
+    assert "NOT written either: the lines of 1 form(s) whose XML is malformed" in text and "no problems" not in text
+    assert "n04-002x.xml: malformed XML" in unknown["problems"]["messages"][0]
+    assert "how many is unknown: no lines.txt" in unknown["problems"]["messages"][0]
+
+    write_line_images(iam_root)
+    os.unlink(os.path.join(iam_root, "xml", "e03-010.xml"))  # lines.txt has its line; no XML gives its writer
+    lines = run_prepare(iam_root, str(tmp_path / "lines"), source="lines", lines_txt=lines_txt)
+    assert lines["problems"]["counts"] == {} and lines["problems"]["total"] == 0
+    assert lines["problems"]["written"] == {"writer_id_unknown": 3}
+    assert lines["problems"]["forms"] == {"malformed_xml": 1}
+    text = prepare_mod.summary(lines)
+    assert "NOT written" not in text and "no problems" not in text
+    assert "written, but writer id unknown" in text and ": 3 line(s)" in text
+    messages = "\n".join(lines["problems"]["messages"])
+    assert "n04-002x.xml: malformed XML" in messages and "n04-002x-00, n04-002x-01" in messages
+    assert "form e03-010: no XML file for it in" in messages and "e03-010-00" in messages
+    metas = {k: json.loads(v["json"]) for s in ("train", "test") for k, v in read_shards(str(tmp_path / "lines"),
+                                                                                       s).items()}
+    assert {k for k, m in metas.items() if m["writer_id"] == ""} == {"n04-002x-00", "n04-002x-01", "e03-010-00"}
+
+
+def test_split_forms_without_lines_are_reported(iam_root, tmp_path, capsys):
+    """The reverse of a form in no split: a form of a split list with no XML, an XML without <line>, or (source=
+    lines) no line in lines.txt, is named and counted."""
+    with open(os.path.join(iam_root, "splits", "test.uttlist"), "a") as f:
+        f.write("zz9-999\n")  # no XML: a typo, or a partial extraction of xml.tgz
+    add_form(iam_root, "c03-000", "formsA-D", "validation", [])  # an XML without any <line>
+    out = str(tmp_path / "shards")
+    assert prepare_iam.main(["--iam", iam_root, "--out", out, "--workers", "1", "--no-progress"]) == 0
+    stdout = capsys.readouterr().out
+    manifest = load_manifest(out)
+    assert manifest["problems"]["forms"] == {"split_form_without_lines": 2} and manifest["problems"]["total"] == 0
+    assert "forms with problems: split_form_without_lines 2" in stdout and "no problems" not in stdout
+    messages = "\n".join(manifest["problems"]["messages"])
+    assert f"form zz9-999: in the test list under {iam_root}/splits, but {iam_root}/xml has no XML for it" in messages
+    assert f"form c03-000: in the val list under {iam_root}/splits, but its XML {iam_root}/xml/c03-000.xml has no " \
+           "<line>" in messages
+    write_line_images(iam_root)
+    lines = run_prepare(iam_root, str(tmp_path / "lines"), source="lines",
+                        lines_txt=os.path.join(iam_root, "ascii", "lines.txt"))
+    assert lines["problems"]["forms"] == {"split_form_without_lines": 2}
+    assert "form c03-000: in the val list" in lines["problems"]["messages"][0]
+    assert "ascii/lines.txt lists no line of it" in lines["problems"]["messages"][0]
+
+
+def test_split_without_lines_is_an_error(iam_root, tmp_path, capsys):
+    """A split left without lines (all its forms missing, or none of their lines written) is an error naming the
+    split: the previous output stays as it was."""
+    out = str(tmp_path / "shards")
+    before = run_prepare(iam_root, out)
+    os.unlink(os.path.join(iam_root, "formsA-D", "b02-001.png"))  # val's only form: its 2 lines cannot be written
+    with pytest.raises(iam.IAMFormatError, match=r"split 'val': none of its 2 line\(s\) could be written "
+                                                 r"\(missing_form_image 2"):
+        run_prepare(iam_root, out)
+    assert load_manifest(out)["splits"] == before["splits"] and not [p for p in os.listdir(out) if p[0] == "."]
+    os.unlink(os.path.join(iam_root, "xml", "e03-010.xml"))  # test's only form: no XML at all
+    assert prepare_iam.main(["--iam", iam_root, "--out", out, "--workers", "1", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "error: split 'test': no line to write: none of its 1 form(s) listed under" in err and "e03-010" in err
+    assert load_manifest(out)["splits"] == before["splits"]
+    for name in ("validation", "test"):
+        os.unlink(os.path.join(iam_root, "splits", name + ".uttlist"))
+    with pytest.raises(iam.IAMFormatError, match=r"split 'val': no \*.uttlist under .* lists a form for it"):
+        run_prepare(iam_root, out)
+
+
+def test_duplicate_ids_are_errors(iam_root, tmp_path, capsys):
+    """A line id twice would be two samples of one key (a test line scored twice): an error naming the files."""
+    out = str(tmp_path / "shards")
+    xml = os.path.join(iam_root, "xml")
+    shutil.copy(os.path.join(xml, "e03-010.xml"), os.path.join(xml, "e03-010-copy.xml"))
+    with pytest.raises(iam.IAMFormatError, match=f"{xml}/e03-010.xml: form id e03-010 is already the id of "
+                                                 f"{xml}/e03-010-copy.xml"):
+        run_prepare(iam_root, out)
+    os.unlink(os.path.join(xml, "e03-010-copy.xml"))
+    # another form's XML holding a line with e03-010's line id
+    data = form_xml("p05-000", "9", [("stray line", [(10, 10, 50, 20), (70, 10, 40, 20)])])
+    with open(os.path.join(xml, "p05-000.xml"), "wb") as f:
+        f.write(data.replace(b'id="p05-000-00"', b'id="e03-010-00"'))
+    with pytest.raises(iam.IAMFormatError, match=f"{xml}/p05-000.xml: line id e03-010-00 is already a line of "
+                                                 f"{xml}/e03-010.xml"):
+        run_prepare(iam_root, out)
+    os.unlink(os.path.join(xml, "p05-000.xml"))
+    lines_txt = os.path.join(iam_root, "ascii", "lines.txt")
+    write_line_images(iam_root)
+    rows = open(lines_txt, encoding="latin-1").read().splitlines()
+    with open(lines_txt, "a", encoding="latin-1") as f:
+        f.write(rows[3] + "\n")  # the first data line (a01-000u-00), listed again as line 11
+    argv = ["--iam", iam_root, "--out", out, "--source", "lines", "--workers", "1", "--no-progress"]
+    assert prepare_iam.main(argv) == 1
+    assert f"error: {lines_txt}:11: line id a01-000u-00 is already listed on line 4" in capsys.readouterr().err
+    assert not os.path.exists(out)
 
 
 @pytest.mark.parametrize("remove, message", [
@@ -512,6 +645,9 @@ def test_cli_help_and_positional_form(iam_root, tmp_path):
     assert proc.returncode == 0
     for option in ("--iam", "--out", "--source", "--scale", "--margin", "--shard-size", "--workers", "FORMS XML"):
         assert option in proc.stdout, option
+    # FORMS is the folder holding formsA-D/ ... (the IAM root), not the folder of form images
+    assert "FORMS is the folder that HOLDS formsA-D/ formsE-H/ formsI-Z/ (or forms/)" in proc.stdout
+    assert "not the folder of form images" in proc.stdout
     out = str(tmp_path / "pos")
     proc = subprocess.run([sys.executable, script, iam_root, os.path.join(iam_root, "xml"),
                            os.path.join(iam_root, "splits"), out, "--workers", "2", "--scale", "0.5"],

@@ -68,8 +68,12 @@ def parse_form_xml(path: str) -> FormRecord:
     part = root.find("handwritten-part")
     if part is None:
         raise IAMFormatError(f"{path}: no <handwritten-part>")
+    seen = set()
     for line in part.iter("line"):
         line_id = line.attrib.get("id", "?")
+        if line_id in seen:  # two samples with one key: a line scored twice, or one overwriting the other
+            raise IAMFormatError(f"{path}: line id {line_id} appears twice")
+        seen.add(line_id)
         text = line.attrib.get("text", "")
         boxes = [_cmp_box(path, line_id, c) for c in line.iter("cmp")]
         if not text.strip():
@@ -109,12 +113,14 @@ def _read_text(path: str) -> str:
 
 
 def parse_lines_txt(path: str) -> List[LineRecord]:
-    """Parse ``ascii/lines.txt``; a malformed data line raises IAMFormatError naming the file and line number.
+    """Parse ``ascii/lines.txt``; a malformed data line, or a line id listed twice, raises IAMFormatError naming the
+    file and line number.
 
     Words are joined by '|' in the file and by one space here; XML entities (``&quot;`` ...) are decoded. A data line
     without a transcription is returned with ``text == ""`` so the caller reports it (it is not dropped here).
     """
     records = []
+    first: Dict[str, int] = {}  # line id -> the number of the data line that lists it
     for number, raw in enumerate(_read_text(path).splitlines(), 1):
         if raw.startswith("#") or not raw.strip():
             continue
@@ -130,6 +136,9 @@ def parse_lines_txt(path: str) -> List[LineRecord]:
             raise IAMFormatError(f"{path}:{number}: bad bounding box in {raw.strip()!r}") from None
         if line_id.count("-") != 2:
             raise IAMFormatError(f"{path}:{number}: line id {line_id!r} is not of the form a01-000u-00")
+        if line_id in first:
+            raise IAMFormatError(f"{path}:{number}: line id {line_id} is already listed on line {first[line_id]}")
+        first[line_id] = number
         form_id = "-".join(line_id.split("-")[:2])
         text = unescape(words.replace("|", " "), _XML_ENTITIES)
         records.append(LineRecord(line_id, form_id, "", text, (x, y, x + w, y + h), seg))

@@ -1,7 +1,9 @@
 """IAM (real or synthetic, same format) -> WebDataset shards + manifest, in parallel, atomically, reporting problems.
 
-Every line that cannot be used (missing form image, malformed XML, empty transcription, form in no split list) is
-named in the log, counted in the summary and recorded in the manifest's ``problems``: nothing is dropped silently.
+Every line that cannot be used (missing form image, malformed XML, empty transcription, form in no split list), every
+line written with a flaw (writer id unknown: its form has no readable XML) and every form of the split lists without
+lines is named in the log, counted in the summary and recorded in the manifest's ``problems`` (see :class:`Problems`):
+nothing is dropped silently. A split left without lines, or a line id met twice, is an error: nothing is written.
 
 A run replaces the previous output as a whole or not at all: every split and the manifest are first written into a
 staging folder ``OUT/.staging-<pid>`` (hidden, never named by a manifest, so never read as data), and only a complete
@@ -19,7 +21,7 @@ import os
 import shutil
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 import numpy as np
 from PIL import Image
@@ -50,6 +52,43 @@ class PrepareOptions:
     workers: int = 0
     name: str = ""
     problems: List[str] = field(default_factory=list)
+
+
+@dataclass
+class Problems:
+    """The problems met, counted by kind in the unit each kind is counted in; each is also named in the messages."""
+
+    lines: Counter = field(default_factory=Counter)
+    """Lines NOT written, per kind: the manifest's ``counts``, whose sum is its ``total``."""
+    written: Counter = field(default_factory=Counter)
+    """Lines written with a flaw: ``writer_id_unknown`` (written with writer_id "": no readable XML gives it)."""
+    forms: Counter = field(default_factory=Counter)
+    """Forms: ``malformed_xml`` (XML files that cannot be parsed), ``malformed_xml_lines_unknown`` (of these, with
+    source=forms, those whose unwritten lines no lines.txt lists, so they are not in ``lines``: how many is unknown),
+    ``split_form_without_lines`` (in a split list, but no XML or no line of it)."""
+
+    def manifest(self, messages: List[str]) -> dict:
+        return {"counts": dict(self.lines), "total": sum(self.lines.values()), "written": dict(self.written),
+                "forms": dict(self.forms), "messages": messages[:1000]}
+
+
+@dataclass
+class Collected:
+    """What :func:`collect_lines` found."""
+
+    forms: Dict[str, list]
+    """Form id -> its usable lines."""
+    problems: Problems
+    present: Set[str]
+    """Form ids with any line, usable or not, or with an XML file that cannot be parsed."""
+    xml_of: Dict[str, str]
+    """Form id -> its XML file (the form id of a file that cannot be parsed is its file name)."""
+
+
+def _report(opt: PrepareOptions, msg: str, level: int = logging.WARNING) -> None:
+    """Name one problem in the log and in the manifest's messages."""
+    opt.problems.append(msg)
+    log.log(level, "%s", msg)
 
 
 def _load_gray(path: str) -> np.ndarray:
@@ -92,38 +131,92 @@ def _form_samples(job: Tuple[str, PrepareOptions, list]) -> Tuple[List[dict], Li
     return samples, problems
 
 
-def collect_lines(opt: PrepareOptions) -> Tuple[Dict[str, list], Counter]:
-    """Form id -> its usable lines, and the counted problems (also appended to ``opt.problems``)."""
-    counts: Counter = Counter()
+def _lines_txt_ids(opt: PrepareOptions) -> Tuple[Optional[Dict[str, List[str]]], str]:
+    """Form id -> its line ids in lines.txt, to name the lines of a form whose XML cannot be parsed (source=forms);
+    None and the reason when there is no usable lines.txt."""
+    if not (opt.lines_txt and os.path.isfile(opt.lines_txt)):
+        return None, "no lines.txt to list them" + (f" ({opt.lines_txt} not found)" if opt.lines_txt else "")
+    try:
+        records = iam.parse_lines_txt(opt.lines_txt)
+    except iam.IAMFormatError as err:
+        return None, f"lines.txt cannot list them: {err}"
+    ids: Dict[str, List[str]] = defaultdict(list)
+    for line in records:
+        ids[line.form_id].append(line.id)
+    return ids, f"{opt.lines_txt} lists none of its lines"
+
+
+def collect_lines(opt: PrepareOptions) -> Collected:
+    """Every form's usable lines, and the problems met (named in ``opt.problems`` and the log).
+
+    A form id named by two XML files, or a line id met twice (in lines.txt, in one XML or in two), raises
+    IAMFormatError naming the files: it would give two samples of one key (a test line scored twice).
+    """
+    problems = Problems()
     forms: Dict[str, list] = defaultdict(list)
+    present: Set[str] = set()
     writers: Dict[str, str] = {}
-    xml_files = sorted(f for f in os.listdir(opt.xml_dir) if f.endswith(".xml"))
-    for name in xml_files:
+    xml_of: Dict[str, str] = {}
+    line_xml: Dict[str, str] = {}
+    broken: Dict[str, str] = {}  # form id (file name) -> why its XML cannot be parsed
+    for name in sorted(f for f in os.listdir(opt.xml_dir) if f.endswith(".xml")):
         path = os.path.join(opt.xml_dir, name)
         try:
             record = iam.parse_form_xml(path)
         except iam.IAMFormatError as err:
-            counts["malformed_xml"] += 1
-            opt.problems.append(str(err))
-            log.error("%s", err)
+            broken[name[: -len(".xml")]] = str(err)
+            xml_of.setdefault(name[: -len(".xml")], path)
             continue
+        if record.id in writers:
+            raise iam.IAMFormatError(f"{path}: form id {record.id} is already the id of {xml_of[record.id]}")
         writers[record.id] = record.writer_id
+        xml_of[record.id] = path
+        if not record.writer_id and (record.lines or opt.source == "lines"):
+            _report(opt, f"{path}: <form> has no writer-id; its lines are written with writer_id \"\"")
         if opt.source == "forms":  # with source=lines the XML only gives writer ids; lines.txt is checked below
+            for line in record.lines:
+                if line.id in line_xml:
+                    raise iam.IAMFormatError(f"{path}: line id {line.id} is already a line of {line_xml[line.id]}")
+                line_xml[line.id] = path
             for msg in record.problems:
-                counts["empty_transcription" if "empty transcription" in msg else "no_boxes"] += 1
-                opt.problems.append(msg)
-                log.warning("%s", msg)
+                problems.lines["empty_transcription" if "empty transcription" in msg else "no_boxes"] += 1
+                _report(opt, msg)
             forms[record.id].extend(record.lines)
+            if record.lines or record.problems:
+                present.add(record.id)
+    if opt.source == "forms" and broken:
+        listed, why = _lines_txt_ids(opt)
+        for form_id, err in sorted(broken.items()):
+            problems.forms["malformed_xml"] += 1
+            present.add(form_id)
+            ids = (listed or {}).get(form_id, [])
+            if ids:
+                problems.lines["malformed_xml"] += len(ids)
+                _report(opt, f"{err}; lines not written: {', '.join(ids)}", logging.ERROR)
+            else:
+                problems.forms["malformed_xml_lines_unknown"] += 1
+                _report(opt, f"{err}; its lines are not written, how many is unknown: {why}", logging.ERROR)
     if opt.source == "lines":
-        for line in iam.parse_lines_txt(opt.lines_txt):
+        unknown: Dict[str, List[str]] = defaultdict(list)  # form id without a readable XML -> its usable line ids
+        for line in iam.parse_lines_txt(opt.lines_txt):  # a line id listed twice raises there
+            present.add(line.form_id)
             if not line.text.strip():
-                counts["empty_transcription"] += 1
-                opt.problems.append(f"{opt.lines_txt}: line {line.id}: empty transcription")
-                log.warning("%s", opt.problems[-1])
+                problems.lines["empty_transcription"] += 1
+                _report(opt, f"{opt.lines_txt}: line {line.id}: empty transcription")
                 continue
+            if line.form_id not in writers:
+                unknown[line.form_id].append(line.id)
             line.writer_id = writers.get(line.form_id, "")
             forms[line.form_id].append(line)
-    return forms, counts
+        for form_id, err in sorted(broken.items()):
+            problems.forms["malformed_xml"] += 1
+            if form_id not in unknown:
+                _report(opt, f"{err}; {opt.lines_txt} lists no usable line of form {form_id}", logging.ERROR)
+        for form_id, ids in sorted(unknown.items()):
+            why = broken.get(form_id) or f"form {form_id}: no XML file for it in {opt.xml_dir}"
+            _report(opt, f"{why}; writer id unknown: its lines from {opt.lines_txt} are written with writer_id \"\": "
+                         f"{', '.join(ids)}")
+    return Collected(forms, problems, present, xml_of)
 
 
 def _pid_running(pid: int) -> bool:
@@ -229,22 +322,41 @@ def prepare(opt: PrepareOptions, progress: bool = True) -> dict:
     if not any(f.endswith(".xml") for f in os.listdir(opt.xml_dir)):
         raise FileNotFoundError(f"no *.xml files in the xml folder {opt.xml_dir}")
     split_of = iam.read_split_lists(opt.splits_dir)
-    forms, counts = collect_lines(opt)
+    found = collect_lines(opt)
+    forms, problems = found.forms, found.problems
     by_split: Dict[str, List[str]] = defaultdict(list)
     for form_id in sorted(forms):
         split = split_of.get(form_id)
         if split is None:
-            counts["form_in_no_split"] += len(forms[form_id])
+            problems.lines["form_in_no_split"] += len(forms[form_id])
             ids = ", ".join(l.id for l in forms[form_id])
-            opt.problems.append(f"form {form_id}: in no *.uttlist under {opt.splits_dir}; lines not written: {ids}")
-            log.warning("%s", opt.problems[-1])
+            _report(opt, f"form {form_id}: in no *.uttlist under {opt.splits_dir}; lines not written: {ids}")
             continue
         by_split[split].append(form_id)
+    for form_id, split in sorted(split_of.items()):  # the reverse: listed in a split, but no line of it is there
+        if form_id in found.present:
+            continue
+        problems.forms["split_form_without_lines"] += 1
+        where = f"form {form_id}: in the {split} list under {opt.splits_dir}, but"
+        if opt.source == "lines":
+            _report(opt, f"{where} {opt.lines_txt} lists no line of it")
+        elif form_id in found.xml_of:
+            _report(opt, f"{where} its XML {found.xml_of[form_id]} has no <line>")
+        else:
+            _report(opt, f"{where} {opt.xml_dir} has no XML for it (no {form_id}.xml)")
+    for split in SPLITS:
+        if not any(forms[f] for f in by_split.get(split, [])):
+            listed = sorted(f for f, s in split_of.items() if s == split)
+            if not listed:
+                raise iam.IAMFormatError(f"split {split!r}: no *.uttlist under {opt.splits_dir} lists a form for it")
+            raise iam.IAMFormatError(f"split {split!r}: no line to write: none of its {len(listed)} form(s) listed "
+                                     f"under {opt.splits_dir} has a usable line ({_some(listed)}; see the problems "
+                                     f"above); nothing written to {opt.out_dir}")
     _recover(opt.out_dir)
     staging = os.path.join(opt.out_dir, f"{STAGING}{os.getpid()}")
     os.makedirs(staging)
     try:
-        manifest = _write_staging(opt, staging, forms, counts, by_split, progress)
+        manifest = _write_staging(opt, staging, forms, problems, by_split, progress)
     except BaseException:  # failed or interrupted (Ctrl-C): the previous output stays as it was
         _discard(staging)
         raise
@@ -256,9 +368,17 @@ def prepare(opt: PrepareOptions, progress: bool = True) -> dict:
     return manifest
 
 
-def _write_staging(opt: PrepareOptions, staging: str, forms: Dict[str, list], counts: Counter,
+def _some(ids: List[str], n: int = 10) -> str:
+    """The first ``n`` of ``ids``, comma-separated, and how many more there are."""
+    return ", ".join(ids[:n]) + (f" and {len(ids) - n} more" if len(ids) > n else "")
+
+
+def _write_staging(opt: PrepareOptions, staging: str, forms: Dict[str, list], problems: Problems,
                    by_split: Dict[str, List[str]], progress: bool) -> dict:
-    """Write every split's shards, then the manifest, into ``staging``; return the manifest."""
+    """Write every split's shards, then the manifest, into ``staging``; return the manifest.
+
+    A split of which no line could be written raises IAMFormatError (the caller removes ``staging``).
+    """
     workers = opt.workers or os.cpu_count() or 1
     log.info("%s source, %d forms with usable lines; forms per split: %s; %d worker(s) -> %s", opt.source, len(forms),
              {k: len(by_split.get(k, [])) for k in ("train", "val", "test")}, workers, opt.out_dir)
@@ -270,27 +390,35 @@ def _write_staging(opt: PrepareOptions, staging: str, forms: Dict[str, list], co
     with ctx.Pool(workers) as pool:
         for split in ("train", "val", "test"):
             jobs = [(f, job_opt, forms[f]) for f in by_split.get(split, [])]
+            lost: Counter = Counter()
 
-            def stream(jobs=jobs, split=split) -> Iterator[dict]:
-                for samples, problems in pool.imap(_form_samples, jobs, chunksize=4):
+            def stream(jobs=jobs, split=split, lost=lost) -> Iterator[dict]:
+                for samples, met in pool.imap(_form_samples, jobs, chunksize=4):
                     bar.update(1)
-                    for kind, msg in problems:
-                        counts[kind] += 1
-                        opt.problems.append(msg)
-                        log.warning("%s", msg)
+                    for kind, msg in met:
+                        problems.lines[kind] += 1
+                        lost[kind] += 1
+                        _report(opt, msg)
                     for s in samples:
+                        if not s["meta"]["writer_id"]:
+                            problems.written["writer_id_unknown"] += 1
                         texts[split].append(s["text"])
                         yield s
 
             entries[split] = write_split(stream(), staging, split, opt.shard_size)
             log.info("%s: %d lines in %d shard(s)", split, sum(e["count"] for e in entries[split]),
                      len(entries[split]))
+            if not entries[split]:
+                raise iam.IAMFormatError(
+                    f"split {split!r}: none of its {sum(lost.values())} line(s) could be written (" +
+                    ", ".join(f"{k} {v}" for k, v in sorted(lost.items())) + f"; see the problems above); nothing "
+                    f"written to {opt.out_dir}")
     bar.close()
     alphabet = "".join(sorted(set("".join(texts["train"]))))
-    problems = {"counts": dict(counts), "total": sum(counts.values()), "messages": opt.problems[:1000]}
     source = f"{opt.source}: {os.path.abspath(opt.forms_dir)}"
+    found = problems.manifest(opt.problems)
     return write_manifest(staging, opt.name or os.path.basename(os.path.normpath(opt.out_dir)), source, entries,
-                          alphabet, problems)  # last: a staging folder with a manifest is complete
+                          alphabet, found)  # last: a staging folder with a manifest is complete
 
 
 def summary(manifest: dict) -> str:
@@ -298,9 +426,19 @@ def summary(manifest: dict) -> str:
              for split, info in manifest["splits"].items()]
     lines.append(f"alphabet: {len(manifest['alphabet'])} characters")
     problems = manifest["problems"]
+    written, forms = problems.get("written", {}), dict(problems.get("forms", {}))
+    uncounted = forms.pop("malformed_xml_lines_unknown", 0)
     if problems["total"]:
         lines.append(f"NOT written: {problems['total']} line(s): " +
                      ", ".join(f"{k} {v}" for k, v in sorted(problems["counts"].items())))
-    else:
+    if uncounted:
+        lines.append(f"NOT written either: the lines of {uncounted} form(s) whose XML is malformed (how many is "
+                     "unknown: no lines.txt lists them)")
+    if written.get("writer_id_unknown"):
+        lines.append(f"written, but writer id unknown (writer_id \"\": no readable XML of the form gives it): "
+                     f"{written['writer_id_unknown']} line(s)")
+    if forms:
+        lines.append("forms with problems: " + ", ".join(f"{k} {v}" for k, v in sorted(forms.items())))
+    if not (problems["total"] or uncounted or any(written.values()) or forms):
         lines.append("no problems: every line was written")
     return "\n".join(lines)
