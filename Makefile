@@ -13,7 +13,8 @@ TEST_CMD := $(BIN)/python -m pytest -q -x --timeout=600 tests
 $(STAMP): setup.py
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# The CPU wheel first: a bare 'torch' requirement would pull a multi-GB CUDA build.
+	# The CPU wheel first: a bare 'torch' requirement would pull a multi-GB CUDA build. Pinned, it is the 2.13.0+cpu
+	# wheel of pip's find-links folder on the CI machines; elsewhere install it from download.pytorch.org (README).
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	# SmolLM2-135M (a real Llama-architecture LM) without its llama.cpp dependencies.

@@ -1,8 +1,10 @@
 """The one config tree of htr-dist.
 
 Defaults live here, in dataclasses. A YAML file holds only what differs from them, and the command line takes
-dotted ``key=value`` overrides (``train.lr=1e-3 arch.cnn_cfg="[[2,64],'M']"``). An unknown key, a wrong type or an
-invalid value raises :class:`ConfigError` naming the key (and, for a typo, the closest valid key).
+dotted ``key=value`` overrides (``train.lr=1e-3 arch.cnn_cfg="[[2,64],'M']"``). Values are YAML, read alike in both:
+floats take ``1e-3`` (YAML 1.2), and a str key takes a plain value as written (``run.dir=2024`` is ``'2024'``). An
+unknown key, a wrong type or an invalid value (a float must be finite) raises :class:`ConfigError` naming the key (and,
+for a typo, the closest valid key).
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Union
@@ -123,7 +127,9 @@ class TrainConfig:
     use_llm: bool = True
     """Add the frozen LLM's causal-LM loss on a sampled subset of each micro-batch."""
     llm_sample_ratio: float = 0.125
-    """Fraction of each micro-batch sent through the LLM: ``k = max(1, round(ratio * batch))`` lines, so 0.125 = 1/8."""
+    """Fraction of each micro-batch sent through the LLM, so 0.125 = 1/8: of its B lines,
+    ``k = max(1, floor(ratio * B + 1/2))``, at most B, computed exactly on the ratio as written: half rounds up and k
+    is never 0 (B = 20 at 0.125 gives 3, where Python's ``round`` gives 2)."""
     llm_loss_weight: float = 1.0
     """alpha in ``L = L_ctc + alpha * L_llm`` (``L_llm`` is the mean cross-entropy per transcription token)."""
     ctc_reduction: str = "line"
@@ -159,8 +165,9 @@ class TrainConfig:
     keep_last: int = 3
     """Checkpoints kept in ``run.dir``."""
     stop_after: int = 0
-    """Stop with a checkpoint after this many optimizer steps, as a preemption would (0 = off); the schedule still
-    spans the whole run, so a resumed run continues exactly (for time-limited cluster jobs)."""
+    """Stop with a checkpoint after this many optimizer steps of this run, counted from where it started or resumed,
+    as a preemption would (0 = off); the schedule still spans the whole run, so a resumed run continues exactly (for
+    time-limited cluster jobs: a job script that always passes it goes on by that many steps each time)."""
     resume: str = ""
     """``auto`` = newest checkpoint in ``run.dir``; a path = that checkpoint; empty = start fresh."""
 
@@ -315,7 +322,8 @@ def _closest(name: str, valid: List[str], prefix: str) -> str:
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
-    """Check ``value`` against the field type ``typ``; ints are accepted for floats. Raise ConfigError naming key."""
+    """Check ``value`` against the field type ``typ``; ints are accepted for floats, which must be finite. Raise
+    ConfigError naming key."""
     origin = typing.get_origin(typ)
     if typ is Any:
         return value
@@ -327,8 +335,16 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (item_type,) = typing.get_args(typ) or (Any,)
         return [_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond the float range
+            number = math.inf
+        if not math.isfinite(number):  # nan would pass every range check below (nan < 0 is False)
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
+    if typ is float and isinstance(value, str) and _looks_like_float(value) and not math.isfinite(float(value)):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")  # YAML reads nan, inf as strings
     if typ is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -361,17 +377,17 @@ def get_key(cfg: Config, key: str) -> Any:
 
 
 def parse_override(text: str) -> tuple:
-    """``'train.lr=1e-3'`` -> ``('train.lr', 0.001)``; the value is parsed as YAML (so lists, bools, numbers work)."""
+    """``'train.lr=1e-3'`` -> ``('train.lr', 0.001)``; the value is parsed as YAML (so lists, bools, numbers work),
+    except that a str key takes a plain scalar as written (``run.dir=2024`` -> ``'2024'``)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key=value")
     key, raw = text.split("=", 1)
+    key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw, _key_type(key)) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise ConfigError(f"{key}: cannot parse value {raw!r}: {err}") from None
-    if isinstance(value, str) and _looks_like_float(raw):
-        value = float(raw)  # YAML 1.1 reads '1e-3' as a string
-    return key.strip(), value
+    return key, value
 
 
 def _looks_like_float(raw: str) -> bool:
@@ -380,6 +396,58 @@ def _looks_like_float(raw: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as yaml.safe_load reads it, plus the YAML 1.2 floats that YAML 1.1 leaves as strings (``1e-3``, ``1.5e3``:
+    an exponent without a dot or without a sign), so a file and an override read a number alike."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _key_type(key: str) -> Any:
+    """The field type of a dotted key, or Any for an unknown key (which _merge then reports)."""
+    typ: Any = Config
+    for part in key.split("."):
+        hints = typing.get_type_hints(typ) if dataclasses.is_dataclass(typ) else {}
+        if part not in hints:
+            return Any
+        typ = hints[part]
+    return typ
+
+
+def _as_written(node: yaml.Node, typ: Any) -> None:
+    """Tag every plain scalar that lands in a str field as a string, so it keeps its text as written: YAML alone
+    would read ``2024``, ``007``, ``1.50``, ``inf`` or ``yes`` as numbers and bools, and change their text."""
+    if typ is str and isinstance(node, yaml.ScalarNode):
+        node.tag = "tag:yaml.org,2002:str"
+    elif typing.get_origin(typ) in (list, List) and isinstance(node, yaml.SequenceNode):
+        (item_type,) = typing.get_args(typ) or (Any,)
+        for child in node.value:
+            _as_written(child, item_type)
+    elif dataclasses.is_dataclass(typ) and isinstance(node, yaml.MappingNode):
+        hints = typing.get_type_hints(typ)
+        for name, child in node.value:
+            if isinstance(name, yaml.ScalarNode) and name.value in hints:
+                _as_written(child, hints[name.value])
+
+
+def _load_yaml(stream: Any, typ: Any) -> Any:
+    """One YAML document (text or file) read with _Loader, its plain scalars in str fields of ``typ`` kept as text."""
+    loader = _Loader(stream)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _as_written(node, typ)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def _nest(key: str, value: Any) -> dict:
@@ -400,7 +468,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
             raise ConfigError(f"config file not found: {path}")
         with open(path, encoding="utf-8") as f:
             try:
-                data = yaml.safe_load(f) or {}
+                data = _load_yaml(f, Config) or {}
             except yaml.YAMLError as err:
                 raise ConfigError(f"{path}: not valid YAML: {err}") from None
         try:

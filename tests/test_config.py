@@ -35,12 +35,69 @@ def test_yaml_then_overrides(tmp_path):
         ("arch.cnn_cfg=[[2, 64], mobilevit3]", "'mobilevit3' names MobileViT block 3, but arch.mobilevit_patch_sizes"),
         ("arch.llm_tap_layer=4", "arch.llm_tap_layer: must be in [1, arch.rnn_layers=3], got 4"),
         ("train.lr", "expected key=value"),
+        ("train.lr=nan", "train.lr: expected a finite number, got 'nan'"),
+        ("train.lr=inf", "train.lr: expected a finite number, got 'inf'"),
+        ("train.llm_loss_weight=nan", "train.llm_loss_weight: expected a finite number, got 'nan'"),
+        ("train.weight_decay=.nan", "train.weight_decay: expected a finite number, got nan"),
+        ("train.grad_clip=.inf", "train.grad_clip: expected a finite number, got inf"),
+        ("arch.shortcut_weight=-.inf", "arch.shortcut_weight: expected a finite number, got -inf"),
+        ("train.lr=1e400", "train.lr: expected a finite number, got inf"),
+        ("run.dir=[1, 2]", "run.dir: expected str, got list [1, 2]"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("text", ["1e-3", "1E-3", "2e-4", "+2e-4", "1.5e3", "1.0e-3", ".5e-3", "0.001", "3"])
+def test_float_reads_alike_from_file_and_override(text, tmp_path):
+    """PyYAML follows YAML 1.1, where 1e-3 (no dot) and 1.5e3 (no exponent sign) are strings, not floats."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"train: {{lr: {text}}}\narch:\n  shortcut_weight: {text}\n")
+    from_file = load_config(str(path))
+    from_override = load_config(None, [f"train.lr={text}", f"arch.shortcut_weight={text}"])
+    assert from_file.train.lr == from_override.train.lr == float(text)
+    assert from_file.arch.shortcut_weight == from_override.arch.shortcut_weight == float(text)
+    assert type(from_file.train.lr) is float and type(from_override.train.lr) is float
+
+
+def test_quoted_number_is_not_a_float(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: '1e-3'\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: train.lr: expected float, got str '1e-3'"):
+        load_config(str(path))
+
+
+def test_non_finite_float_in_yaml_names_file_and_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-3\n  weight_decay: .nan\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: train.weight_decay: expected a finite number, got nan"):
+        load_config(str(path))
+
+
+@pytest.mark.parametrize(
+    "text", ["2024", "inf", "nan", "007", "1.50", "1e-3", "0x1F", "1_000", "yes", "null", "~", "2024-01-02"]
+)
+def test_str_key_takes_the_text_as_written(text, tmp_path):
+    cfg = load_config(None, [f"run.dir={text}", f"train.resume={text}", f"llm.name_or_path={text}"])
+    assert cfg.run.dir == cfg.train.resume == cfg.llm.name_or_path == text
+    path = tmp_path / "c.yaml"
+    path.write_text(f"run:\n  dir: {text}\ntrain: {{resume: {text}}}\n")
+    cfg = load_config(str(path))
+    assert cfg.run.dir == cfg.train.resume == text
+    save_config(cfg, str(tmp_path / "run" / "config.yaml"))  # and a saved config reads back the same text
+    assert load_config(str(tmp_path / "run" / "config.yaml")).run.dir == text
+
+
+def test_str_key_reads_quoted_and_empty_values(tmp_path):
+    cfg = load_config(None, ["run.dir='runs/a b'", "train.resume="])
+    assert cfg.run.dir == "runs/a b" and cfg.train.resume == ""
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  dir: \"2024\"\ntrain:\n  resume:\n")
+    cfg = load_config(str(path))
+    assert cfg.run.dir == "2024" and cfg.train.resume == ""
 
 
 def test_unknown_key_in_yaml_names_file(tmp_path):
