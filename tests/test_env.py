@@ -242,3 +242,17 @@ def test_collectives_reduce_where_the_backend_can(monkeypatch):
     assert dist_env.collective_device() == torch.device("cuda", 3)
     monkeypatch.setattr(tdist, "get_backend", lambda group=None: "gloo")
     assert dist_env.collective_device() == torch.device("cpu")
+
+
+def test_cpu_threads_per_rank_splits_the_cores_unless_the_user_chose(monkeypatch):
+    """torchrun's own OMP_NUM_THREADS=1 is not the user's choice; an OMP_NUM_THREADS the user set is."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert dist_env.cpu_threads_per_rank(2) == 8 and dist_env.cpu_threads_per_rank(32) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert dist_env.cpu_threads_per_rank(2) is None  # set by the user (no torchrun)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    assert dist_env.cpu_threads_per_rank(4) == 4  # torchrun's default
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert dist_env.cpu_threads_per_rank(4) is None

@@ -205,16 +205,19 @@ def test_missing_fonts_name_apt_packages(monkeypatch, tmp_path):
 
 def test_cli_generates_and_reports(tmp_path):
     out = str(tmp_path / "cli")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch/synth_iam.py"), out, "--forms", "2",
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch/synth_iam.py"), out, "--forms", "3",
                            "--seed", "4", "--fonts", "Breip.ttf", "--lines-per-form", "3-4", "--workers", "1",
                            "--no-progress"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
-    assert summary["forms"] == 2 and summary["fonts"] == ["Breip.ttf"] and 6 <= summary["lines"] <= 8
+    assert summary["forms"] == 3 and summary["fonts"] == ["Breip.ttf"] and 9 <= summary["lines"] <= 12
     assert {ET.parse(p).getroot().get("writer-id") for p in glob.glob(os.path.join(out, "xml", "*.xml"))} == {"000"}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch/synth_iam.py"), str(tmp_path / "y"),
                            "--fonts", "missing.otf"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 1 and "missing.otf" in proc.stderr
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch/synth_iam.py"), str(tmp_path / "z"),
+                           "--forms", "2"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and "--forms: expected an integer >= 3, got 2" in proc.stderr  # val and test need one
 
 
 def test_prose_is_clean_and_lines_fit():

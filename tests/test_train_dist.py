@@ -200,6 +200,18 @@ def test_resume_is_exact(tiny_overrides, tmp_path):
         assert torch.allclose(a[k].float(), b[k].float(), rtol=0, atol=1e-6), k
 
 
+def test_deepspeed_strategy_under_plain_python_is_one_rank(tiny_overrides, tmp_path):
+    """`python launch/train.py` with dist.strategy=deepspeed trains on one rank (DeepSpeed alone would look for MPI)."""
+    run = str(tmp_path / "run")
+    args = ["--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml")] + tiny_overrides + [
+        f"run.dir={run}", "train.max_steps=2", "dist.strategy=deepspeed", "train.batch_size=2"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run([PY, os.path.join(ROOT, "launch", "train.py")] + args, capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world size 1, strategy deepspeed" in proc.stderr and os.path.isfile(os.path.join(run, "model.pt"))
+
+
 def test_resume_on_another_number_of_ranks(tiny_overrides, tmp_path):
     """A checkpoint of 1 rank resumes on 2 (a job that comes back on a bigger allocation): rank 1 starts its random
     streams fresh, the epoch position is rescaled, the log says the run is no longer exact, and it finishes."""

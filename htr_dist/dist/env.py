@@ -207,6 +207,20 @@ def _restart_store(world: int, timeout: datetime.timedelta):
     return tdist.PrefixStore(f"htr_dist/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", base)
 
 
+def cpu_threads_per_rank(local_world: int) -> Optional[int]:
+    """Threads for each of ``local_world`` CPU ranks on this machine: its share of the cores this process may run on
+    (SLURM's cpus-per-task, taskset), or None where the user chose with OMP_NUM_THREADS.
+
+    torchrun puts OMP_NUM_THREADS=1 into every rank's environment unless the user set it: that is its default, not a
+    choice, and it would leave a 16-core machine with one thread per rank, so under torchrun 1 counts as unset.
+    """
+    chosen = os.environ.get("OMP_NUM_THREADS")
+    if chosen is not None and not (chosen == "1" and "TORCHELASTIC_RUN_ID" in os.environ):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, local_world))
+
+
 def init_distributed(timeout_s: int = 1800, use_deepspeed: bool = False, precision: str = "auto",
                      llm_precision: str = "auto", memory_format: str = "auto") -> DistEnv:
     """Initialise the process group when launched with several processes; return the resolved environment.
@@ -234,16 +248,26 @@ def init_distributed(timeout_s: int = 1800, use_deepspeed: bool = False, precisi
                 unlink_deepspeed_shm(rank)
         elif store is None:
             tdist.init_process_group(backend=backend, timeout=timeout)
-    if device.type == "cpu" and world > 1 and "OMP_NUM_THREADS" not in os.environ:
-        # Several CPU ranks on one machine: split the cores, or the ranks' thread pools fight over them.
-        local_world = env_local_world_size() or world
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if use_deepspeed and world == 1 and not tdist.is_initialized():
+        # plain `python launch/train.py` with a DeepSpeed strategy: a 1-rank group here (DeepSpeed would otherwise
+        # look for MPI to learn its ranks, and fail without mpi4py)
+        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        if device.type == "cpu":
+            unlink_deepspeed_shm(rank)
+    threads = cpu_threads_per_rank(env_local_world_size() or world) if device.type == "cpu" and world > 1 else None
+    if threads is not None:
+        torch.set_num_threads(threads)
     dtype = pick_dtype(device, precision)
     env = DistEnv(rank, world, local_rank, device, backend, dtype, pick_llm_dtype(device, dtype, llm_precision),
                   pick_channels_last(device, memory_format))
-    log.info("rank %d/%d local %d device %s backend %s dtype %s (LLM %s), training backbone %s", rank, world,
-             local_rank, device, backend, env.dtype, env.llm_dtype,
-             "channels_last" if env.channels_last else "contiguous")
+    log.info("rank %d/%d local %d device %s backend %s dtype %s (LLM %s), training backbone %s, %d CPU thread(s)",
+             rank, world, local_rank, device, backend, env.dtype, env.llm_dtype,
+             "channels_last" if env.channels_last else "contiguous", torch.get_num_threads())
     return env
 
 
