@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from typing import Iterator
 
 
 def plain_mode(path: str, directory: bool = False) -> None:
@@ -16,20 +18,28 @@ def plain_mode(path: str, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~mask)
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` so that a reader sees either the old file or the whole new one."""
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str = ".tmp") -> Iterator[str]:
+    """A temporary name in ``path``'s folder to write to; renamed to ``path`` (with :func:`plain_mode`) when the block
+    ends, removed if it raises: a reader sees either the old file or the whole new one."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        yield tmp
         plain_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader sees either the old file or the whole new one."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def atomic_write_json(path: str, obj) -> None:

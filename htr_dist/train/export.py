@@ -3,14 +3,11 @@ settings; loadable with ``torch.load(weights_only=True)`` and usable without the
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import torch
 
 from htr_dist.config import to_dict
 from htr_dist.inference import EXPORT_FORMAT
-from htr_dist.io_utils import plain_mode
+from htr_dist.io_utils import atomic_path
 
 
 def export_model(model, cfg, alphabet: str, path: str) -> str:
@@ -23,16 +20,6 @@ def export_model(model, cfg, alphabet: str, path: str) -> str:
         "img_height": cfg.data.img_height,
         "img_width": cfg.data.img_width,
     }
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".model-", suffix=".pt.tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".pt.tmp") as tmp:
         torch.save(blob, tmp)
-        plain_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
