@@ -82,7 +82,7 @@ def test_mobilevit_attends_across_patches():
     assert diff[1, 33] > 1e-4
     # ...and only through attention: in that patch, only the pixels whose own 3x3 neighbourhood includes (1, 1) move
     # directly; check that without the transformer nothing that far changes at all
-    block.transformer = nn.Identity()
+    block.transformer = nn.ModuleList()  # no layers
     with torch.no_grad():
         diff_local = (block(x2) - block(x)).abs()[0].amax(0)
     assert diff_local[:, 8:].max() == 0 and diff_local[1, 1] > 0
@@ -93,7 +93,7 @@ def test_mobilevit_unfold_fold_is_exact(size, patch):
     """With an identity transformer, what the 1x1 projection receives is the local branch output, cropped."""
     torch.manual_seed(0)
     block = MobileViTBlock(channels=6, dim=6, depth=1, heads=2, patch=patch).eval()
-    block.transformer, block.norm = nn.Identity(), nn.Identity()
+    block.transformer, block.norm = nn.ModuleList(), nn.Identity()  # no layers: the sequence passes unchanged
     got = {}
     block.local.register_forward_hook(lambda m, i, o: got.__setitem__("local", o))
     block.project.register_forward_hook(lambda m, i, o: got.__setitem__("folded", i[0]))
@@ -103,11 +103,35 @@ def test_mobilevit_unfold_fold_is_exact(size, patch):
     assert torch.equal(got["folded"], got["local"])
 
 
+@pytest.mark.parametrize("size, patch", [((12, 20), 4), ((7, 13), 4), ((3, 5), 8), ((16, 24), 4)])
+def test_mobilevit_attends_to_real_patches_only(size, patch):
+    """Padded patches are no keys: the block equals a reference that runs, for each in-patch pixel, the transformer
+    over the real patches alone (strided slices of the unpadded map)."""
+    torch.manual_seed(0)
+    block = MobileViTBlock(channels=6, dim=8, depth=2, heads=2, patch=patch).eval()
+    x = torch.randn(2, 6, *size)
+    with torch.no_grad():
+        y = block.local(x)
+        folded = torch.zeros_like(y)
+        for i in range(patch):
+            for j in range(patch):
+                tokens = y[:, :, i::patch, j::patch]  # (B, D, rows, cols): the patches that hold pixel (i, j)
+                if tokens.numel() == 0:
+                    continue
+                b, d, rows, cols = tokens.shape
+                seq = tokens.permute(0, 2, 3, 1).reshape(b, rows * cols, d)
+                for layer in block.transformer:
+                    seq = layer(seq)
+                folded[:, :, i::patch, j::patch] = block.norm(seq).reshape(b, rows, cols, d).permute(0, 3, 1, 2)
+        expected = block.fuse(torch.cat([x, block.project(folded)], dim=1))
+        torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_mobilevit_sequence_is_patches_batch_is_pixels():
     """The transformer sees (B * p * p, patches, D): attention runs across patches, one sequence per position."""
     block = MobileViTBlock(channels=4, dim=8, depth=1, heads=2, patch=4).eval()
     shapes = []
-    block.transformer.register_forward_hook(lambda m, i, o: shapes.append(tuple(i[0].shape)))
+    block.transformer[0].register_forward_hook(lambda m, i, o: shapes.append(tuple(i[0].shape)))
     with torch.no_grad():
         block(torch.rand(3, 4, 8, 20))
     assert shapes == [(3 * 16, 2 * 5, 8)]

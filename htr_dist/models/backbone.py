@@ -6,7 +6,7 @@ the default inserts two MobileViT blocks (Mehta & Rastegari, 2021) after the fir
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -55,10 +55,11 @@ class TransformerLayer(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, L, D)
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:  # (N, L, D)
+        """``mask``: None, or bool (N, 1, 1, L), True where a key may be attended to."""
         n, length, dim = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(n, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        att = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         x = x + self.proj(att.transpose(1, 2).reshape(n, length, dim))
         return x + self.mlp(self.norm2(x))
 
@@ -69,7 +70,8 @@ class MobileViTBlock(nn.Module):
     The feature map is cut into p x p patches; for every pixel position inside a patch, a transformer attends over
     ALL patches (sequence = patches, batch = B * p * p). After the local 3x3 conv each pixel already sees its
     neighbourhood, so every output pixel depends on the whole map: a global receptive field. A map whose sides are
-    not multiples of p is zero-padded before unfolding and cropped after folding.
+    not multiples of p is zero-padded before unfolding and cropped after folding, and the padded patches are masked
+    out as keys: a pixel attends to real patches only, so the result does not depend on the padding.
     """
 
     def __init__(self, channels: int, dim: int, depth: int, heads: int, patch: int):
@@ -79,12 +81,24 @@ class MobileViTBlock(nn.Module):
             nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.SiLU(),
             nn.Conv2d(channels, dim, 1, bias=False),
         )
-        self.transformer = nn.Sequential(*[TransformerLayer(dim, heads) for _ in range(depth)])
+        self.transformer = nn.ModuleList([TransformerLayer(dim, heads) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.project = nn.Sequential(nn.Conv2d(dim, channels, 1, bias=False), nn.BatchNorm2d(channels), nn.SiLU())
         self.fuse = nn.Sequential(
             nn.Conv2d(2 * channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.SiLU()
         )
+
+    def _key_mask(self, b: int, h: int, w: int, hh: int, ww: int, device) -> torch.Tensor:
+        """(B*p*p, 1, 1, hh*ww) bool: patch (r, c) is a real key for in-patch pixel (i, j) where r*p + i < h and
+        c*p + j < w. A pixel position that no patch holds for real (a map smaller than p) may attend to all, which
+        keeps its softmax finite; its outputs are cropped anyway."""
+        p = self.patch
+        offs = torch.arange(p, device=device)
+        rows = torch.arange(hh, device=device)[None, :] * p + offs[:, None] < h  # (p, hh)
+        cols = torch.arange(ww, device=device)[None, :] * p + offs[:, None] < w  # (p, ww)
+        keep = (rows[:, None, :, None] & cols[None, :, None, :]).reshape(p * p, hh * ww)
+        keep = keep | ~keep.any(-1, keepdim=True)
+        return keep[None].expand(b, -1, -1).reshape(b * p * p, 1, 1, hh * ww)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
         b, _, h, w = x.shape
@@ -97,7 +111,10 @@ class MobileViTBlock(nn.Module):
         # Work on the (B, H, W, D) view: free for a channels_last map, and D stays innermost for the transformer.
         # (B, hh, p, ww, p, D) -> (B, p, p, hh, ww, D) -> (B*p*p, hh*ww, D): one sequence of patches per in-patch pixel
         seq = y.permute(0, 2, 3, 1).reshape(b, hh, p, ww, p, d).permute(0, 2, 4, 1, 3, 5).reshape(b * p * p, hh * ww, d)
-        seq = self.norm(self.transformer(seq))
+        mask = self._key_mask(b, h, w, hh, ww, y.device) if ph or pw else None
+        for layer in self.transformer:
+            seq = layer(seq, mask)
+        seq = self.norm(seq)
         y = seq.view(b, p, p, hh, ww, d).permute(0, 3, 1, 4, 2, 5).reshape(b, hh * p, ww * p, d)
         y = y[:, :h, :w].permute(0, 3, 1, 2)  # (B, D, H, W), channels_last in memory
         y = self.project(y)
