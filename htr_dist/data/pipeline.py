@@ -136,8 +136,8 @@ class StreamDataset(torch.utils.data.IterableDataset):
 
     def _pieces(self, order: List[int], start: int, length: Optional[int]) -> Iterator[dict]:
         """``{"url", "first", "stop", "count"}`` pieces covering ``length`` lines (None: forever) of the cyclic
-        sequence of the shards in ``order``, from line ``start``. Forever stops with an error after a whole pass over the shards
-        that gave no sample at all (every shard unreadable), which would otherwise loop without end."""
+        sequence of the shards in ``order``, from line ``start``. Forever stops with an error after a whole pass over
+        the shards that gave no sample at all (every shard unreadable), which would otherwise loop without end."""
         counts = [self.counts[i] for i in order]
         total, j, local = sum(counts), 0, start
         while local >= counts[j]:

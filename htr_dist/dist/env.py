@@ -232,10 +232,13 @@ def init_distributed(timeout_s: int = 1800, use_deepspeed: bool = False, precisi
     backend = pick_backend(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world > 1 and not tdist.is_initialized():
+    if (world > 1 or use_deepspeed) and not tdist.is_initialized():
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(world))
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
+        if world == 1:  # plain `python launch/train.py` with a DeepSpeed strategy: a 1-rank group on this machine
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # (DeepSpeed would otherwise look for MPI to learn
+            os.environ.setdefault("MASTER_PORT", str(free_port()))  # its ranks, and fail without mpi4py)
         timeout = datetime.timedelta(seconds=timeout_s)
         store = _restart_store(world, timeout)
         if store is not None:
@@ -248,17 +251,6 @@ def init_distributed(timeout_s: int = 1800, use_deepspeed: bool = False, precisi
                 unlink_deepspeed_shm(rank)
         elif store is None:
             tdist.init_process_group(backend=backend, timeout=timeout)
-    if use_deepspeed and world == 1 and not tdist.is_initialized():
-        # plain `python launch/train.py` with a DeepSpeed strategy: a 1-rank group here (DeepSpeed would otherwise
-        # look for MPI to learn its ranks, and fail without mpi4py)
-        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
-            os.environ.setdefault(key, value)
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
-        if device.type == "cpu":
-            unlink_deepspeed_shm(rank)
     threads = cpu_threads_per_rank(env_local_world_size() or world) if device.type == "cpu" and world > 1 else None
     if threads is not None:
         torch.set_num_threads(threads)

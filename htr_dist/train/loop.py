@@ -161,13 +161,16 @@ def train(cfg, env) -> dict:
     window = {k: 0.0 for k in LOSS_KEYS + ("llm_s", "data_s", "lines")}
     window_steps, window_start = 0, time.time()
     stream = None
+
+    def open_stream(skip: int):
+        skip_stats.new_loader()
+        return iter(build_train_loader(cfg, alphabet, env.rank, env.world_size, pos.epoch, skip, env.pin_memory))
+
     model.train()
     val = None
     while pos.step < steps:
         if stream is None:
-            skip_stats.new_loader()
-            stream = iter(build_train_loader(cfg, alphabet, env.rank, env.world_size, pos.epoch, pos.micro_in_epoch,
-                                              env.pin_memory))
+            stream = open_stream(pos.micro_in_epoch)
         for micro in range(accum):
             t0 = time.time()
             batch = next(stream)
@@ -186,9 +189,7 @@ def train(cfg, env) -> dict:
             if pos.micro_in_epoch >= micro_per_epoch:  # every rank rolls over at the same step
                 pos.epoch, pos.micro_in_epoch, stream = pos.epoch + 1, 0, None
                 if micro < accum - 1:
-                    skip_stats.new_loader()
-                    stream = iter(build_train_loader(cfg, alphabet, env.rank, env.world_size, pos.epoch, 0,
-                                                          env.pin_memory))
+                    stream = open_stream(0)
         lr = strategy.lr()  # the rate this step uses; the schedule moves on inside strategy.step()
         grad_norm = strategy.step()
         pos.step += 1
