@@ -13,12 +13,12 @@ FORM_XML = """<?xml version="1.0" encoding="ISO-8859-1"?>
 <machine-print-line text="A MOVE to stop Mr. Gaitskell"/>
 </machine-printed-part>
 <handwritten-part>
-<line asx="10" asy="10" dsx="200" dsy="60" id="a01-000u-00" segmentation="ok" text="&quot;Caf\xe9&quot; &amp; co&apos;s" threshold="154">
-<word id="a01-000u-00-00" tag="NN" text="&quot;Caf\xe9&quot;">
+<line asx="10" asy="10" dsx="200" dsy="60" id="a01-000u-00" segmentation="ok" text="&amp;quot;Caf\xe9&amp;quot; &amp;amp; co's" threshold="154">
+<word id="a01-000u-00-00" tag="NN" text="&amp;quot;Caf\xe9&amp;quot;">
 <cmp height="20" width="30" x="40" y="50"/>
 <cmp height="25" width="20" x="75" y="45"/>
 </word>
-<word id="a01-000u-00-01" tag="CC" text="&amp;">
+<word id="a01-000u-00-01" tag="CC" text="&amp;amp;">
 <cmp height="10" width="10" x="120" y="52"/>
 </word>
 </line>
@@ -40,10 +40,19 @@ a01-000u-01 err 156 3 395 932 1850 105 Labour|life|Peers|is
 """
 
 
-@pytest.fixture
-def xml_path(tmp_path):
+ESCAPED_ONCE = {"&amp;quot;": "&quot;", "&amp;amp;": "&amp;"}
+"""FORM_XML as a tool that escapes once would write it (IAM's own files escape twice)."""
+
+
+@pytest.fixture(params=["iam", "escaped_once"])
+def xml_path(tmp_path, request):
+    text = FORM_XML
+    if request.param == "escaped_once":
+        for twice, once in ESCAPED_ONCE.items():
+            text = text.replace(twice, once)
+        assert "&amp;quot;" not in text and "&quot;" in text
     path = tmp_path / "a01-000u.xml"
-    path.write_bytes(FORM_XML.encode("latin-1"))  # IAM's XML is ISO-8859-1, as declared
+    path.write_bytes(text.encode("latin-1"))  # IAM's XML is ISO-8859-1, as declared
     return str(path)
 
 
@@ -52,7 +61,8 @@ def test_parse_form_xml_entities_latin1_and_boxes(xml_path):
     assert form.id == "a01-000u" and form.writer_id == "000"
     assert [l.id for l in form.lines] == ["a01-000u-00"]
     line = form.lines[0]
-    assert line.text == "\"Café\" & co's"
+    assert line.text == "\"Café\" & co's"  # IAM's double escaping decoded; once-escaped XML reads the same
+    assert form.texts == {"a01-000u-00": line.text, "a01-000u-01": "", "a01-000u-02": "no boxes"}
     assert line.bbox == (40, 45, 130, 70)  # union of the three cmp boxes, exclusive right/bottom
     assert len(form.problems) == 2
     assert "a01-000u-01: empty transcription" in form.problems[0]

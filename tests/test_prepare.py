@@ -56,9 +56,14 @@ def union(boxes):
             max(b[1] + b[3] for b in boxes))
 
 
+# lines.txt's word tokens where they are not the words: IAM splits punctuation and clitics off
+TOKENS = {"a01-000u-00": ['"', "Café", '"', "&", "co", "'s", "<b>"], "n04-002x-01": ["from", "1957", "."]}
+
+
 def form_xml(form_id, writer, lines, text_override=None):
-    """IAM's XML for one form, as ISO-8859-1 bytes (attributes escaped as IAM does: &quot; &amp; &apos; ...)."""
-    esc = lambda s: quoteattr(s, {'"': "&quot;", "'": "&apos;"})  # noqa: E731
+    """IAM's XML for one form, as ISO-8859-1 bytes, text attributes escaped twice as in IAM's files (``&amp;quot;``
+    for ``"``: a parser reads ``&quot;``)."""
+    esc = lambda s: quoteattr(s.replace("&", "&amp;").replace('"', "&quot;"))  # noqa: E731
     out = ['<?xml version="1.0" encoding="ISO-8859-1"?>',
            f'<form created="2000-01-01" height="400" id="{form_id}" width="600" writer-id="{writer}">',
            "<machine-printed-part>", f"<machine-print-line text={esc(' '.join(t for t, _ in lines))}/>",
@@ -92,7 +97,7 @@ def make_iam(root, text_override=None):
             for x, y, w, h in all_boxes:  # "ink" filling each cmp box exactly, a different grey per box
                 draw.rectangle([x, y, x + w - 1, y + h - 1], fill=int(rng.integers(0, 90)))
             x0, y0, x1, y1 = union(all_boxes)
-            words = "|".join(spec[0].split(" ")).replace('"', "&quot;")
+            words = "|".join(TOKENS.get(f"{form_id}-{i:02d}", spec[0].split(" "))).replace('"', "&quot;")
             lines_txt.append(f"{form_id}-{i:02d} ok 154 {len(all_boxes)} {x0} {y0} {x1 - x0} {y1 - y0} {words}")
         page.save(os.path.join(root, folder, form_id + ".png"))
         with open(os.path.join(root, "xml", form_id + ".xml"), "wb") as f:
@@ -165,7 +170,7 @@ def iam_root(tmp_path):
 def test_xml_entities_latin1_and_cmp_union(iam_root):
     raw = open(os.path.join(iam_root, "xml", "a01-000u.xml"), "rb").read()
     # really ISO-8859-1 bytes and XML entities, as in IAM
-    assert b"Caf\xe9" in raw and b"&quot;" in raw and b"&amp;" in raw and b"&lt;b&gt;" in raw
+    assert b"Caf\xe9" in raw and b"&amp;quot;" in raw and b"&amp;amp;" in raw and b"&lt;b&gt;" in raw
     form = iam.parse_form_xml(os.path.join(iam_root, "xml", "a01-000u.xml"))
     assert (form.id, form.writer_id, form.problems) == ("a01-000u", "000", [])
     truth = expected_lines()
@@ -184,8 +189,8 @@ def test_lines_txt_latin1_entities_and_empty(iam_root):
     assert [l.id for l in lines] == list(truth) + ["e03-010-01"]
     for line in lines[:-1]:
         text, form_id, _, bbox = truth[line.id]
-        assert (line.text, line.form_id, line.bbox) == (text, form_id, bbox)
-    assert lines[0].text == '"Café" & co\'s <b>'  # &quot; decoded, é read as ISO-8859-1
+        assert (line.form_id, line.bbox) == (form_id, bbox) and iam.same_text(line.text, text)
+    assert lines[0].text == '" Café " & co \'s <b>'  # tokens; &quot; decoded, é read as ISO-8859-1
     assert (lines[-1].text, lines[-1].segmentation, lines[-1].bbox) == ("", "err", (10, 20, 40, 60))
 
 
@@ -284,6 +289,33 @@ def test_lines_source(iam_root, tmp_path):
     w, h = Image.open(io.BytesIO(got["n04-002x-01"]["png"])).size
     x0, y0, x1, y1 = truth["n04-002x-01"][3]
     assert (w, h) == (round((x1 - x0) * 0.5), round((y1 - y0) * 0.5))
+
+
+def test_lines_source_text_is_the_xml_text_checked_against_the_tokens(iam_root, tmp_path, capsys):
+    """source=lines writes the XML's text (spaced as written), not lines.txt's tokens joined by spaces; a line whose
+    two texts differ in more than spaces is not written, and a line no XML has keeps its tokens, counted."""
+    lines_txt = os.path.join(iam_root, "ascii", "lines.txt")
+    rows = open(lines_txt, encoding="latin-1").read().replace(" A|MOVE|to\n", " A|MOVE|too\n")
+    rows += "a01-000u-02 ok 154 2 40 200 100 30 Zoë|'s|.\n"  # its XML has lines 00 and 01 only
+    with open(lines_txt, "w", encoding="latin-1") as f:
+        f.write(rows)
+    write_line_images(iam_root)
+    out = str(tmp_path / "lines")
+    manifest = run_prepare(iam_root, out, source="lines", lines_txt=lines_txt)
+    problems = manifest["problems"]
+    assert problems["counts"] == {"text_mismatch": 1} and problems["written"] == {"text_from_lines_txt": 1}
+    messages = "\n".join(problems["messages"])
+    assert ("line b02-001-00: the text of " + os.path.join(iam_root, "xml", "b02-001.xml")) in messages
+    assert "differ in more than spaces ('A MOVE to' vs 'A MOVE too'); line not written" in messages
+    assert os.path.join(iam_root, "xml", "a01-000u.xml") + ": no line a01-000u-02" in messages
+    text = prepare_mod.summary(manifest)
+    assert "NOT written: 1 line(s): text_mismatch 1" in text and "lines.txt's token spacing" in text
+    got = {}
+    for split in ("train", "val", "test"):
+        got.update(read_shards(out, split))
+    texts = {k: v["txt"].decode() for k, v in got.items()}
+    assert texts["a01-000u-00"] == '"Café" & co\'s <b>' and texts["n04-002x-01"] == "from 1957."  # as written
+    assert texts["a01-000u-02"] == "Zoë 's ." and "b02-001-00" not in texts
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -501,7 +533,7 @@ def test_malformed_xml_lines_counted_in_each_source(iam_root, tmp_path, capsys):
     os.unlink(os.path.join(iam_root, "xml", "e03-010.xml"))  # lines.txt has its line; no XML gives its writer
     lines = run_prepare(iam_root, str(tmp_path / "lines"), source="lines", lines_txt=lines_txt)
     assert lines["problems"]["counts"] == {} and lines["problems"]["total"] == 0
-    assert lines["problems"]["written"] == {"writer_id_unknown": 3}
+    assert lines["problems"]["written"] == {"writer_id_unknown": 3, "text_from_lines_txt": 3}
     assert lines["problems"]["forms"] == {"malformed_xml": 1}
     text = prepare_mod.summary(lines)
     assert "NOT written" not in text and "no problems" not in text

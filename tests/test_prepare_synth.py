@@ -98,7 +98,11 @@ def test_missing_fonts_names_packages(monkeypatch):
 
 def test_prepare_round_trip(synth_dir, shard_dir):
     manifest = load_manifest(shard_dir)
-    truth = {l.id: l.text for l in iam.parse_lines_txt(os.path.join(synth_dir, "ascii", "lines.txt"))}
+    truth = {l.id: l.text for p in glob.glob(os.path.join(synth_dir, "xml", "*.xml")) for l in
+             iam.parse_form_xml(p).lines}  # spaced as written
+    tokens = {l.id: l.text for l in iam.parse_lines_txt(os.path.join(synth_dir, "ascii", "lines.txt"))}
+    assert tokens.keys() == truth.keys() and all(iam.same_text(tokens[k], t) for k, t in truth.items())
+    assert sum(tokens[k] != t for k, t in truth.items()) > len(truth) // 4  # punctuation: spaced apart in lines.txt
     splits = iam.read_split_lists(os.path.join(synth_dir, "splits"))
     seen = {}
     for split in ("train", "val", "test"):

@@ -2,9 +2,14 @@
 
 - form images: ``formsA-D/``, ``formsE-H/``, ``formsI-Z/`` (or one ``forms/`` folder), ``<form id>.png``
 - ``xml/<form id>.xml`` (declared ISO-8859-1): ``form`` (id, writer-id) / ``handwritten-part`` / ``line`` (id, text,
-  segmentation) / ``word`` (id, text) / ``cmp`` (x, y, width, height); text attributes use XML entities
+  segmentation) / ``word`` (id, text) / ``cmp`` (x, y, width, height). The ``text`` attributes are escaped twice: a
+  ``"`` is ``&amp;quot;`` in the file, which an XML parser reads as ``&quot;`` (:func:`decode_entities` decodes the
+  second level). A line's ``text`` is spaced as written: ``Exchange.``, ``he's``.
 - ``ascii/lines.txt``: ``a01-000u-00 ok 154 19 408 746 1661 89 A|MOVE|to|stop`` (id, segmentation, gray level,
-  components, x y w h, words joined by '|'), with ``lines/a01/a01-000u/a01-000u-00.png`` the pre-cropped lines
+  components, x y w h, word tokens joined by '|', ``"`` as ``&quot;``), with ``lines/a01/a01-000u/a01-000u-00.png``
+  the pre-cropped lines. The tokens split punctuation and clitics off their words (``Exchange|.``,
+  ``he|'s``), so joining them with spaces gives a space the ink does not have: the XML's ``text`` is the
+  transcription, for either source (see :func:`same_text`).
 - split lists: ``*.uttlist`` files of form ids (Aachen split: train / validation / test)
 
 A line image is the crop of the union of its ``cmp`` boxes plus :data:`DEFAULT_MARGIN` pixels on every side (the
@@ -54,6 +59,23 @@ class FormRecord:
     lines: List[LineRecord] = field(default_factory=list)
     problems: List[str] = field(default_factory=list)
     """Lines of this form that cannot be used, each message naming the file and line id."""
+    texts: Dict[str, str] = field(default_factory=dict)
+    """Line id -> its decoded ``text``, for every ``<line>`` (usable or not): the transcription source=lines uses."""
+
+
+def decode_entities(text: str) -> str:
+    """An IAM transcription with its entities decoded: ``&quot;`` ``&apos;`` ``&amp;`` ``&lt;`` ``&gt;``.
+
+    lines.txt writes ``"`` as ``&quot;``; the XML files hold their ``text`` attributes escaped twice (``&amp;quot;``),
+    so a parsed attribute still needs this once. Text without entities, as single-escaped XML gives it, is unchanged.
+    """
+    return unescape(text, _XML_ENTITIES)
+
+
+def same_text(a: str, b: str) -> bool:
+    """Whether two transcriptions have the same characters, whatever their spaces (lines.txt's word tokens against
+    the XML's ``text``)."""
+    return "".join(a.split()) == "".join(b.split())
 
 
 def parse_form_xml(path: str) -> FormRecord:
@@ -74,7 +96,8 @@ def parse_form_xml(path: str) -> FormRecord:
         if line_id in seen:  # two samples with one key: a line scored twice, or one overwriting the other
             raise IAMFormatError(f"{path}: line id {line_id} appears twice")
         seen.add(line_id)
-        text = line.attrib.get("text", "")
+        text = decode_entities(line.attrib.get("text", ""))
+        form.texts[line_id] = text
         boxes = [_cmp_box(path, line_id, c) for c in line.iter("cmp")]
         if not text.strip():
             form.problems.append(f"{path}: line {line_id}: empty transcription")
@@ -116,8 +139,9 @@ def parse_lines_txt(path: str) -> List[LineRecord]:
     """Parse ``ascii/lines.txt``; a malformed data line, or a line id listed twice, raises IAMFormatError naming the
     file and line number.
 
-    Words are joined by '|' in the file and by one space here; XML entities (``&quot;`` ...) are decoded. A data line
-    without a transcription is returned with ``text == ""`` so the caller reports it (it is not dropped here).
+    Word tokens are joined by '|' in the file and by one space here (so a punctuation mark has a space before it:
+    the XML's ``text`` has the spacing as written); entities (``&quot;`` ...) are decoded. A data line without a
+    transcription is returned with ``text == ""`` so the caller reports it (it is not dropped here).
     """
     records = []
     first: Dict[str, int] = {}  # line id -> the number of the data line that lists it
@@ -140,7 +164,7 @@ def parse_lines_txt(path: str) -> List[LineRecord]:
             raise IAMFormatError(f"{path}:{number}: line id {line_id} is already listed on line {first[line_id]}")
         first[line_id] = number
         form_id = "-".join(line_id.split("-")[:2])
-        text = unescape(words.replace("|", " "), _XML_ENTITIES)
+        text = decode_entities(words.replace("|", " "))
         records.append(LineRecord(line_id, form_id, "", text, (x, y, x + w, y + h), seg))
     return records
 

@@ -1,9 +1,13 @@
 """IAM (real or synthetic, same format) -> WebDataset shards + manifest, in parallel, atomically, reporting problems.
 
-Every line that cannot be used (missing form image, malformed XML, empty transcription, form in no split list), every
-line written with a flaw (writer id unknown: its form has no readable XML) and every form of the split lists without
-lines is named in the log, counted in the summary and recorded in the manifest's ``problems`` (see :class:`Problems`):
-nothing is dropped silently. A split left without lines, or a line id met twice, is an error: nothing is written.
+Every line that cannot be used (missing form image, malformed XML, empty transcription, form in no split list, XML
+and lines.txt disagreeing), every line written with a flaw (writer id unknown, or lines.txt's token spacing: no readable
+XML gives them) and every form of the split lists without lines is named in the log, counted in the summary and
+recorded in the manifest's ``problems`` (see :class:`Problems`): nothing is dropped silently.
+
+A split left without lines, or a line id met twice, is an error: nothing is written. Either source takes a line's
+transcription from its form's XML (``text``, spaced as written); ``source=lines`` checks it against lines.txt's word
+tokens, which have a space before every punctuation mark and clitic.
 
 A run replaces the previous output as a whole or not at all: every split and the manifest are first written into a
 staging folder ``OUT/.staging-<pid>`` (hidden, never named by a manifest, so never read as data), and only a complete
@@ -59,9 +63,13 @@ class Problems:
     """The problems met, counted by kind in the unit each kind is counted in; each is also named in the messages."""
 
     lines: Counter = field(default_factory=Counter)
-    """Lines NOT written, per kind: the manifest's ``counts``, whose sum is its ``total``."""
+    """Lines NOT written, per kind: the manifest's ``counts``, whose sum is its ``total``. ``text_mismatch``
+    (source=lines): the XML's ``text`` and lines.txt's tokens differ in more than spaces, and which is right is
+    unknown."""
     written: Counter = field(default_factory=Counter)
-    """Lines written with a flaw: ``writer_id_unknown`` (written with writer_id "": no readable XML gives it)."""
+    """Lines written with a flaw (source=lines): ``writer_id_unknown`` (written with writer_id "": no readable XML
+    gives it) and ``text_from_lines_txt`` (no readable XML has the line, so its text is lines.txt's word tokens joined
+    by spaces: a space before every punctuation mark and clitic, which the ink does not have)."""
     forms: Counter = field(default_factory=Counter)
     """Forms: ``malformed_xml`` (XML files that cannot be parsed), ``malformed_xml_lines_unknown`` (of these, with
     source=forms, those whose unwritten lines no lines.txt lists, so they are not in ``lines``: how many is unknown),
@@ -158,6 +166,7 @@ def collect_lines(opt: PrepareOptions) -> Collected:
     writers: Dict[str, str] = {}
     xml_of: Dict[str, str] = {}
     line_xml: Dict[str, str] = {}
+    xml_text: Dict[str, str] = {}  # line id -> its XML text (source=lines)
     broken: Dict[str, str] = {}  # form id (file name) -> why its XML cannot be parsed
     for name in sorted(f for f in os.listdir(opt.xml_dir) if f.endswith(".xml")):
         path = os.path.join(opt.xml_dir, name)
@@ -171,9 +180,10 @@ def collect_lines(opt: PrepareOptions) -> Collected:
             raise iam.IAMFormatError(f"{path}: form id {record.id} is already the id of {xml_of[record.id]}")
         writers[record.id] = record.writer_id
         xml_of[record.id] = path
+        xml_text.update(record.texts)
         if not record.writer_id and (record.lines or opt.source == "lines"):
             _report(opt, f"{path}: <form> has no writer-id; its lines are written with writer_id \"\"")
-        if opt.source == "forms":  # with source=lines the XML only gives writer ids; lines.txt is checked below
+        if opt.source == "forms":  # with source=lines the XML gives writer ids and texts; lines.txt is read below
             for line in record.lines:
                 if line.id in line_xml:
                     raise iam.IAMFormatError(f"{path}: line id {line.id} is already a line of {line_xml[line.id]}")
@@ -204,6 +214,19 @@ def collect_lines(opt: PrepareOptions) -> Collected:
                 problems.lines["empty_transcription"] += 1
                 _report(opt, f"{opt.lines_txt}: line {line.id}: empty transcription")
                 continue
+            text = xml_text.get(line.id)
+            if text is None:
+                problems.written["text_from_lines_txt"] += 1
+                if line.form_id in writers:  # else the form's message below says it
+                    _report(opt, f"{xml_of[line.form_id]}: no line {line.id}; its text is {opt.lines_txt}'s word "
+                                 f"tokens, a space before every punctuation mark: {line.text!r}")
+            elif not iam.same_text(text, line.text):
+                problems.lines["text_mismatch"] += 1
+                _report(opt, f"line {line.id}: the text of {xml_of[line.form_id]} and of {opt.lines_txt} differ in "
+                             f"more than spaces ({text!r} vs {line.text!r}); line not written")
+                continue
+            else:
+                line.text = text  # spaced as written
             if line.form_id not in writers:
                 unknown[line.form_id].append(line.id)
             line.writer_id = writers.get(line.form_id, "")
@@ -214,8 +237,8 @@ def collect_lines(opt: PrepareOptions) -> Collected:
                 _report(opt, f"{err}; {opt.lines_txt} lists no usable line of form {form_id}", logging.ERROR)
         for form_id, ids in sorted(unknown.items()):
             why = broken.get(form_id) or f"form {form_id}: no XML file for it in {opt.xml_dir}"
-            _report(opt, f"{why}; writer id unknown: its lines from {opt.lines_txt} are written with writer_id \"\": "
-                         f"{', '.join(ids)}")
+            _report(opt, f"{why}; writer id unknown: its lines from {opt.lines_txt} are written with writer_id \"\" "
+                         f"and their word tokens for text (a space before every punctuation mark): {', '.join(ids)}")
     return Collected(forms, problems, present, xml_of)
 
 
@@ -437,6 +460,9 @@ def summary(manifest: dict) -> str:
     if written.get("writer_id_unknown"):
         lines.append(f"written, but writer id unknown (writer_id \"\": no readable XML of the form gives it): "
                      f"{written['writer_id_unknown']} line(s)")
+    if written.get("text_from_lines_txt"):
+        lines.append(f"written, but with lines.txt's token spacing (no readable XML has the line's text): "
+                     f"{written['text_from_lines_txt']} line(s)")
     if forms:
         lines.append("forms with problems: " + ", ".join(f"{k} {v}" for k, v in sorted(forms.items())))
     if not (problems["total"] or uncounted or any(written.values()) or forms):

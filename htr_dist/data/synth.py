@@ -2,9 +2,13 @@
 
     OUT/forms/<form id>.png        grayscale form: a machine-printed header, then handwritten lines
     OUT/xml/<form id>.xml          ISO-8859-1 IAM XML: form / machine-printed-part / handwritten-part / line / word /
-                                   cmp
-    OUT/ascii/lines.txt            IAM's line list (id, segmentation, gray level, components, box, words joined by |)
+                                   cmp, text attributes escaped twice as in IAM (``&amp;quot;``)
+    OUT/ascii/lines.txt            IAM's line list (id, segmentation, gray level, components, box, word tokens joined
+                                   by |, ``"`` as ``&quot;``)
     OUT/splits/{train,validation,test}.uttlist   form ids
+
+Words are listed as IAM lists them (:func:`iam_tokens`): punctuation marks and clitics are tokens of their own, each a
+``<word>`` element with the ``cmp`` box of its own ink, while a line's ``text`` is spaced as written.
 
 A font plays the part of a writer. Text is English prose that ships with Python (``pydoc_data``), cleaned into
 sentences of ordinary characters, then cut into lines on word boundaries (about 20-60 characters, as many words as fit
@@ -158,6 +162,34 @@ def prose_lines(rng: random.Random, min_chars: int = 20, max_chars: int = 60) ->
 _CLOSED = {"a": "AT", "an": "AT", "the": "ATI", "and": "CC", "or": "CC", "but": "CCB", "of": "IN", "in": "IN",
            "to": "TO", "for": "IN", "with": "IN", "by": "IN", "on": "IN", "from": "IN", "is": "BEZ", "are": "BER",
            "be": "BE", "it": "PP3", "this": "DT", "that": "CS", "not": "XNOT"}
+
+
+_OPENERS = "\"'("
+_CLOSERS = ".,;:!?\"')"
+_CLITICS = ("n't", "'s", "'re", "'ve", "'ll", "'d", "'m")
+
+
+def iam_tokens(word: str) -> List[str]:
+    """One written word as IAM's lines.txt and ``<word>`` elements list it: leading and trailing punctuation marks and
+    a clitic are tokens of their own (``"Yes,`` -> ``"`` ``Yes`` ``,``; ``don't`` -> ``do`` ``n't``). The tokens
+    concatenate to the word."""
+    lead, tail = [], []
+    while len(word) > 1 and word[0] in _OPENERS:
+        lead.append(word[0])
+        word = word[1:]
+    while len(word) > 1 and word[-1] in _CLOSERS:
+        tail.insert(0, word[-1])
+        word = word[:-1]
+    for clitic in _CLITICS:
+        if len(word) > len(clitic) and word.lower().endswith(clitic):
+            return lead + [word[: -len(clitic)], word[-len(clitic):]] + tail
+    return lead + [word] + tail
+
+
+def escaped_once(text: str) -> str:
+    """A text attribute's value as IAM's XML files hold it before the XML writer escapes it again: ``&`` and ``"`` as
+    entities, so the file has ``&amp;amp;`` and ``&amp;quot;``."""
+    return text.replace("&", "&amp;").replace('"', "&quot;")
 
 
 def word_tag(word: str) -> str:
@@ -315,7 +347,7 @@ def render_form(spec: FormSpec) -> Tuple[np.ndarray, ET.Element, List[str]]:
     mp_part = ET.SubElement(root, "machine-printed-part")
     for i, text in enumerate(printed_lines):
         draw.text((150, y_print + 42 * i), text, font=printed, fill=255)
-        ET.SubElement(mp_part, "machine-print-line", {"text": text})
+        ET.SubElement(mp_part, "machine-print-line", {"text": escaped_once(text)})
     draw.rectangle((60, y_rule, FORM_WIDTH - 60, y_rule + 2), fill=255)
 
     hw = ET.SubElement(root, "handwritten-part")
@@ -325,30 +357,37 @@ def render_form(spec: FormSpec) -> Tuple[np.ndarray, ET.Element, List[str]]:
     space = _font(spec.font, size).getlength(" ") * spec.word_space
     for li, text in enumerate(spec.lines):
         line_id = f"{spec.form_id}-{li:02d}"
-        line_el = ET.SubElement(hw, "line", {"id": line_id, "text": text, "segmentation": "ok",
+        line_el = ET.SubElement(hw, "line", {"id": line_id, "text": escaped_once(text), "segmentation": "ok",
                                              "threshold": str(threshold)})
         x = spec.left + rng.randint(-15, 15)
         x_start = x
         baseline0 = top - asc_top + li * pitch + rng.randint(-int(0.06 * pitch), int(0.06 * pitch))
         slope = rng.uniform(-0.012, 0.012)
-        boxes = []
-        for wi, word in enumerate(text.split(" ")):
+        boxes, tokens = [], []
+        for word in text.split(" "):
             word_size = max(8, round(size * rng.uniform(0.95, 1.05)))
             small = max(6, round(word_size * scale))  # rendered at this size, scaled up to word_size
-            img, ox, oy = _word_image(_font(spec.font, small), word, shear + rng.uniform(-0.04, 0.04),
-                                      rng.randint(225, 255), small / word_size, stroke)
+            slant, pressure = shear + rng.uniform(-0.04, 0.04), rng.randint(225, 255)
             baseline = baseline0 + slope * (x - x_start) + rng.uniform(-0.03, 0.03) * ink_px
-            px, py = int(round(x)) - ox, int(round(baseline)) - oy
-            if px < 0 or px + img.width > FORM_WIDTH or py < 0 or py + img.height > height:
-                raise ValueError(f"word {word!r} of line {line_id!r} falls outside the form ({spec.font}, size {size})")
-            bbox = _ink_box(img)
-            box = (px, py, px + img.width, py + img.height)
-            cov.paste(ImageChops.lighter(cov.crop(box), img), box)  # overlapping strokes: the darker one wins
-            x0, y0, x1, y1 = px + bbox[0], py + bbox[1], px + bbox[2], py + bbox[3]
-            word_el = ET.SubElement(line_el, "word", {"id": f"{line_id}-{wi:02d}", "tag": word_tag(word),
-                                                      "text": word})
-            ET.SubElement(word_el, "cmp", {"x": str(x0), "y": str(y0), "width": str(x1 - x0), "height": str(y1 - y0)})
-            boxes.append((x0, y0, x1, y1))
+            prefix = ""
+            for token in iam_tokens(word):  # IAM's word tokens, each drawn where the word's pen reaches it
+                img, ox, oy = _word_image(_font(spec.font, small), token, slant, pressure, small / word_size, stroke)
+                pen = x + _font(spec.font, word_size).getlength(prefix)
+                prefix += token
+                px, py = int(round(pen)) - ox, int(round(baseline)) - oy
+                if px < 0 or px + img.width > FORM_WIDTH or py < 0 or py + img.height > height:
+                    raise ValueError(f"word {word!r} of line {line_id!r} falls outside the form ({spec.font}, "
+                                     f"size {size})")
+                bbox = _ink_box(img)
+                box = (px, py, px + img.width, py + img.height)
+                cov.paste(ImageChops.lighter(cov.crop(box), img), box)  # overlapping strokes: the darker one wins
+                x0, y0, x1, y1 = px + bbox[0], py + bbox[1], px + bbox[2], py + bbox[3]
+                word_el = ET.SubElement(line_el, "word", {"id": f"{line_id}-{len(tokens):02d}",
+                                                          "tag": word_tag(token), "text": escaped_once(token)})
+                ET.SubElement(word_el, "cmp", {"x": str(x0), "y": str(y0), "width": str(x1 - x0),
+                                               "height": str(y1 - y0)})
+                boxes.append((x0, y0, x1, y1))
+                tokens.append(token)
             x += _font(spec.font, word_size).getlength(word) + space * rng.uniform(0.8, 1.25)
         lx0, ly0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
         lx1, ly1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
@@ -359,7 +398,7 @@ def render_form(spec: FormSpec) -> Tuple[np.ndarray, ET.Element, List[str]]:
                      ("uby", base_l + x_top), ("asx", lx0), ("asy", ly0), ("dsx", lx1), ("dsy", ly1)):
             line_el.set(k, str(v))
         rows.append(f"{line_id} ok {threshold} {len(boxes)} {lx0} {ly0} {lx1 - lx0} {ly1 - ly0} "
-                    f"{text.replace(' ', '|')}")
+                    + "|".join(t.replace('"', "&quot;") for t in tokens))
     return _ink_on_paper(cov, ink, paper, rng), root, rows
 
 
@@ -453,9 +492,9 @@ LINES_HEADER = """#--- lines.txt -----------------------------------------------
 #     s01-000-00  -> line id for form s01-000
 #     ok          -> result of word segmentation
 #     160         -> graylevel to binarize the line
-#     7           -> number of components for this line (here: words)
+#     7           -> number of components for this line (here: word tokens)
 #     120 361 900 60 -> bounding box around this line in x,y,w,h format
-#     A|MOVE|...  -> transcription with | separating words
+#     A|MOVE|...  -> transcription with | separating word tokens
 #
 """
 
