@@ -10,6 +10,12 @@ layout's, per round); ``--precision fp32,bf16`` likewise adds them under bf16 au
 ``<case>_bf16_paired_ratio`` and ``seed_hybrid_bf16_vs_seed_code_paired`` (the seed's own step stays in fp32, as it
 ships, unless ``--seed-precision bf16``).
 
+``llm_overhead_floor`` is the overhead the LLM path could not go below on this CPU: the no-LLM step plus the path's
+own arithmetic (the connector's forward and backward, the frozen LLM's forward and its input-gradient backward, from
+the counted MACs) done at ``matmul_gflops``, the best rate this CPU reached in the same run on one of the LLM's
+matmuls (its token rows by its MLP's first weight, in the teacher's dtype). Everything else the path costs (norms,
+activations, attention, moving data) is not in it, so a real step can only be slower.
+
 The goals compare our steps with the seed system's own, timed on one machine. ``seed_code`` and ``seed_code_llm`` run
 the seed's step (restated in ``_seed_code.py``) at its configuration, without and with its LLM path, in the same
 rounds, so the ratios can be judged on any machine: ``seed_hybrid_vs_seed_code_paired`` (ours at the seed's
@@ -143,8 +149,35 @@ class Case:
             out["connector_macs_per_llm_line"] = forward_macs(connector, lambda: connector(feats))
             tokens = self.model.connector(feats).detach()
             out["llm_macs_per_llm_line"] = forward_macs(self.teacher, lambda: self.teacher(tokens, ids, mask))
+            out["llm_tokens_per_llm_line"] = tokens.shape[1] + ids.shape[1]  # the visual prefix, then the text
         self.model.train()
         return out
+
+
+def matmul_gflops(rows: int, inner: int, cols: int, dtype: torch.dtype, seconds: float = 1.0) -> float:
+    """The best rate (GFLOP/s) of ``(rows, inner) @ (inner, cols)`` on this CPU over ``seconds`` of repeats."""
+    a, w = torch.randn(rows, inner, dtype=dtype), torch.randn(cols, inner, dtype=dtype)
+    for _ in range(3):  # oneDNN picks and caches its kernel on the first calls
+        torch.nn.functional.linear(a, w)
+    best, end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        torch.nn.functional.linear(a, w)
+        best = min(best, time.perf_counter() - start)
+    return 2 * rows * inner * cols / best / 1e9
+
+
+def llm_floor(report: dict, teacher, rows: int, no_llm_s: float) -> dict:
+    """``matmul_gflops``, the LLM path's GFLOP per step and ``llm_overhead_floor`` (see the module docstring).
+
+    A frozen layer's backward computes only its input's gradient, as many MACs as its forward; the connector trains,
+    so its backward also computes its weights' gradients: twice its forward."""
+    k = report["llm_lines_per_step"]
+    gflop = 2 * k * (2 * report["llm_macs_per_llm_line"] + 3 * report["connector_macs_per_llm_line"]) / 1e9
+    config = teacher.lm.config
+    rate = matmul_gflops(rows, config.hidden_size, config.intermediate_size, teacher.lm.dtype)
+    return {"matmul_gflops": rate, "llm_path_gflop_per_step": gflop,
+            "llm_overhead_floor": (no_llm_s + gflop / rate) / no_llm_s}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -311,6 +344,10 @@ def main(argv=None) -> None:
             # the same ratio taken within each round, where both cases ran back to back: slow drift of the machine
             # (other tenants, thermal state) cancels, which the ratio of the two medians does not do
             result[f"llm_overhead{suffix}_paired"] = paired_ratio(sampled, by_name["no_llm"])
+    if "llm_sampled" in by_name and "no_llm" in by_name:  # what the teacher's arithmetic alone would cost
+        sampled = reports["llm_sampled"]
+        rows = sampled["llm_lines_per_step"] * sampled["llm_tokens_per_llm_line"]
+        result.update(llm_floor(sampled, teacher, rows, result["no_llm_s"]))
     if "seed_hybrid" in by_name and "seed_code" in by_name:  # the goal: at most 0.8
         result["seed_hybrid_vs_seed_code_paired"] = paired_ratio(by_name["seed_hybrid"], by_name["seed_code"])
     if "seed_code_llm" in by_name and "seed_code" in by_name:  # the seed's own LLM overhead, next to ours

@@ -53,6 +53,12 @@ def test_step_time_prints_one_json_object_with_paired_overhead(tiny_llama):
         paired = result[key]
         assert 0 < paired["min"] <= paired["median"] <= paired["max"]
     assert result["llm_sampled"]["llm_lines_per_step"] == 1
+    # the floor: the no-LLM step plus the LLM path's counted arithmetic at this CPU's best matmul rate
+    sampled = result["llm_sampled"]
+    gflop = 2 * (2 * sampled["llm_macs_per_llm_line"] + 3 * sampled["connector_macs_per_llm_line"]) / 1e9
+    assert result["llm_path_gflop_per_step"] == gflop and result["matmul_gflops"] > 0
+    floor = (result["no_llm_s"] + gflop / result["matmul_gflops"]) / result["no_llm_s"]
+    assert result["llm_overhead_floor"] == floor and floor > 1
 
 
 def test_step_time_times_the_seed_code_in_the_same_rounds(tiny_llama):
