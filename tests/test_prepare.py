@@ -607,9 +607,12 @@ def test_duplicate_ids_are_errors(iam_root, tmp_path, capsys):
     with pytest.raises(iam.IAMFormatError, match=f"{xml}/p05-000.xml: line id e03-010-00 is already a line of "
                                                  f"{xml}/e03-010.xml"):
         run_prepare(iam_root, out)
-    os.unlink(os.path.join(xml, "p05-000.xml"))
     lines_txt = os.path.join(iam_root, "ascii", "lines.txt")
     write_line_images(iam_root)
+    with pytest.raises(iam.IAMFormatError, match=f"{xml}/p05-000.xml: line id e03-010-00 is already a line of "
+                                                 f"{xml}/e03-010.xml"):  # source=lines takes its text from the XML
+        run_prepare(iam_root, out, source="lines", lines_txt=lines_txt)
+    os.unlink(os.path.join(xml, "p05-000.xml"))
     rows = open(lines_txt, encoding="latin-1").read().splitlines()
     with open(lines_txt, "a", encoding="latin-1") as f:
         f.write(rows[3] + "\n")  # the first data line (a01-000u-00), listed again as line 11

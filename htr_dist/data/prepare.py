@@ -180,14 +180,14 @@ def collect_lines(opt: PrepareOptions) -> Collected:
             raise iam.IAMFormatError(f"{path}: form id {record.id} is already the id of {xml_of[record.id]}")
         writers[record.id] = record.writer_id
         xml_of[record.id] = path
+        for line_id in record.texts:  # every <line>: with either source its text may be the one written
+            if line_id in line_xml:
+                raise iam.IAMFormatError(f"{path}: line id {line_id} is already a line of {line_xml[line_id]}")
+            line_xml[line_id] = path
         xml_text.update(record.texts)
         if not record.writer_id and (record.lines or opt.source == "lines"):
             _report(opt, f"{path}: <form> has no writer-id; its lines are written with writer_id \"\"")
         if opt.source == "forms":  # with source=lines the XML gives writer ids and texts; lines.txt is read below
-            for line in record.lines:
-                if line.id in line_xml:
-                    raise iam.IAMFormatError(f"{path}: line id {line.id} is already a line of {line_xml[line.id]}")
-                line_xml[line.id] = path
             for msg in record.problems:
                 problems.lines["empty_transcription" if "empty transcription" in msg else "no_boxes"] += 1
                 _report(opt, msg)
