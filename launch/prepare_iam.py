@@ -5,10 +5,12 @@
                                [--shard-size N] [--workers N]
   python launch/prepare_iam.py FORMS XML SPLITS OUT          (the seed's positional form)
 
-DIR holds formsA-D/ formsE-H/ formsI-Z/ (or forms/), xml/, splits/*.uttlist, and for --source lines also lines/ and
+DIR holds formsA-D/ formsE-H/ formsI-Z/ (or forms/), xml/, splits/, and for --source lines also lines/ and
 ascii/lines.txt. In the positional form, FORMS is the folder that HOLDS formsA-D/ formsE-H/ formsI-Z/ (or forms/), or
 lines/ for --source lines: usually the IAM root itself, not the folder of form images; XML is the xml/ folder and
-SPLITS the folder of *.uttlist files. Writes OUT/{train,val,test}-%06d.tar and OUT/manifest.json. Lines that cannot be
+SPLITS the folder of split lists: the Aachen split's *.uttlist files of form ids (train, validation, test), or IAM's
+own line recognition task lists of line ids (trainset.txt, validationset1.txt, validationset2.txt, testset.txt; both
+validation sets make val). Writes OUT/{train,val,test}-%06d.tar and OUT/manifest.json. Lines that cannot be
 used, lines written without a writer id and split-list forms without lines are named in the log and counted in the
 summary and the manifest; a split left without lines, or a line id met twice, is an error and nothing is written.
 Re-running replaces the shards atomically.
@@ -32,7 +34,9 @@ def parse_args(argv=None):
     p.add_argument("--out", help="output shard folder, e.g. shards/iam")
     p.add_argument("--source", choices=["forms", "lines"], default="forms",
                    help="crop lines from the forms with the XML cmp boxes (default), or read lines/ + lines.txt")
-    p.add_argument("--splits", help="folder of *.uttlist split files (default: IAM/splits)")
+    p.add_argument("--splits", help="folder of split lists: *.uttlist files of form ids, or IAM's trainset.txt "
+                                    "validationset1.txt validationset2.txt testset.txt of line ids (default: "
+                                    "IAM/splits)")
     p.add_argument("--lines-txt", help="IAM's lines.txt for --source lines, and to name the lines of a malformed XML "
                                        "file (default: IAM/ascii/lines.txt, or FORMS/ascii/lines.txt)")
     p.add_argument("--scale", type=float, default=1.0, help="rescale each line crop (the reference uses 0.5)")

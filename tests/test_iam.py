@@ -102,6 +102,21 @@ def test_duplicate_line_ids_name_file_and_id(tmp_path, xml_path):
         iam.parse_form_xml(xml_path)
 
 
+def test_iam_task_line_lists(tmp_path):
+    """IAM's own line recognition task lists (line ids, .txt); both validation sets are val; one kind per folder."""
+    (tmp_path / "trainset.txt").write_text("a01-000u-00\na01-000u-02\n")
+    (tmp_path / "validationset1.txt").write_text("b02-000-00\n")
+    (tmp_path / "validationset2.txt").write_text("b02-001-03\n")
+    (tmp_path / "testset.txt").write_text("c03-000-01\n\n")
+    (tmp_path / "README.txt").write_text("not a list\n")  # only the task's own file names are read
+    assert iam.read_split_lists(str(tmp_path)) == {"a01-000u-00": "train", "a01-000u-02": "train",
+                                                   "b02-000-00": "val", "b02-001-03": "val", "c03-000-01": "test"}
+    (tmp_path / "test.uttlist").write_text("c03-001\n")
+    with pytest.raises(iam.IAMFormatError, match=r"name both lines \(a01-000u-00 in .*trainset.txt\) and forms "
+                                                 r"\(c03-001 in .*test.uttlist\); use lists of one kind"):
+        iam.read_split_lists(str(tmp_path))
+
+
 def test_split_lists(tmp_path):
     (tmp_path / "train.uttlist").write_text("a01-000u\na01-003\n")
     (tmp_path / "validation.uttlist").write_text("b02-000\n")

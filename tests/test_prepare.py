@@ -318,6 +318,29 @@ def test_lines_source_text_is_the_xml_text_checked_against_the_tokens(iam_root, 
     assert texts["a01-000u-02"] == "Zoë 's ." and "b02-001-00" not in texts
 
 
+def test_iam_task_line_lists_assign_each_line(iam_root, tmp_path):
+    """IAM's task lists name lines, not forms: each line goes where it is listed, a line of a listed form that no
+    list names is not written, and a listed line the data does not have is reported; both counted."""
+    splits = os.path.join(iam_root, "splits")
+    for name in os.listdir(splits):
+        os.unlink(os.path.join(splits, name))
+    lists = {"trainset": ["a01-000u-00", "n04-002x-00", "n04-002x-01"], "validationset1": ["b02-001-00"],
+             "validationset2": ["b02-001-01"], "testset": ["e03-010-00", "z99-000-00"]}
+    for name, ids in lists.items():
+        with open(os.path.join(splits, name + ".txt"), "w") as f:
+            f.write("\n".join(ids) + "\n")
+    out = str(tmp_path / "shards")
+    manifest = run_prepare(iam_root, out)
+    assert manifest["problems"]["counts"] == {"line_in_no_split": 1, "split_line_not_found": 1}
+    messages = "\n".join(manifest["problems"]["messages"])
+    assert "form a01-000u: lines of it in no split list under " in messages and ": a01-000u-01" in messages
+    assert "the test list under " + splits + " names 1 line(s) that the XML files in" in messages
+    assert messages.endswith("z99-000-00")
+    keys = {split: set(read_shards(out, split)) for split in ("train", "val", "test")}
+    assert keys == {"train": {"a01-000u-00", "n04-002x-00", "n04-002x-01"}, "val": {"b02-001-00", "b02-001-01"},
+                    "test": {"e03-010-00"}}
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Re-runs and interruption
 # ------------------------------------------------------------------------------------------------------------------
@@ -587,7 +610,7 @@ def test_split_without_lines_is_an_error(iam_root, tmp_path, capsys):
     assert load_manifest(out)["splits"] == before["splits"]
     for name in ("validation", "test"):
         os.unlink(os.path.join(iam_root, "splits", name + ".uttlist"))
-    with pytest.raises(iam.IAMFormatError, match=r"split 'val': no \*.uttlist under .* lists a form for it"):
+    with pytest.raises(iam.IAMFormatError, match=r"split 'val': no split list under .* names a form or line for it"):
         run_prepare(iam_root, out)
 
 

@@ -10,7 +10,9 @@
   the pre-cropped lines. The tokens split punctuation and clitics off their words (``Exchange|.``,
   ``he|'s``), so joining them with spaces gives a space the ink does not have: the XML's ``text`` is the
   transcription, for either source (see :func:`same_text`).
-- split lists: ``*.uttlist`` files of form ids (Aachen split: train / validation / test)
+- split lists: ``*.uttlist`` files of form ids (the Aachen split: train / validation / test), or IAM's own Large
+  Writer Independent Text Line Recognition Task lists of line ids (``trainset.txt``, ``validationset1.txt``,
+  ``validationset2.txt``, ``testset.txt``; both validation sets make the val split)
 
 A line image is the crop of the union of its ``cmp`` boxes plus :data:`DEFAULT_MARGIN` pixels on every side (the
 boxes are tight to the ink, so a few pixels of paper keep stroke ends and anti-aliasing intact), clipped to the form.
@@ -34,7 +36,9 @@ DEFAULT_MARGIN = 8
 """Pixels of paper kept around the union of a line's cmp boxes (at the form's full resolution, before scaling)."""
 _XML_ENTITIES = {"&quot;": '"', "&apos;": "'"}  # plus &amp; &lt; &gt;, which unescape() always decodes
 SPLIT_NAMES = {"train": "train", "trainset": "train", "validation": "val", "valid": "val", "val": "val",
-               "validationset1": "val", "test": "test", "testset": "test"}
+               "validationset1": "val", "validationset2": "val", "test": "test", "testset": "test"}
+TASK_LISTS = ("trainset.txt", "validationset1.txt", "validationset2.txt", "testset.txt")
+"""IAM's line recognition task lists (line ids), read beside ``*.uttlist`` files; other ``*.txt`` files are not."""
 
 
 class IAMFormatError(InputError, ValueError):
@@ -169,26 +173,45 @@ def parse_lines_txt(path: str) -> List[LineRecord]:
     return records
 
 
+def is_line_id(item_id: str) -> bool:
+    """``a01-000u-00`` (a line) rather than ``a01-000u`` (a form)."""
+    return item_id.count("-") == 2
+
+
 def read_split_lists(split_dir: str) -> Dict[str, str]:
-    """``form id -> train|val|test`` from ``*.uttlist`` files; a form in two lists is an error naming both."""
+    """``id -> train|val|test`` from the split lists: ``*.uttlist`` files and IAM's :data:`TASK_LISTS`.
+
+    The ids are form ids (the Aachen split) or line ids (IAM's task, which leaves some lines of its forms out): one
+    kind per folder. An id in two lists, or form ids beside line ids, is an error naming the files.
+    """
     if not os.path.isdir(split_dir):
         raise FileNotFoundError(f"split folder not found: {split_dir}")
     out: Dict[str, str] = {}
     files = sorted(glob.glob(os.path.join(split_dir, "*.uttlist")))
+    files += [os.path.join(split_dir, n) for n in TASK_LISTS if os.path.isfile(os.path.join(split_dir, n))]
     if not files:
-        raise IAMFormatError(f"{split_dir}: no *.uttlist files (expected train/validation/test.uttlist)")
+        raise IAMFormatError(f"{split_dir}: no *.uttlist files (expected train/validation/test.uttlist) and none of "
+                             f"IAM's task lists ({', '.join(TASK_LISTS)})")
+    first_of_kind: Dict[bool, Tuple[str, str]] = {}  # is a line id -> (its first id, the file listing it)
     for path in files:
-        stem = os.path.basename(path)[: -len(".uttlist")].lower()
+        stem = os.path.splitext(os.path.basename(path))[0].lower()
         split = SPLIT_NAMES.get(stem)
         if split is None:
             raise IAMFormatError(f"{path}: unknown split name {stem!r} (expected one of {sorted(SPLIT_NAMES)})")
         with open(path, encoding="utf-8") as f:
-            for form_id in (x.strip() for x in f):
-                if not form_id:
+            for item in (x.strip() for x in f):
+                if not item:
                     continue
-                if out.get(form_id, split) != split:
-                    raise IAMFormatError(f"{path}: form {form_id} is already in split {out[form_id]!r}")
-                out[form_id] = split
+                if out.get(item, split) != split:
+                    kind = "line" if is_line_id(item) else "form"
+                    raise IAMFormatError(f"{path}: {kind} {item} is already in split {out[item]!r}")
+                kind = is_line_id(item)
+                first_of_kind.setdefault(kind, (item, path))
+                if len(first_of_kind) > 1:
+                    (line, line_file), (form, form_file) = first_of_kind[True], first_of_kind[False]
+                    raise IAMFormatError(f"{split_dir}: the split lists name both lines ({line} in {line_file}) and "
+                                         f"forms ({form} in {form_file}); use lists of one kind")
+                out[item] = split
     return out
 
 

@@ -1,9 +1,9 @@
 """IAM (real or synthetic, same format) -> WebDataset shards + manifest, in parallel, atomically, reporting problems.
 
-Every line that cannot be used (missing form image, malformed XML, empty transcription, form in no split list, XML
-and lines.txt disagreeing), every line written with a flaw (writer id unknown, or lines.txt's token spacing: no readable
-XML gives them) and every form of the split lists without lines is named in the log, counted in the summary and
-recorded in the manifest's ``problems`` (see :class:`Problems`): nothing is dropped silently.
+Every line that cannot be used (missing form image, malformed XML, empty transcription, form or line in no split
+list, XML and lines.txt disagreeing), every line written with a flaw (writer id unknown, or lines.txt's token spacing:
+no readable XML gives them) and every form of the split lists without lines is named in the log, counted in the summary
+and recorded in the manifest's ``problems`` (see :class:`Problems`): nothing is dropped silently.
 
 A split left without lines, or a line id met twice, is an error: nothing is written. Either source takes a line's
 transcription from its form's XML (``text``, spaced as written); ``source=lines`` checks it against lines.txt's word
@@ -63,9 +63,10 @@ class Problems:
     """The problems met, counted by kind in the unit each kind is counted in; each is also named in the messages."""
 
     lines: Counter = field(default_factory=Counter)
-    """Lines NOT written, per kind: the manifest's ``counts``, whose sum is its ``total``. ``text_mismatch``
-    (source=lines): the XML's ``text`` and lines.txt's tokens differ in more than spaces, and which is right is
-    unknown."""
+    """Lines NOT written, per kind: the manifest's ``counts``, whose sum is its ``total``. Among them
+    ``text_mismatch`` (source=lines: the XML's ``text`` and lines.txt's tokens differ in more than spaces, and which
+    is right is unknown), ``form_in_no_split`` and, with lists of line ids, ``line_in_no_split`` and
+    ``split_line_not_found`` (listed, but the data has no such line)."""
     written: Counter = field(default_factory=Counter)
     """Lines written with a flaw (source=lines): ``writer_id_unknown`` (written with writer_id "": no readable XML
     gives it) and ``text_from_lines_txt`` (no readable XML has the line, so its text is lines.txt's word tokens joined
@@ -91,6 +92,8 @@ class Collected:
     """Form ids with any line, usable or not, or with an XML file that cannot be parsed."""
     xml_of: Dict[str, str]
     """Form id -> its XML file (the form id of a file that cannot be parsed is its file name)."""
+    line_ids: Set[str] = field(default_factory=set)
+    """Every line id met, usable or not (in the XML, or in lines.txt with source=lines or for a malformed XML)."""
 
 
 def _report(opt: PrepareOptions, msg: str, level: int = logging.WARNING) -> None:
@@ -167,6 +170,7 @@ def collect_lines(opt: PrepareOptions) -> Collected:
     xml_of: Dict[str, str] = {}
     line_xml: Dict[str, str] = {}
     xml_text: Dict[str, str] = {}  # line id -> its XML text (source=lines)
+    line_ids: Set[str] = set()
     broken: Dict[str, str] = {}  # form id (file name) -> why its XML cannot be parsed
     for name in sorted(f for f in os.listdir(opt.xml_dir) if f.endswith(".xml")):
         path = os.path.join(opt.xml_dir, name)
@@ -180,6 +184,7 @@ def collect_lines(opt: PrepareOptions) -> Collected:
             raise iam.IAMFormatError(f"{path}: form id {record.id} is already the id of {xml_of[record.id]}")
         writers[record.id] = record.writer_id
         xml_of[record.id] = path
+        line_ids.update(record.texts)
         for line_id in record.texts:  # every <line>: with either source its text may be the one written
             if line_id in line_xml:
                 raise iam.IAMFormatError(f"{path}: line id {line_id} is already a line of {line_xml[line_id]}")
@@ -200,6 +205,7 @@ def collect_lines(opt: PrepareOptions) -> Collected:
             problems.forms["malformed_xml"] += 1
             present.add(form_id)
             ids = (listed or {}).get(form_id, [])
+            line_ids.update(ids)
             if ids:
                 problems.lines["malformed_xml"] += len(ids)
                 _report(opt, f"{err}; lines not written: {', '.join(ids)}", logging.ERROR)
@@ -210,6 +216,7 @@ def collect_lines(opt: PrepareOptions) -> Collected:
         unknown: Dict[str, List[str]] = defaultdict(list)  # form id without a readable XML -> its usable line ids
         for line in iam.parse_lines_txt(opt.lines_txt):  # a line id listed twice raises there
             present.add(line.form_id)
+            line_ids.add(line.id)
             if not line.text.strip():
                 problems.lines["empty_transcription"] += 1
                 _report(opt, f"{opt.lines_txt}: line {line.id}: empty transcription")
@@ -239,7 +246,7 @@ def collect_lines(opt: PrepareOptions) -> Collected:
             why = broken.get(form_id) or f"form {form_id}: no XML file for it in {opt.xml_dir}"
             _report(opt, f"{why}; writer id unknown: its lines from {opt.lines_txt} are written with writer_id \"\" "
                          f"and their word tokens for text (a space before every punctuation mark): {', '.join(ids)}")
-    return Collected(forms, problems, present, xml_of)
+    return Collected(forms, problems, present, xml_of, line_ids)
 
 
 def _pid_running(pid: int) -> bool:
@@ -347,32 +354,15 @@ def prepare(opt: PrepareOptions, progress: bool = True) -> dict:
     split_of = iam.read_split_lists(opt.splits_dir)
     found = collect_lines(opt)
     forms, problems = found.forms, found.problems
-    by_split: Dict[str, List[str]] = defaultdict(list)
-    for form_id in sorted(forms):
-        split = split_of.get(form_id)
-        if split is None:
-            problems.lines["form_in_no_split"] += len(forms[form_id])
-            ids = ", ".join(l.id for l in forms[form_id])
-            _report(opt, f"form {form_id}: in no *.uttlist under {opt.splits_dir}; lines not written: {ids}")
-            continue
-        by_split[split].append(form_id)
-    for form_id, split in sorted(split_of.items()):  # the reverse: listed in a split, but no line of it is there
-        if form_id in found.present:
-            continue
-        problems.forms["split_form_without_lines"] += 1
-        where = f"form {form_id}: in the {split} list under {opt.splits_dir}, but"
-        if opt.source == "lines":
-            _report(opt, f"{where} {opt.lines_txt} lists no line of it")
-        elif form_id in found.xml_of:
-            _report(opt, f"{where} its XML {found.xml_of[form_id]} has no <line>")
-        else:
-            _report(opt, f"{where} {opt.xml_dir} has no XML for it (no {form_id}.xml)")
+    by_split = _assign_splits(opt, split_of, found)
     for split in SPLITS:
-        if not any(forms[f] for f in by_split.get(split, [])):
-            listed = sorted(f for f, s in split_of.items() if s == split)
+        if not any(lines for _, lines in by_split.get(split, [])):
+            listed = sorted(i for i, s in split_of.items() if s == split)
             if not listed:
-                raise iam.IAMFormatError(f"split {split!r}: no *.uttlist under {opt.splits_dir} lists a form for it")
-            raise iam.IAMFormatError(f"split {split!r}: no line to write: none of its {len(listed)} form(s) listed "
+                raise iam.IAMFormatError(f"split {split!r}: no split list under {opt.splits_dir} names a form or line "
+                                         f"for it")
+            kind = "line(s)" if iam.is_line_id(listed[0]) else "form(s)"
+            raise iam.IAMFormatError(f"split {split!r}: no line to write: none of its {len(listed)} {kind} listed "
                                      f"under {opt.splits_dir} has a usable line ({_some(listed)}; see the problems "
                                      f"above); nothing written to {opt.out_dir}")
     _recover(opt.out_dir)
@@ -391,13 +381,59 @@ def prepare(opt: PrepareOptions, progress: bool = True) -> dict:
     return manifest
 
 
+def _assign_splits(opt: PrepareOptions, split_of: Dict[str, str], found: Collected
+                   ) -> Dict[str, List[Tuple[str, list]]]:
+    """Split -> [(form id, its usable lines in that split)], from lists of form ids (a form's lines go together) or
+    of line ids (IAM's task lists: each line where it is listed). Lines in no list, and listed forms or lines that the
+    data does not have, are reported."""
+    problems, forms = found.problems, found.forms
+    by_line = any(iam.is_line_id(i) for i in split_of)  # read_split_lists allows one kind
+    by_split: Dict[str, List[Tuple[str, list]]] = defaultdict(list)
+    for form_id in sorted(forms):
+        groups: Dict[Optional[str], list] = defaultdict(list)
+        for line in forms[form_id]:
+            groups[split_of.get(line.id if by_line else form_id)].append(line)
+        lost = groups.pop(None, [])
+        if lost:
+            kind = "line_in_no_split" if by_line else "form_in_no_split"
+            problems.lines[kind] += len(lost)
+            what = "lines of it in no split list" if by_line else "in no split list"
+            _report(opt, f"form {form_id}: {what} under {opt.splits_dir}; lines not written: "
+                         f"{', '.join(l.id for l in lost)}")
+        for split, lines in sorted(groups.items()):
+            by_split[split].append((form_id, lines))
+    if by_line:  # the reverse: listed, but no such line in the data (a line that is there but unusable is reported)
+        absent: Dict[str, List[str]] = defaultdict(list)
+        for line_id, split in sorted(split_of.items()):
+            if line_id not in found.line_ids:
+                absent[split].append(line_id)
+        for split, ids in sorted(absent.items()):
+            problems.lines["split_line_not_found"] += len(ids)
+            where = opt.lines_txt if opt.source == "lines" else f"the XML files in {opt.xml_dir}"
+            _report(opt, f"the {split} list under {opt.splits_dir} names {len(ids)} line(s) that {where} do(es) not "
+                         f"have: {_some(ids)}")
+        return by_split
+    for form_id, split in sorted(split_of.items()):  # the reverse: listed in a split, but no line of it is there
+        if form_id in found.present:
+            continue
+        problems.forms["split_form_without_lines"] += 1
+        where = f"form {form_id}: in the {split} list under {opt.splits_dir}, but"
+        if opt.source == "lines":
+            _report(opt, f"{where} {opt.lines_txt} lists no line of it")
+        elif form_id in found.xml_of:
+            _report(opt, f"{where} its XML {found.xml_of[form_id]} has no <line>")
+        else:
+            _report(opt, f"{where} {opt.xml_dir} has no XML for it (no {form_id}.xml)")
+    return by_split
+
+
 def _some(ids: List[str], n: int = 10) -> str:
     """The first ``n`` of ``ids``, comma-separated, and how many more there are."""
     return ", ".join(ids[:n]) + (f" and {len(ids) - n} more" if len(ids) > n else "")
 
 
 def _write_staging(opt: PrepareOptions, staging: str, forms: Dict[str, list], problems: Problems,
-                   by_split: Dict[str, List[str]], progress: bool) -> dict:
+                   by_split: Dict[str, List[Tuple[str, list]]], progress: bool) -> dict:
     """Write every split's shards, then the manifest, into ``staging``; return the manifest.
 
     A split of which no line could be written raises IAMFormatError (the caller removes ``staging``).
@@ -412,7 +448,7 @@ def _write_staging(opt: PrepareOptions, staging: str, forms: Dict[str, list], pr
     ctx = mp.get_context("fork") if hasattr(os, "fork") else mp.get_context()
     with ctx.Pool(workers) as pool:
         for split in ("train", "val", "test"):
-            jobs = [(f, job_opt, forms[f]) for f in by_split.get(split, [])]
+            jobs = [(f, job_opt, lines) for f, lines in by_split.get(split, [])]
             lost: Counter = Counter()
 
             def stream(jobs=jobs, split=split, lost=lost) -> Iterator[dict]:
