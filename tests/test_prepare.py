@@ -334,7 +334,7 @@ def test_iam_task_line_lists_assign_each_line(iam_root, tmp_path):
     assert manifest["problems"]["counts"] == {"line_in_no_split": 1, "split_line_not_found": 1}
     messages = "\n".join(manifest["problems"]["messages"])
     assert "form a01-000u: lines of it in no split list under " in messages and ": a01-000u-01" in messages
-    assert "the test list under " + splits + " names 1 line(s) that the XML files in" in messages
+    assert "the test list under " + splits + " names 1 line(s) not found in the XML files in" in messages
     assert messages.endswith("z99-000-00")
     keys = {split: set(read_shards(out, split)) for split in ("train", "val", "test")}
     assert keys == {"train": {"a01-000u-00", "n04-002x-00", "n04-002x-01"}, "val": {"b02-001-00", "b02-001-01"},

@@ -410,8 +410,8 @@ def _assign_splits(opt: PrepareOptions, split_of: Dict[str, str], found: Collect
         for split, ids in sorted(absent.items()):
             problems.lines["split_line_not_found"] += len(ids)
             where = opt.lines_txt if opt.source == "lines" else f"the XML files in {opt.xml_dir}"
-            _report(opt, f"the {split} list under {opt.splits_dir} names {len(ids)} line(s) that {where} do(es) not "
-                         f"have: {_some(ids)}")
+            _report(opt, f"the {split} list under {opt.splits_dir} names {len(ids)} line(s) not found in {where}: "
+                         f"{_some(ids)}")
         return by_split
     for form_id, split in sorted(split_of.items()):  # the reverse: listed in a split, but no line of it is there
         if form_id in found.present:
