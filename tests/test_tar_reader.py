@@ -113,6 +113,13 @@ def test_a_shard_that_holds_other_than_its_manifest_count_is_reported(tmp_path):
     ok = list(tar_samples([{"url": url, "count": 2}, {"url": url, "first": 0, "stop": 1, "count": 5}],
                           handler=lambda e: False))
     assert [s["__key__"] for s in ok] == ["a", "b", "a"]  # a piece that stops before the end does not see it
+    # a training piece that ends where the manifest says the shard ends meets the extra sample, and says so
+    problems = []
+    samples = list(tar_samples([{"url": url, "first": 0, "stop": 1, "count": 1}],
+                               handler=lambda e: problems.append(e) or True))
+    assert [s["__key__"] for s in samples] == ["a"]
+    assert [str(p) for p in problems] == [f"{url}: more than the 1 samples the manifest counts (changed after it was "
+                                          "written?)"]
 
 
 def test_signed_header_checksum_is_accepted(tmp_path):

@@ -223,14 +223,15 @@ def tar_samples(sources: Iterable[dict], handler: Callable[[Exception], bool]) -
 
     A source may also name ``first`` and ``stop``: only the shard's samples ``first <= i < stop`` (counted from 0) are
     passed on, and reading stops at ``stop``; and ``count``, the samples the manifest says the shard holds. A shard
-    that ends before ``stop``, or read to its end holds other than ``count`` samples, goes to ``handler`` as well. A
+    that ends before ``stop``, or read to its end holds other than ``count`` samples, goes to ``handler`` as well, and
+    so does one where a piece that stops at ``count`` meets a sample after it. A
     shard that cannot be read on (missing, truncated, corrupt) goes to
     ``handler``, and reading goes on with the next shard if the handler returns True. The sample being assembled at
     that point is still passed on with the members read in whole, so that a consumer that needs the missing ones
     reports it by key.
     """
     for source in sources:
-        url, sample, index, ended = source["url"], None, 0, False
+        url, sample, index, ended, beyond = source["url"], None, 0, False, False
         first, stop, count = source.get("first", 0), source.get("stop"), source.get("count")
         try:
             with open(url, "rb", buffering=1 << 20) as f:
@@ -248,6 +249,7 @@ def tar_samples(sources: Iterable[dict], handler: Callable[[Exception], bool]) -
                                 yield sample
                             index += 1
                             if stop is not None and index >= stop:
+                                beyond = count is not None and index >= count  # a sample past the manifest's count
                                 sample = None
                                 break
                         sample = {"__key__": key, "__url__": url}
@@ -265,6 +267,11 @@ def tar_samples(sources: Iterable[dict], handler: Callable[[Exception], bool]) -
         if ended and ((stop is not None and total < stop) or (count is not None and total != count)):
             counted = count if count is not None else stop
             exn = ShardReadError(f"{url}: {total} samples, but the manifest counts {counted} (changed after it was "
+                                 f"written?)")
+            if not handler(exn):
+                raise exn
+        if beyond:
+            exn = ShardReadError(f"{url}: more than the {count} samples the manifest counts (changed after it was "
                                  f"written?)")
             if not handler(exn):
                 raise exn
