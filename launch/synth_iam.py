@@ -3,8 +3,10 @@
 
   OUT/forms/<id>.png                       grayscale forms (1800 px wide): printed header, then handwritten lines
   OUT/xml/<id>.xml                         IAM XML (ISO-8859-1): lines, words and their ink boxes
-  OUT/ascii/lines.txt                      IAM's line list (id ok graylevel components x y w h word|word|...)
+  OUT/ascii/lines.txt                      IAM's line list (id ok graylevel components x y w h tok|tok|...)
   OUT/splits/{train,validation,test}.uttlist   form ids, about 70/10/20; no text line is repeated across the set
+  OUT/lines/s01/s01-000/s01-000-00.png     with --line-images: IAM's line images (at their lines.txt boxes),
+                                           for prepare_iam.py --source lines
 
 Form ids are s01-000, s01-001, ...; a font plays a writer (writer-id 000, 001, ... = its index in --fonts).
 Handwritten lines are 100-125 px from ascender to descender, so line crops are about 100-140 px tall.
@@ -45,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--lines-per-form", type=_range, default=(6, 10), metavar="A-B",
                    help="handwritten lines per form, drawn uniformly from A..B (default: 6-10)")
     p.add_argument("--workers", type=int_at_least(0), default=0, help="processes (default 0 = all cores; 1 = no subprocess)")
+    p.add_argument("--line-images", action="store_true",
+                   help="also write IAM's lines/ folder of line images, for prepare_iam.py --source lines")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -53,7 +57,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         summary = synthesize(args.out, args.forms, args.seed, args.fonts, args.lines_per_form, args.workers,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, line_images=args.line_images)
     except (FontsNotFound, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

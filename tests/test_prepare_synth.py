@@ -2,6 +2,7 @@
 
 import glob
 import hashlib
+import io
 import json
 import logging
 import os
@@ -94,6 +95,30 @@ def test_missing_fonts_names_packages(monkeypatch):
     monkeypatch.setattr("htr_dist.data.synth.FONT_DIRS", ("/nonexistent",))
     with pytest.raises(FontsNotFound, match="apt-get install fonts-dkg-handwriting .*fonts-comic-neue"):
         find_fonts()
+
+
+def test_both_sources_give_the_same_lines(tmp_path):
+    """The synthetic set with IAM's lines/ folder: --source forms and --source lines write the same keys and texts
+    (the XML's, spaced as written, though lines.txt spaces its tokens), and line images of the same size."""
+    data = str(tmp_path / "iam")
+    synthesize(data, forms=4, seed=3, workers=1, progress=False, line_images=True)
+    rows = {l.id: l for l in iam.parse_lines_txt(os.path.join(data, "ascii", "lines.txt"))}
+    got = {}
+    for source in ("forms", "lines"):
+        out = str(tmp_path / source)
+        manifest = prepare(PrepareOptions(data, os.path.join(data, "xml"), os.path.join(data, "splits"), out,
+                                          source=source, lines_txt=os.path.join(data, "ascii", "lines.txt"),
+                                          margin=0, workers=1), progress=False)
+        assert manifest["problems"]["total"] == 0 and not manifest["problems"]["written"]
+        got[source] = {k: v for split in ("train", "val", "test") for k, v in read_shards(out, split).items()}
+    assert got["forms"].keys() == got["lines"].keys() == rows.keys()
+    for key, sample in got["lines"].items():
+        assert sample["txt"] == got["forms"][key]["txt"]
+        x0, y0, x1, y1 = rows[key].bbox
+        pixels = np.asarray(Image.open(io.BytesIO(sample["png"])))
+        assert pixels.shape == (y1 - y0, x1 - x0)
+        assert np.array_equal(pixels, np.asarray(Image.open(io.BytesIO(got["forms"][key]["png"]))))  # margin 0
+    assert any(rows[k].text != s["txt"].decode() for k, s in got["lines"].items())  # lines.txt's tokens differ
 
 
 def test_prepare_round_trip(synth_dir, shard_dir):

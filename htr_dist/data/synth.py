@@ -6,6 +6,7 @@
     OUT/ascii/lines.txt            IAM's line list (id, segmentation, gray level, components, box, word tokens joined
                                    by |, ``"`` as ``&quot;``)
     OUT/splits/{train,validation,test}.uttlist   form ids
+    OUT/lines/s01/s01-000/s01-000-00.png   with ``line_images``: IAM's line images, each cropped at its lines.txt box
 
 Words are listed as IAM lists them (:func:`iam_tokens`): punctuation marks and clitics are tokens of their own, each a
 ``<word>`` element with the ``cmp`` box of its own ink, while a line's ``text`` is spaced as written.
@@ -43,6 +44,7 @@ import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from htr_dist.data.iam import line_image_path
 from htr_dist.errors import InputError
 from htr_dist.io_utils import plain_mode
 
@@ -473,10 +475,17 @@ def write_png(path: str, gray: np.ndarray) -> None:
         f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 
 
-def _render_job(args: Tuple[FormSpec, str]) -> List[str]:
-    spec, out = args
+def _render_job(args: Tuple[FormSpec, str, bool]) -> List[str]:
+    spec, out, line_images = args
     arr, root, rows = render_form(spec)
     write_png(os.path.join(out, "forms", spec.form_id + ".png"), arr)
+    if line_images:  # IAM's lines/: each line cropped from its form at its lines.txt box
+        for row in rows:
+            line_id, _, _, _, x, y, w, h = row.split(" ", 8)[:8]
+            x, y, w, h = int(x), int(y), int(w), int(h)
+            path = line_image_path(out, line_id)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_png(path, np.ascontiguousarray(arr[y : y + h, x : x + w]))
     tree = ET.ElementTree(root)
     ET.indent(tree)
     tree.write(os.path.join(out, "xml", spec.form_id + ".xml"), encoding="ISO-8859-1", xml_declaration=True)
@@ -513,11 +522,12 @@ def split_forms(form_ids: List[str], seed: int, fractions=(0.7, 0.1, 0.2)) -> di
 
 def synthesize(out_dir: str, forms: int = 100, seed: int = 0, fonts: Optional[Sequence[str]] = None,
                lines_per_form: Tuple[int, int] = (6, 10), workers: int = 0, progress: bool = True,
-               prose: Optional[Sequence[str]] = None) -> dict:
+               prose: Optional[Sequence[str]] = None, line_images: bool = False) -> dict:
     """Write an IAM-format data set of ``forms`` forms into ``out_dir`` (atomically); return a summary.
 
     ``fonts``: font files or installed font file names (default: every known handwriting font found).
     ``workers``: processes (0 = all cores, 1 = this process). ``prose``: sentences to use instead of Python's docs.
+    ``line_images``: also write IAM's ``lines/`` (each line cropped at its lines.txt box), for ``--source lines``.
     """
     if forms < 1:
         raise ValueError(f"forms: must be >= 1, got {forms}")
@@ -537,7 +547,7 @@ def synthesize(out_dir: str, forms: int = 100, seed: int = 0, fonts: Optional[Se
         plain_mode(tmp, directory=True)  # it becomes out_dir: the mode os.makedirs would give, not 0700
         for sub in ("forms", "xml", "ascii", "splits"):
             os.makedirs(os.path.join(tmp, sub))
-        jobs = [(s, tmp) for s in specs]
+        jobs = [(s, tmp, line_images) for s in specs]
         workers = min(workers or os.cpu_count() or 1, len(jobs))
         bar = dict(total=len(jobs), desc="forms", unit="form", disable=not progress)
         if workers == 1:
