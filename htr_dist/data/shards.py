@@ -224,11 +224,10 @@ def tar_samples(sources: Iterable[dict], handler: Callable[[Exception], bool]) -
     A source may also name ``first`` and ``stop``: only the shard's samples ``first <= i < stop`` (counted from 0) are
     passed on, and reading stops at ``stop``; and ``count``, the samples the manifest says the shard holds. A shard
     that ends before ``stop``, or read to its end holds other than ``count`` samples, goes to ``handler`` as well, and
-    so does one where a piece that stops at ``count`` meets a sample after it. A
-    shard that cannot be read on (missing, truncated, corrupt) goes to
-    ``handler``, and reading goes on with the next shard if the handler returns True. The sample being assembled at
-    that point is still passed on with the members read in whole, so that a consumer that needs the missing ones
-    reports it by key.
+    so does one where a piece that stops at ``count`` meets a sample after it. A shard that cannot be read on
+    (missing, truncated, corrupt) goes to ``handler``, and reading goes on with the next shard if the handler returns
+    True. The sample being assembled at that point is still passed on with the members read in whole, so that a
+    consumer that needs the missing ones reports it by key.
     """
     for source in sources:
         url, sample, index, ended, beyond = source["url"], None, 0, False, False
