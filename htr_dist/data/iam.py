@@ -162,7 +162,7 @@ def parse_lines_txt(path: str) -> List[LineRecord]:
             x, y, w, h = int(x), int(y), int(w), int(h)
         except ValueError:
             raise IAMFormatError(f"{path}:{number}: bad bounding box in {raw.strip()!r}") from None
-        if line_id.count("-") != 2:
+        if not is_line_id(line_id):
             raise IAMFormatError(f"{path}:{number}: line id {line_id!r} is not of the form a01-000u-00")
         if line_id in first:
             raise IAMFormatError(f"{path}:{number}: line id {line_id} is already listed on line {first[line_id]}")

@@ -170,7 +170,7 @@ def collect_lines(opt: PrepareOptions) -> Collected:
     xml_of: Dict[str, str] = {}
     line_xml: Dict[str, str] = {}
     xml_text: Dict[str, str] = {}  # line id -> its XML text (source=lines)
-    line_ids: Set[str] = set()
+    line_ids: Set[str] = set()  # besides the XML's (xml_text): those only lines.txt names
     broken: Dict[str, str] = {}  # form id (file name) -> why its XML cannot be parsed
     for name in sorted(f for f in os.listdir(opt.xml_dir) if f.endswith(".xml")):
         path = os.path.join(opt.xml_dir, name)
@@ -184,7 +184,6 @@ def collect_lines(opt: PrepareOptions) -> Collected:
             raise iam.IAMFormatError(f"{path}: form id {record.id} is already the id of {xml_of[record.id]}")
         writers[record.id] = record.writer_id
         xml_of[record.id] = path
-        line_ids.update(record.texts)
         for line_id in record.texts:  # every <line>: with either source its text may be the one written
             if line_id in line_xml:
                 raise iam.IAMFormatError(f"{path}: line id {line_id} is already a line of {line_xml[line_id]}")
@@ -246,7 +245,7 @@ def collect_lines(opt: PrepareOptions) -> Collected:
             why = broken.get(form_id) or f"form {form_id}: no XML file for it in {opt.xml_dir}"
             _report(opt, f"{why}; writer id unknown: its lines from {opt.lines_txt} are written with writer_id \"\" "
                          f"and their word tokens for text (a space before every punctuation mark): {', '.join(ids)}")
-    return Collected(forms, problems, present, xml_of, line_ids)
+    return Collected(forms, problems, present, xml_of, line_ids | xml_text.keys())
 
 
 def _pid_running(pid: int) -> bool:

@@ -263,14 +263,12 @@ def tar_samples(sources: Iterable[dict], handler: Callable[[Exception], bool]) -
         total = index + (sample is not None)
         if sample is not None and index >= first:
             yield sample  # after an error too: its members are whole, and a sample missing one is named downstream
+        found = None  # how many samples the shard was seen to hold, where that contradicts the manifest
         if ended and ((stop is not None and total < stop) or (count is not None and total != count)):
-            counted = count if count is not None else stop
-            exn = ShardReadError(f"{url}: {total} samples, but the manifest counts {counted} (changed after it was "
-                                 f"written?)")
-            if not handler(exn):
-                raise exn
-        if beyond:
-            exn = ShardReadError(f"{url}: more than the {count} samples the manifest counts (changed after it was "
-                                 f"written?)")
+            found = f"{total} samples, but the manifest counts {count if count is not None else stop}"
+        elif beyond:  # (a piece that breaks off at stop has not ended)
+            found = f"more than the {count} samples the manifest counts"
+        if found:
+            exn = ShardReadError(f"{url}: {found} (changed after it was written?)")
             if not handler(exn):
                 raise exn
