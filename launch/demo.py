@@ -95,7 +95,7 @@ def main(argv=None) -> int:
            "--predictions", os.path.join(run_dir, "test_predictions.tsv"),
            "--json", os.path.join(run_dir, "test_scores.json")])
     print(f"\nTensorBoard logs:  tensorboard --logdir {os.path.join(run_dir, 'tb')}")
-    print(f"Exported model:    {os.path.join(run_dir, 'model.pt')}")
+    print(f"Exported model:    {os.path.join(run_dir, 'model.pt')} (lowest val CER: best_model.pt)")
     print(f"Read a line image: python launch/recognize.py --checkpoint {run_dir} IMAGE.png")
     print(f"Demo time: {(time.time() - t0) / 60:.1f} min")
     import json

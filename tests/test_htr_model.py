@@ -320,3 +320,66 @@ def test_exported_model_is_readable_as_the_umask_says_and_a_damaged_one_is_named
     torch.save(blob, tmp_path / "no_classes.pt")
     with pytest.raises(InferenceError, match=r"no_classes.pt: exported model lacks its 'num_classes' entry"):
         Recognizer.load(str(tmp_path / "no_classes.pt"))
+
+
+def test_best_model_keeps_the_lowest_val_cer_across_a_resume(tmp_path, caplog):
+    """best_model.pt is rewritten only by a strictly lower CER (a tie keeps the earlier step), holds the weights and
+    the validation record of that step, and a resumed run keeps comparing against it; a fresh run, a damaged file and
+    ``keep_best=false`` are handled as the config says."""
+    import logging
+    import os
+
+    from htr_dist.config import Config
+    from htr_dist.inference import Recognizer
+    from htr_dist.train.export import BEST_FILE, BestModel
+
+    cfg = Config()
+    cfg.arch, cfg.connector = tiny_arch(), TINY_CONNECTOR
+    cfg.data.img_height, cfg.data.img_width = 32, 160
+    run = str(tmp_path)
+    path = os.path.join(run, BEST_FILE)
+    models = []
+    for seed in range(5):
+        torch.manual_seed(seed)
+        models.append(HTRModel(cfg.arch, cfg.connector, len(CHARS) + 1, 32, 160).eval())
+
+    def val(step, cer):
+        return {"step": step, "split": "val", "cer": cer, "wer": 2 * cer, "lines": 7}
+
+    def weights():
+        return torch.load(path, weights_only=True)["state_dict"]
+
+    best = BestModel(run, enabled=True, is_main=True, resumed=False)
+    assert [best.offer(models[i], cfg, CHARS, val(10 * (i + 1), c)) for i, c in enumerate([0.5, 0.4, 0.4])] == \
+        [True, True, False]  # the tie at step 30 keeps step 20
+    assert torch.load(path, weights_only=True)["validation"] == val(20, 0.4)
+    torch.testing.assert_close(weights(), models[1].export_state_dict())
+    # a resumed run (another process) starts from the record in the file: 0.45 is no better, 0.1 is
+    resumed = BestModel(run, enabled=True, is_main=True, resumed=True)
+    assert resumed.validation == val(20, 0.4)
+    assert not resumed.offer(models[3], cfg, CHARS, val(40, 0.45))
+    assert resumed.offer(models[4], cfg, CHARS, val(50, 0.1))
+    torch.testing.assert_close(weights(), models[4].export_state_dict())
+    assert Recognizer.load(path).alphabet.chars == CHARS  # an ordinary export for evaluate.py and recognize.py
+    # a rank other than the main one agrees on the best and writes nothing
+    other = BestModel(run, enabled=True, is_main=False, resumed=True)
+    assert other.offer(models[0], cfg, CHARS, val(60, 0.05)) and other.validation["cer"] == 0.05
+    assert torch.load(path, weights_only=True)["validation"]["step"] == 50
+    # a fresh run in the same folder ignores the old file and replaces it at its first validation, however it scores
+    with caplog.at_level(logging.WARNING):
+        fresh = BestModel(run, enabled=True, is_main=True, resumed=False)
+    assert fresh.validation is None and f"{path} is from an earlier run in this folder" in caplog.text
+    assert fresh.offer(models[2], cfg, CHARS, val(5, 0.9))
+    assert torch.load(path, weights_only=True)["validation"]["step"] == 5
+    # keep_best=false writes nothing
+    off = BestModel(str(tmp_path / "off"), enabled=False, is_main=True, resumed=False)
+    assert not off.offer(models[0], cfg, CHARS, val(1, 0.0)) and not os.path.exists(off.path)
+    # a damaged file: the resumed run says so and replaces it at its next validation
+    with open(path, "wb") as f:
+        f.write(b"not a model")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        damaged = BestModel(run, enabled=True, is_main=True, resumed=True)
+    assert damaged.validation is None and "holds no readable validation record" in caplog.text
+    assert damaged.offer(models[3], cfg, CHARS, val(70, 0.7))
+    assert torch.load(path, weights_only=True)["validation"]["step"] == 70

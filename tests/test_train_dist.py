@@ -138,7 +138,7 @@ def read_scalars(tb_dir):
 
 EXPECTED_TAGS = {"train/loss_total", "train/loss_ctc", "train/loss_ctc_shortcut", "train/loss_llm", "train/lr",
                  "train/grad_norm", "perf/lines_per_s", "perf/step_s", "perf/data_wait_s", "perf/llm_s",
-                 "perf/mem_peak", "data/skipped", "val/cer", "val/wer"}
+                 "perf/mem_peak", "data/skipped", "val/cer", "val/wer", "val/best_cer"}
 
 
 @pytest.mark.parametrize("launcher, strategy, trainable_zero", [("torchrun", "fsdp", None),
@@ -172,6 +172,11 @@ def test_train_script_two_ranks(launcher, strategy, trainable_zero, tiny_overrid
     assert not [c for c in ckpts if c.startswith(".tmp")]
     blob = torch.load(os.path.join(run, "model.pt"), weights_only=True)
     assert not any(k.startswith("connector.") for k in blob["state_dict"])
+    assert blob["validation"]["step"] == 6 and blob["validation"]["cer"] == pytest.approx(scalars["val/cer"][1])
+    best = torch.load(os.path.join(run, "best_model.pt"), weights_only=True)["validation"]
+    assert best["step"] == (3 if scalars["val/cer"][0] <= scalars["val/cer"][1] else 6)  # a tie keeps the earlier
+    assert best["cer"] == pytest.approx(min(scalars["val/cer"])) and scalars["val/best_cer"][-1] == pytest.approx(
+        best["cer"])
     assert "world size 2, strategy " + strategy in proc.stderr + proc.stdout
     # resume: a finished run resumes at its last step and only re-exports
     proc = launch(os.path.join(ROOT, "launch", "train.py"), args + ["train.resume=auto"])

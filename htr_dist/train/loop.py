@@ -23,7 +23,7 @@ from htr_dist.dist.strategy import build_strategy, llm_hidden_size, llm_param_by
 from htr_dist.errors import InputError
 from htr_dist.models.htr import HTRModel, compute_losses, count_parameters
 from htr_dist.train.checkpoint import CheckpointManager, rng_state, set_rng_state
-from htr_dist.train.export import export_model
+from htr_dist.train.export import BestModel, export_model
 from htr_dist.train.logger import flat_hparams, make_logger, memory_peak_bytes
 from htr_dist.train.metrics import edit_distance, greedy_decode
 
@@ -80,8 +80,8 @@ def validate(model: HTRModel, cfg, alphabet: Alphabet, env, logger, step: int, s
     sums = dist_env.all_reduce_sum(torch.tensor([dist_chars, ref_chars, dist_words, ref_words, lines],
                                                 dtype=torch.float64))
     model.train(was_training)
-    result = {"cer": (sums[0] / max(1.0, sums[1])).item(), "wer": (sums[2] / max(1.0, sums[3])).item(),
-              "lines": int(sums[4])}
+    result = {"step": step, "split": cfg.data.val_split, "cer": (sums[0] / max(1.0, sums[1])).item(),
+              "wer": (sums[2] / max(1.0, sums[3])).item(), "lines": int(sums[4])}
     if result["lines"] == 0:  # every rank knows the sum: all stop together, none waits in a collective
         raise InputError(f"{cfg.data.path}: no line of split {cfg.data.val_split!r} could be read for validation "
                          f"(see the warnings above); a CER over 0 lines would read as 0%")
@@ -150,6 +150,7 @@ def train(cfg, env) -> dict:
         skip_stats = SkipStats(skipped[env.rank] if isinstance(skipped, list) and env.rank < len(skipped) else 0)
     else:
         skip_stats = SkipStats()
+    best = BestModel(cfg.run.dir, cfg.train.keep_best, env.is_main, resumed=bool(resume_from))
     start_step = pos.step
     logger = make_logger(cfg.run.dir, env.is_main)
     if pos.step == 0:
@@ -201,7 +202,7 @@ def train(cfg, env) -> dict:
             window = {k: 0.0 for k in window}
             window_steps, window_start = 0, time.time()
         if cfg.train.eval_every and pos.step % cfg.train.eval_every == 0 and pos.step < steps:
-            val = validate(strategy.module, cfg, alphabet, env, logger, pos.step)
+            val = _validate_and_keep_best(strategy.module, cfg, alphabet, env, logger, best, pos.step)
         # stop_after counts this run's steps: a job script that always passes it goes on by that many each time
         stopping = stop.any_rank() or (0 < cfg.train.stop_after <= pos.step - start_step and pos.step < steps)
         if stopping or (cfg.train.save_every and pos.step % cfg.train.save_every == 0) or pos.step == steps:
@@ -213,14 +214,22 @@ def train(cfg, env) -> dict:
             logger.close()
             return {"step": pos.step, "stopped": True}
     bar.close()
-    val = validate(strategy.module, cfg, alphabet, env, logger, pos.step)
+    val = _validate_and_keep_best(strategy.module, cfg, alphabet, env, logger, best, pos.step)
     logger.hparams(flat_hparams(to_dict(cfg)), {"hparam/val_cer": val["cer"], "hparam/val_wer": val["wer"]})
     if env.is_main:
-        export_model(strategy.module, cfg, alphabet.chars, os.path.join(cfg.run.dir, "model.pt"))
+        export_model(strategy.module, cfg, alphabet.chars, os.path.join(cfg.run.dir, "model.pt"), val)
         log.info("exported %s", os.path.join(cfg.run.dir, "model.pt"))
     logger.close()
     dist_env.barrier()
     return {"step": pos.step, "stopped": False, "val_cer": val["cer"], "val_wer": val["wer"]}
+
+
+def _validate_and_keep_best(model, cfg, alphabet, env, logger, best: BestModel, step: int) -> dict:
+    val = validate(model, cfg, alphabet, env, logger, step)
+    best.offer(model, cfg, alphabet.chars, val)
+    if best.validation is not None:
+        logger.scalar("val/best_cer", best.validation["cer"], step)
+    return val
 
 
 def _save(ckpts, strategy, cfg, alphabet, pos: Position, sampler, skip_stats) -> None:
