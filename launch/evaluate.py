@@ -16,7 +16,8 @@ from htr_dist.evaluate import run_evaluation
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="run folder (uses its model.pt) or an exported file (model.pt, best_model.pt)")
+    p.add_argument("--checkpoint", required=True,
+                   help="run folder (uses its model.pt) or an exported file (model.pt, best_model.pt)")
     p.add_argument("--data", required=True, help="shard folder with manifest.json, e.g. shards/iam")
     p.add_argument("--split", default="test", help="split to evaluate: train, val or test (default: test)")
     p.add_argument("--decode", choices=["greedy", "beam"], default="greedy", help="CTC decoding (default: greedy)")

@@ -15,7 +15,8 @@ from htr_dist.inference import InferenceError, Recognizer, read_gray
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="run folder (uses its model.pt) or an exported file (model.pt, best_model.pt)")
+    p.add_argument("--checkpoint", required=True,
+                   help="run folder (uses its model.pt) or an exported file (model.pt, best_model.pt)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="line images (PNG, JPEG, TIFF)")
     p.add_argument("--decode", choices=["greedy", "beam"], default="greedy", help="CTC decoding (default: greedy)")
     p.add_argument("--beam-width", type=int_at_least(1), default=10, help="beam width for --decode beam (default: 10)")
