@@ -19,7 +19,7 @@ BEST_FILE = "best_model.pt"
 
 
 def export_model(model, cfg, alphabet: str, path: str, validation: Optional[dict] = None) -> str:
-    """Write ``path`` whole or not at all. ``validation`` (step, split, cer, wer, lines) says how these weights scored."""
+    """Write ``path`` whole or not at all; ``validation`` (step, split, cer, wer, lines) says how the weights scored."""
     blob = {
         "format": EXPORT_FORMAT,
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.export_state_dict().items()},
