@@ -79,7 +79,11 @@ class Recognizer:
         except (RuntimeError, ValueError) as err:  # ConfigError is a ValueError; a state dict mismatch a RuntimeError
             raise InferenceError(f"{path}: cannot rebuild the model from it ({err})") from None
         model.to(device).eval()
-        log.info("loaded %s on %s, backbone %s", path, device, "channels_last" if channels_last else "contiguous")
+        record = blob.get("validation")
+        scored = (f", step {record['step']}, {record['split']} CER {100 * record['cer']:.2f}%"
+                  if isinstance(record, dict) and {"step", "split", "cer"} <= record.keys() else "")
+        log.info("loaded %s on %s, backbone %s%s", path, device, "channels_last" if channels_last else "contiguous",
+                 scored)
         return cls(model, alphabet, blob["img_height"], blob["img_width"], device, cfg)
 
     def batch_from_arrays(self, images: Sequence[np.ndarray]) -> torch.Tensor:

@@ -360,7 +360,9 @@ def test_best_model_keeps_the_lowest_val_cer_across_a_resume(tmp_path, caplog):
     assert not resumed.offer(models[3], cfg, CHARS, val(40, 0.45))
     assert resumed.offer(models[4], cfg, CHARS, val(50, 0.1))
     torch.testing.assert_close(weights(), models[4].export_state_dict())
-    assert Recognizer.load(path).alphabet.chars == CHARS  # an ordinary export for evaluate.py and recognize.py
+    with caplog.at_level(logging.INFO, logger="htr_dist.inference"):
+        assert Recognizer.load(path).alphabet.chars == CHARS  # an ordinary export for evaluate.py and recognize.py
+    assert "step 50, val CER 10.00%" in caplog.text  # the loader says which weights these are
     # a rank other than the main one agrees on the best and writes nothing
     other = BestModel(run, enabled=True, is_main=False, resumed=True)
     assert other.offer(models[0], cfg, CHARS, val(60, 0.05)) and other.validation["cer"] == 0.05
