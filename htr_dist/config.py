@@ -167,7 +167,8 @@ class TrainConfig:
     keep_best: bool = True
     """At every validation, export the model of the lowest val CER so far to ``run.dir/best_model.pt`` (as
     ``model.pt``, with its step, split, CER and WER under ``validation``; a tie keeps the earlier step). A resumed run
-    compares against the file it finds; a fresh run replaces it at its first validation."""
+    compares against the file it finds if that was validated on the same split; a fresh run replaces it at its first
+    validation."""
     stop_after: int = 0
     """Stop with a checkpoint after this many optimizer steps of this run, counted from where it started or resumed,
     as a preemption would (0 = off); the schedule still spans the whole run, so a resumed run continues exactly (for

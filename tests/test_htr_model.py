@@ -349,13 +349,13 @@ def test_best_model_keeps_the_lowest_val_cer_across_a_resume(tmp_path, caplog):
     def weights():
         return torch.load(path, weights_only=True)["state_dict"]
 
-    best = BestModel(run, enabled=True, is_main=True, resumed=False)
+    best = BestModel(run, enabled=True, is_main=True, resumed=False, split="val")
     assert [best.offer(models[i], cfg, CHARS, val(10 * (i + 1), c)) for i, c in enumerate([0.5, 0.4, 0.4])] == \
         [True, True, False]  # the tie at step 30 keeps step 20
     assert torch.load(path, weights_only=True)["validation"] == val(20, 0.4)
     torch.testing.assert_close(weights(), models[1].export_state_dict())
     # a resumed run (another process) starts from the record in the file: 0.45 is no better, 0.1 is
-    resumed = BestModel(run, enabled=True, is_main=True, resumed=True)
+    resumed = BestModel(run, enabled=True, is_main=True, resumed=True, split="val")
     assert resumed.validation == val(20, 0.4)
     assert not resumed.offer(models[3], cfg, CHARS, val(40, 0.45))
     assert resumed.offer(models[4], cfg, CHARS, val(50, 0.1))
@@ -364,24 +364,30 @@ def test_best_model_keeps_the_lowest_val_cer_across_a_resume(tmp_path, caplog):
         assert Recognizer.load(path).alphabet.chars == CHARS  # an ordinary export for evaluate.py and recognize.py
     assert "step 50, val CER 10.00%" in caplog.text  # the loader says which weights these are
     # a rank other than the main one agrees on the best and writes nothing
-    other = BestModel(run, enabled=True, is_main=False, resumed=True)
+    other = BestModel(run, enabled=True, is_main=False, resumed=True, split="val")
     assert other.offer(models[0], cfg, CHARS, val(60, 0.05)) and other.validation["cer"] == 0.05
     assert torch.load(path, weights_only=True)["validation"]["step"] == 50
+    # a resumed run that validates on another split does not compare against it
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        other_split = BestModel(run, enabled=True, is_main=True, resumed=True, split="test")
+    assert other_split.validation is None and "was validated on split 'val' and this run validates on 'test'" in \
+        caplog.text
     # a fresh run in the same folder ignores the old file and replaces it at its first validation, however it scores
     with caplog.at_level(logging.WARNING):
-        fresh = BestModel(run, enabled=True, is_main=True, resumed=False)
+        fresh = BestModel(run, enabled=True, is_main=True, resumed=False, split="val")
     assert fresh.validation is None and f"{path} is from an earlier run in this folder" in caplog.text
     assert fresh.offer(models[2], cfg, CHARS, val(5, 0.9))
     assert torch.load(path, weights_only=True)["validation"]["step"] == 5
     # keep_best=false writes nothing
-    off = BestModel(str(tmp_path / "off"), enabled=False, is_main=True, resumed=False)
+    off = BestModel(str(tmp_path / "off"), enabled=False, is_main=True, resumed=False, split="val")
     assert not off.offer(models[0], cfg, CHARS, val(1, 0.0)) and not os.path.exists(off.path)
     # a damaged file: the resumed run says so and replaces it at its next validation
     with open(path, "wb") as f:
         f.write(b"not a model")
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        damaged = BestModel(run, enabled=True, is_main=True, resumed=True)
+        damaged = BestModel(run, enabled=True, is_main=True, resumed=True, split="val")
     assert damaged.validation is None and "holds no readable validation record" in caplog.text
     assert damaged.offer(models[3], cfg, CHARS, val(70, 0.7))
     assert torch.load(path, weights_only=True)["validation"]["step"] == 70

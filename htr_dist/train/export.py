@@ -41,10 +41,10 @@ class BestModel:
 
     Every rank calls :meth:`offer` with the same all-reduced result, so all agree on the best; only the main rank
     writes. A resumed run starts from the validation recorded in the file it finds (even one from steps that the
-    resumed checkpoint predates: those weights were validated all the same); a fresh run ignores an old file and
-    replaces it at its first validation."""
+    resumed checkpoint predates: those weights were validated all the same), if it was on the same ``split``; a fresh
+    run ignores an old file and replaces it at its first validation."""
 
-    def __init__(self, run_dir: str, enabled: bool, is_main: bool, resumed: bool):
+    def __init__(self, run_dir: str, enabled: bool, is_main: bool, resumed: bool, split: str):
         self.path = os.path.join(run_dir, BEST_FILE)
         self.enabled, self.is_main = enabled, is_main
         self.validation: Optional[dict] = None
@@ -60,6 +60,11 @@ class BestModel:
             if is_main:
                 log.warning("%s holds no readable validation record: this run's next validation replaces it",
                             self.path)
+        elif self.validation.get("split") != split:
+            if is_main:
+                log.warning("%s was validated on split %r and this run validates on %r: this run's next validation "
+                            "replaces it", self.path, self.validation.get("split"), split)
+            self.validation = None
         elif is_main:
             log.info("best model so far: step %d, val CER %.2f%% (%s)", self.validation["step"],
                      100 * self.validation["cer"], self.path)

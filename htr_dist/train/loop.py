@@ -150,7 +150,7 @@ def train(cfg, env) -> dict:
         skip_stats = SkipStats(skipped[env.rank] if isinstance(skipped, list) and env.rank < len(skipped) else 0)
     else:
         skip_stats = SkipStats()
-    best = BestModel(cfg.run.dir, cfg.train.keep_best, env.is_main, resumed=bool(resume_from))
+    best = BestModel(cfg.run.dir, cfg.train.keep_best, env.is_main, bool(resume_from), cfg.data.val_split)
     start_step = pos.step
     logger = make_logger(cfg.run.dir, env.is_main)
     if pos.step == 0:
