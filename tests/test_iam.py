@@ -111,6 +111,10 @@ def test_iam_task_line_lists(tmp_path):
     (tmp_path / "README.txt").write_text("not a list\n")  # only the task's own file names are read
     assert iam.read_split_lists(str(tmp_path)) == {"a01-000u-00": "train", "a01-000u-02": "train",
                                                    "b02-000-00": "val", "b02-001-03": "val", "c03-000-01": "test"}
+    (tmp_path / "testset.txt").write_text("b02-000-00\n")  # a line in two lists is named as a line
+    with pytest.raises(iam.IAMFormatError, match=r"testset.txt: line b02-000-00 is already in split 'val'"):
+        iam.read_split_lists(str(tmp_path))
+    (tmp_path / "testset.txt").write_text("c03-000-01\n")
     (tmp_path / "test.uttlist").write_text("c03-001\n")
     with pytest.raises(iam.IAMFormatError, match=r"name both lines \(a01-000u-00 in .*trainset.txt\) and forms "
                                                  r"\(c03-001 in .*test.uttlist\); use lists of one kind"):

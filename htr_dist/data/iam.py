@@ -202,11 +202,11 @@ def read_split_lists(split_dir: str) -> Dict[str, str]:
             for item in (x.strip() for x in f):
                 if not item:
                     continue
+                is_line = is_line_id(item)
                 if out.get(item, split) != split:
-                    kind = "line" if is_line_id(item) else "form"
-                    raise IAMFormatError(f"{path}: {kind} {item} is already in split {out[item]!r}")
-                kind = is_line_id(item)
-                first_of_kind.setdefault(kind, (item, path))
+                    raise IAMFormatError(f"{path}: {'line' if is_line else 'form'} {item} is already in split "
+                                         f"{out[item]!r}")
+                first_of_kind.setdefault(is_line, (item, path))
                 if len(first_of_kind) > 1:
                     (line, line_file), (form, form_file) = first_of_kind[True], first_of_kind[False]
                     raise IAMFormatError(f"{split_dir}: the split lists name both lines ({line} in {line_file}) and "
