@@ -83,7 +83,7 @@ class BestModel:
 
 def _recorded_validation(path: str) -> Optional[dict]:
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # the record, not the weights
         record = blob["validation"]
         return {**record, "step": int(record["step"]), "cer": float(record["cer"])}
     except Exception:  # noqa: BLE001 - unreadable, damaged or without a record: the caller warns and replaces it
