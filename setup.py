@@ -9,6 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["htr_dist", "htr_dist.*"]),
+    package_data={"htr_dist": ["data/fonts.tsv"]},  # the font library (htr_dist/data/fonts.py)
     python_requires=">=3.10",  # the torch 2.13.0 that make installs needs 3.10
     install_requires=[
         "torch>=2.4",

@@ -43,7 +43,26 @@ class DataConfig:
     img_width: int = 1024
     """Width of the fixed network input, pixels."""
     augment: bool = True
-    """Apply the reference augmentations (rescale, affine/shear, elastic, morphology, photometric) to training lines."""
+    """Augment training lines (master switch): the ``aug_*`` parts below that are on; validation and test lines
+    never are. With every part off a training line is preprocessed exactly as an evaluation line."""
+    aug_affine: bool = True
+    """Augmentation part: rescale to 0.7-1 of the largest scale that fits the canvas, slant (shear -0.35..0.35),
+    rotation (-1.5..1.5 degrees) and random placement in the free space; the whole line stays inside the canvas."""
+    aug_elastic: bool = True
+    """Augmentation part (half of the lines): elastic distortion, a smooth random displacement of the vertices of a
+    mesh of about square cells (4 rows) over the canvas, at most 2-5% of the line's height (and a fifth of a cell);
+    the canvas border stays fixed, so the line stays inside."""
+    aug_morph: bool = True
+    """Augmentation part: 3 x 3 dilation (a quarter of the lines: thicker strokes) or erosion (a quarter: thinner)."""
+    aug_blur: bool = True
+    """Augmentation part (30% of the lines): Gaussian blur of sigma 0.3-0.7 pixel per 64 pixels of ``img_height``."""
+    aug_noise: bool = True
+    """Augmentation part (half of the lines): additive Gaussian noise of standard deviation 0.01-0.04 on the [0, 1]
+    network input, clipped to [0, 1]."""
+    aug_contrast: bool = True
+    """Augmentation part: gamma exp(-0.4..0.4), ink contrast 0.7-1.2 and paper brightness -0.05..0.1; on half of the
+    lines also uneven shading, a smooth factor of 0.7-1 along the line (cosine, 0.5-2 periods per width) times 0.8-1
+    across it (a ramp)."""
     num_workers: int = 1
     """DataLoader worker processes per rank (0 = load in the training process)."""
     shuffle_buffer: int = 256
@@ -51,7 +70,11 @@ class DataConfig:
     max_skip_fraction: float = 0.01
     """Abort when more than this fraction of the samples read so far were undecodable (after 100 samples)."""
     val_split: str = "val"
-    """Split used for validation during training."""
+    """Split used for validation during training (and for choosing ``best_model.pt``)."""
+    extra_val_splits: List[str] = field(default_factory=list)
+    """More splits validated beside ``val_split`` at every validation, each logged under its own name
+    (``val_seen/cer``): e.g. ``[val_seen]`` on a writer-independent synthetic set, to watch the error on the training
+    writers' hands next to the unseen ones. They do not choose ``best_model.pt``."""
 
 
 @dataclass
@@ -130,6 +153,10 @@ class TrainConfig:
     """Fraction of each micro-batch sent through the LLM, so 0.125 = 1/8: of its B lines,
     ``k = max(1, floor(ratio * B + 1/2))``, at most B, computed exactly on the ratio as written: half rounds up and k
     is never 0 (B = 20 at 0.125 gives 3, where Python's ``round`` gives 2)."""
+    llm_every: int = 1
+    """The LLM loss on every k-th optimizer step only (1 = every step), to spend less time on the teacher: all ranks
+    skip the same steps, so a sharded LLM's collectives stay matched; on the others the connector gets zero
+    gradients."""
     llm_loss_weight: float = 1.0
     """alpha in ``L = L_ctc + alpha * L_llm`` (``L_llm`` is the mean cross-entropy per transcription token)."""
     ctc_reduction: str = "line"
@@ -144,6 +171,9 @@ class TrainConfig:
     """Epochs (one epoch = the training lines / (world size * batch size) steps); ``max_steps`` wins if set."""
     max_steps: int = 0
     """Optimizer steps to run (0 = derive from ``num_epochs``)."""
+    max_minutes: float = 0.0
+    """Stop training after this many minutes of steps (0 = off), then validate and export as at the last step; the
+    learning-rate schedule still spans ``max_steps``, so set that to about the steps the time allows."""
     batch_size: int = 16
     """Lines per micro-batch per rank."""
     grad_accum: int = 1
@@ -258,12 +288,12 @@ _POSITIVE = (
     "data.img_height", "data.img_width", "arch.stem_channels", "arch.rnn_layers", "arch.rnn_hidden_size",
     "arch.mobilevit_depth", "arch.mobilevit_heads", "connector.num_queries", "connector.dim", "connector.num_layers",
     "connector.num_heads", "connector.proj_hidden", "llm.max_text_tokens", "train.batch_size", "train.grad_accum",
-    "train.num_epochs", "train.keep_last", "train.log_every", "dist.timeout_s",
+    "train.num_epochs", "train.keep_last", "train.log_every", "dist.timeout_s", "train.llm_every",
 )
 _NON_NEGATIVE = (
     "data.num_workers", "data.shuffle_buffer", "arch.mobilevit_dim", "arch.shortcut_weight", "train.lr",
     "train.weight_decay", "train.max_steps", "train.grad_clip", "train.warmup_steps", "train.eval_every",
-    "train.save_every", "train.llm_loss_weight", "train.stop_after",
+    "train.save_every", "train.llm_loss_weight", "train.stop_after", "train.max_minutes",
 )
 
 
@@ -287,6 +317,10 @@ def validate(cfg: Config) -> None:
     ratio = cfg.train.llm_sample_ratio
     if not 0.0 < ratio <= 1.0:
         raise ConfigError(f"train.llm_sample_ratio: must be in (0, 1], got {ratio!r}")
+    extra = cfg.data.extra_val_splits
+    if cfg.data.val_split in extra or len(set(extra)) < len(extra):
+        raise ConfigError(f"data.extra_val_splits: {extra!r} repeats a split (data.val_split is "
+                          f"{cfg.data.val_split!r})")
     for key in ("data.max_skip_fraction", "arch.rnn_dropout", "connector.dropout"):
         if not 0.0 <= get_key(cfg, key) < 1.0:
             raise ConfigError(f"{key}: must be in [0, 1), got {get_key(cfg, key)!r}")

@@ -19,7 +19,7 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", required=True,
                    help="run folder (uses its model.pt) or an exported file (model.pt, best_model.pt)")
     p.add_argument("--data", required=True, help="shard folder with manifest.json, e.g. shards/iam")
-    p.add_argument("--split", default="test", help="split to evaluate: train, val or test (default: test)")
+    p.add_argument("--split", default="test", help="split to evaluate: train, val, test, or a synthetic set's val_seen/test_seen (default: test)")
     p.add_argument("--decode", choices=["greedy", "beam"], default="greedy", help="CTC decoding (default: greedy)")
     p.add_argument("--beam-width", type=int_at_least(1), default=10, help="beam width for --decode beam (default: 10)")
     p.add_argument("--batch-size", type=int_at_least(1), default=32, help="lines per batch (default: 32)")

@@ -162,3 +162,20 @@ def test_inference_compares_layouts_and_decoders_in_one_run(shard_dir):
         proc = subprocess.run(cmd[:2] + bad + ["--batch", "1", "--height", "32", "--width", "128", "--steps", "1"],
                               capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_augment_prints_lines_per_second_per_part():
+    transforms = os.path.join(ROOT, "htr_dist", "data", "transforms.py")
+    cmd = [sys.executable, os.path.join(BENCH, "augment.py"), "--lines", "3", "--repeats", "2", "--sizes", "16x128",
+           "32x256", "--baseline", transforms]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert "round 2/2" in out.stderr and result["lines"] == 3
+    for size in ("16x128", "32x256"):
+        cases = result["lines_per_s"][size]
+        assert list(cases) == ["none", "affine", "elastic", "morph", "blur", "noise", "contrast", "all", "baseline"]
+        assert all(0 < c["min"] <= c["median"] <= c["max"] for c in cases.values())
+        assert result["cost_ratio"][size]["all_vs_none"] == cases["none"]["median"] / cases["all"]["median"]
+    bad = subprocess.run(cmd[:2] + ["--sizes", "16by128"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode != 0 and "expected HEIGHTxWIDTH" in bad.stderr

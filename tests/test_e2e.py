@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -125,3 +126,40 @@ def test_train_reports_bad_input_in_one_line(case, shard_dir, tmp_path):
     assert proc.returncode == code, proc.stderr[-3000:]
     assert any(line.startswith(expected) for line in proc.stderr.splitlines()), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+
+
+DEMO_LINE = re.compile(r"^test CER (\d+\.\d)% WER (\d+\.\d)% \((\d+) lines, (seen|unseen) fonts\)$")
+
+
+def parse_demo_summary(stdout: str) -> dict:
+    """The demo's last two lines: ``{"seen": (cer %, wer %, lines), "unseen": (...)}``, in that order."""
+    last = stdout.rstrip("\n").splitlines()[-2:]
+    found = [DEMO_LINE.match(line) for line in last]
+    assert all(found), last
+    assert [m.group(4) for m in found] == ["seen", "unseen"], last
+    return {m.group(4): (float(m.group(1)), float(m.group(2)), int(m.group(3))) for m in found}
+
+
+def test_demo_ends_with_the_seen_and_unseen_font_figures(tmp_path, tiny_llama):
+    """make demo's pipeline at a tiny size: a writer-independent set, shards, 2-rank DeepSpeed training, and the two
+    test figures as its last lines, each over its own split's lines."""
+    work = str(tmp_path / "work")
+    proc = run([PY, "launch/demo.py", "--forms", "20", "--workdir", work, "--config", "configs/tiny_cpu.yaml"] +
+               TINY_ARCH + [f"llm.name_or_path={tiny_llama}", "train.max_steps=2", "train.eval_every=0"], timeout=600)
+    got = parse_demo_summary(proc.stdout)
+    manifest = json.load(open(os.path.join(work, "shards", "synth", "manifest.json")))
+    assert got["seen"][2] == manifest["splits"]["test_seen"]["lines"] > 0
+    assert got["unseen"][2] == manifest["splits"]["test"]["lines"] > 0
+    for cer, wer, _ in got.values():
+        assert 0.0 <= cer and 0.0 <= wer
+    scores = json.load(open(os.path.join(work, "runs", "demo_deepspeed", "test_scores.json")))
+    assert f"{100 * scores['cer']:.1f}" == f"{got['unseen'][0]:.1f}"
+
+
+def test_demo_summary_parser_rejects_other_endings():
+    good = "x\ntest CER 2.0% WER 8.6% (971 lines, seen fonts)\ntest CER 9.5% WER 30.1% (480 lines, unseen fonts)\n"
+    assert parse_demo_summary(good) == {"seen": (2.0, 8.6, 971), "unseen": (9.5, 30.1, 480)}
+    with pytest.raises(AssertionError):
+        parse_demo_summary("test CER 2.0% WER 8.6% (971 lines)\ntest CER 9.5% WER 30.1% (480 lines, unseen fonts)")
+    with pytest.raises(AssertionError):  # the unseen figure must come last
+        parse_demo_summary(good.splitlines()[0] + "\n" + "\n".join(good.splitlines()[:0:-1]))

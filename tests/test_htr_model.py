@@ -169,6 +169,21 @@ def test_compute_losses_without_llm():
     assert losses["ctc_shortcut"].item() == 0.0 and losses["ctc"] > 0
 
 
+def test_a_step_without_the_llm_keeps_the_connector_in_the_graph():
+    """train.llm_every: on a step that skips the LLM the teacher is not called, the loss is the CTC loss alone, and
+    every connector parameter still gets a (zero) gradient, so DDP finds no unused parameter."""
+    arch = tiny_arch()
+    model = HTRModel(arch, TINY_CONNECTOR, len(CHARS) + 1, 32, 160, llm_hidden=CountingTeacher.hidden_size)
+    teacher = CountingTeacher()
+    losses = compute_losses(model, teacher, batch_of(["abc", "de"]), TrainConfig(), arch, llm_step=False)
+    assert teacher.calls == 0 and losses["llm"].item() == 0.0
+    assert torch.allclose(losses["total"], losses["ctc"] + arch.shortcut_weight * losses["ctc_shortcut"])
+    losses["total"].backward()
+    grads = [p.grad for p in model.connector.parameters()]
+    assert grads and all(g is not None and not g.any() for g in grads)
+    assert model.backbone.stem[0].weight.grad.abs().sum() > 0
+
+
 def test_a_training_step_under_bf16_autocast():
     """dist.precision=bf16: fp32 weights, the step under autocast; every trainable weight gets a finite fp32 grad."""
     torch.manual_seed(0)

@@ -63,14 +63,15 @@ def test_synth_layout_and_boxes(synth_dir):
 def test_synth_splits_partition_and_unseen_text(synth_dir):
     splits = iam.read_split_lists(os.path.join(synth_dir, "splits"))
     forms = {os.path.basename(p)[:-4] for p in glob.glob(os.path.join(synth_dir, "xml", "*.xml"))}
-    assert set(splits) == forms and set(splits.values()) == {"train", "val", "test"}
+    assert set(splits) == forms and set(splits.values()) == {"train", "val", "test", "val_seen", "test_seen"}
     text_of = {}
     for p in glob.glob(os.path.join(synth_dir, "xml", "*.xml")):
         f = iam.parse_form_xml(p)
         text_of[f.id] = {l.text for l in f.lines}
     train = set().union(*(t for f, t in text_of.items() if splits[f] == "train"))
-    test = set().union(*(t for f, t in text_of.items() if splits[f] == "test"))
-    assert train and test and not (train & test)
+    for held_out in ("val", "test", "val_seen", "test_seen"):
+        test = set().union(*(t for f, t in text_of.items() if splits[f] == held_out))
+        assert train and test and not (train & test), held_out
 
 
 def test_synth_deterministic(tmp_path):
@@ -91,9 +92,9 @@ def test_synth_deterministic(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary folder left
 
 
-def test_missing_fonts_names_packages(monkeypatch):
-    monkeypatch.setattr("htr_dist.data.synth.FONT_DIRS", ("/nonexistent",))
-    with pytest.raises(FontsNotFound, match="apt-get install fonts-dkg-handwriting .*fonts-comic-neue"):
+def test_missing_fonts_names_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv("HTR_DIST_FONT_DIR", str(tmp_path))  # no npm font is installed there
+    with pytest.raises(FontsNotFound, match="fetch_fonts.py"):
         find_fonts()
 
 
@@ -130,7 +131,8 @@ def test_prepare_round_trip(synth_dir, shard_dir):
     assert sum(tokens[k] != t for k, t in truth.items()) > len(truth) // 4  # punctuation: spaced apart in lines.txt
     splits = iam.read_split_lists(os.path.join(synth_dir, "splits"))
     seen = {}
-    for split in ("train", "val", "test"):
+    assert set(manifest["splits"]) == {"train", "val", "test", "val_seen", "test_seen"}
+    for split in manifest["splits"]:
         samples = read_shards(shard_dir, split)
         assert manifest["splits"][split]["lines"] == len(samples)
         for entry in manifest["splits"][split]["shards"]:
@@ -307,7 +309,7 @@ def test_failed_rerun_leaves_previous_output_untouched(synth_dir, tmp_path, monk
     again = _prepare_synth(synth_dir, out, shard_size=3, scale=0.4)
     assert f"{staging[0]}: removing the staging folder left by an interrupted run" in caplog.text
     assert check_consistent(out)["splits"] == again["splits"]
-    assert len(again["splits"]["train"]["shards"]) == 30
+    assert len(again["splits"]["train"]["shards"]) == -(-again["splits"]["train"]["lines"] // 3) > 1
     fresh = _prepare_synth(synth_dir, str(tmp_path / "fresh"), shard_size=3, scale=0.4)
     assert fresh["splits"] == again["splits"]  # the same bytes as a run into an empty folder
 
@@ -315,10 +317,13 @@ def test_failed_rerun_leaves_previous_output_untouched(synth_dir, tmp_path, monk
 def test_rerun_replaces_everything_consistently(synth_dir, tmp_path):
     out = str(tmp_path / "shards")
     many = _prepare_synth(synth_dir, out, shard_size=4, scale=0.5)
-    assert len(many["splits"]["train"]["shards"]) == 23
+    n_many = {k: len(v["shards"]) for k, v in many["splits"].items()}
+    assert n_many["train"] == -(-many["splits"]["train"]["lines"] // 4) > 5
     check_consistent(out)
     open(os.path.join(out, ".train-000099.tar.tmp"), "wb").close()  # left by a killed run of older code
     few = _prepare_synth(synth_dir, out, shard_size=20, scale=0.4)
-    assert [len(v["shards"]) for v in few["splits"].values()] == [5, 1, 2]
-    assert check_consistent(out)["splits"] == few["splits"]  # no train-000005.tar ... train-000022.tar left over
+    assert {k: len(v["shards"]) for k, v in few["splits"].items()} == {
+        k: -(-v["lines"] // 20) for k, v in few["splits"].items()}
+    assert len(few["splits"]["train"]["shards"]) < n_many["train"]
+    assert check_consistent(out)["splits"] == few["splits"]  # no shard of the first run left over
     assert few["splits"]["train"]["shards"][0]["sha256"] != many["splits"]["train"]["shards"][0]["sha256"]

@@ -146,23 +146,70 @@ def test_lines_txt_matches_xml(synth_set):
     assert seen == list(rows)  # same lines, same order
 
 
+def read_splits(out):
+    splits = {}
+    for path in sorted(glob.glob(os.path.join(out, "splits", "*.uttlist"))):
+        with open(path) as f:
+            splits[os.path.basename(path)[: -len(".uttlist")]] = f.read().split()
+    return splits
+
+
+def writer_of(out, form_id):
+    return ET.parse(os.path.join(out, "xml", form_id + ".xml")).getroot().get("writer-id")
+
+
 def test_splits_partition_forms_and_text(synth_set):
     out, summary = synth_set
-    splits = {}
-    for name in ("train", "validation", "test"):
-        with open(os.path.join(out, "splits", f"{name}.uttlist")) as f:
-            splits[name] = f.read().split()
-    assert (len(splits["train"]), len(splits["validation"]), len(splits["test"])) == (7, 1, 2)
+    splits = read_splits(out)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 7, "validation": 1, "test": 1, "test_seen": 1}
     assert sorted(sum(splits.values(), [])) == forms_of(out)  # a partition: every form exactly once
-    assert summary["splits"] == {k: len(v) for k, v in splits.items()}
+    assert summary["splits"] == {k: len(v) for k, v in splits.items()} and summary["writer_independent"]
     texts = {}
     for form_id in forms_of(out):
         texts[form_id] = [l.get("text") for l in ET.parse(os.path.join(out, "xml", form_id + ".xml")).iter("line")]
     every = sum(texts.values(), [])
     assert len(every) == len(set(every))  # drawn without replacement: no line is written twice
     train = {t for f in splits["train"] for t in texts[f]}
-    assert train and not train & {t for f in splits["test"] for t in texts[f]}
-    assert len({ET.parse(os.path.join(out, "xml", f + ".xml")).getroot().get("writer-id") for f in texts}) >= 3
+    assert train and not train & {t for f in splits["test"] + splits["test_seen"] for t in texts[f]}
+    assert len({writer_of(out, f) for f in texts}) >= 3
+
+
+def test_splits_are_writer_independent(tmp_path):
+    """No writer, and no font, of the validation or test forms writes a training form; the *_seen forms are written
+    by training writers' fonts. The fonts of each split are the font list's fonts of that split."""
+    from htr_dist.data.fonts import load_font_list, resolve_fonts
+
+    split_of_font = {path: e.split for e, path in resolve_fonts(load_font_list())}
+    specs = synth.plan_forms(200, 11, sorted(split_of_font.items()), (2, 3))
+    by_role = {}
+    for spec in specs:
+        by_role.setdefault(spec.role, []).append(spec)
+    assert set(by_role) == {"train", "validation", "test", "validation_seen", "test_seen"}
+    assert [len(by_role[r]) for r in ("train", "validation", "test", "validation_seen", "test_seen")] == [
+        140, 12, 24, 8, 16]
+    expected = {"train": "train", "validation": "val", "test": "test", "validation_seen": "train",
+                "test_seen": "train"}
+    for role, forms in by_role.items():
+        assert {split_of_font[s.font] for s in forms} == {expected[role]}, role
+        assert {s.writer.font_split for s in forms} == {expected[role]}
+    train_writers = {s.writer_id for s in by_role["train"]}
+    for role in ("validation", "test"):
+        assert not train_writers & {s.writer_id for s in by_role[role]}
+    assert len(train_writers) > len({s.font for s in by_role["train"]})  # a font plays several writers
+    assert len({s.writer_id for s in specs}) < len(specs)  # and a writer writes several forms
+    # one writer keeps one font and one set of habits
+    habits = {}
+    for s in specs:
+        assert habits.setdefault(s.writer_id, s.writer) == s.writer
+
+
+def test_the_written_set_keeps_test_writers_out_of_training(synth_set):
+    """On disk: a test-split writer id never appears in train (checked through the XML's writer-id, as IAM's)."""
+    out, _ = synth_set
+    splits = read_splits(out)
+    train = {writer_of(out, f) for f in splits["train"]}
+    held_out = {writer_of(out, f) for f in splits["test"] + splits["validation"]}
+    assert held_out and not train & held_out
 
 
 def test_deterministic_and_atomic(tmp_path):
@@ -205,14 +252,12 @@ def test_xml_entities_round_trip(tmp_path):
         synthesize(str(tmp_path / "bad"), forms=1, workers=1, progress=False, prose=["a <b> c d e f g h"])
 
 
-def test_missing_fonts_name_apt_packages(monkeypatch, tmp_path):
+def test_missing_fonts_name_the_fix(monkeypatch, tmp_path):
     with pytest.raises(FontsNotFound, match="no-such-font.ttf"):
         find_fonts(["no-such-font.ttf"])
-    monkeypatch.setattr(synth, "FONT_DIRS", ("/nonexistent",))
-    with pytest.raises(FontsNotFound, match="apt-get install fonts-dkg-handwriting .*fonts-comic-neue") as err:
-        synthesize(str(tmp_path / "x"), forms=1, progress=False)
-    for package, _ in synth.FONT_PACKAGES:
-        assert package in str(err.value)
+    monkeypatch.setenv("HTR_DIST_FONT_DIR", str(tmp_path / "empty-cache"))  # the npm fonts are not installed there
+    with pytest.raises(FontsNotFound, match="fetch_fonts.py"):
+        synthesize(str(tmp_path / "x"), forms=3, progress=False)
     assert not os.path.exists(tmp_path / "x")
 
 
@@ -224,7 +269,7 @@ def test_cli_generates_and_reports(tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["forms"] == 3 and summary["fonts"] == ["Breip.ttf"] and 9 <= summary["lines"] <= 12
-    assert {ET.parse(p).getroot().get("writer-id") for p in glob.glob(os.path.join(out, "xml", "*.xml"))} == {"000"}
+    assert summary["writers"] == len({writer_of(out, f) for f in forms_of(out)}) and not summary["writer_independent"]
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch/synth_iam.py"), str(tmp_path / "y"),
                            "--fonts", "missing.otf"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 1 and "missing.otf" in proc.stderr
@@ -237,7 +282,7 @@ def test_prose_is_clean_and_lines_fit():
     sentences = synth.prose_sentences()
     assert len(sentences) > 2000
     assert set("".join(sentences)) <= set(CHARSET + " ")
-    specs = synth.plan_forms(40, 0, find_fonts(), (6, 10))
+    specs = synth.plan_forms(40, 0, [(path, "train") for path in find_fonts()], (6, 10), independent=False)
     lines = [t for s in specs for t in s.lines]
     assert len(lines) == len(set(lines))
     lengths = np.array([len(t) for t in lines])

@@ -150,7 +150,8 @@ def test_train_script_two_ranks(launcher, strategy, trainable_zero, tiny_overrid
     run = str(tmp_path / "run")
     args = ["--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml")] + tiny_overrides + [
         f"dist.strategy={strategy}", "train.max_steps=6", "train.save_every=2", "train.keep_last=2",
-        "train.eval_every=3", "train.batch_size=3", f"run.dir={run}"]
+        "train.eval_every=3", "train.batch_size=3", f"run.dir={run}", "data.extra_val_splits=[val_seen]",
+        "train.llm_every=2"]  # the LLM on steps 0, 2, 4: the wrappers see the connector used on the others too
     if trainable_zero is not None:
         args.append(f"dist.deepspeed_config=configs/deepspeed/trainable_zero{trainable_zero}.json")
     launch = deepspeed_launch if launcher == "deepspeed" else torchrun
@@ -159,13 +160,15 @@ def test_train_script_two_ranks(launcher, strategy, trainable_zero, tiny_overrid
     scalars, acc = read_scalars(os.path.join(run, "tb"))
     assert EXPECTED_TAGS <= set(scalars)
     assert len(scalars["train/loss_total"]) == 6 and all(math.isfinite(v) for v in scalars["train/loss_total"])
-    assert scalars["train/loss_llm"][0] > 0
+    llm = scalars["train/loss_llm"]
+    assert all(v > 0 for v in llm[0::2]) and not any(llm[1::2])  # logged over the steps that ran the LLM
     assert all(math.isfinite(v) and v > 0 for v in scalars["train/grad_norm"])  # measured, whoever clips
     cfg = load_config(args[1], args[2:])
     warmup = min(cfg.train.warmup_steps, 5)
     used = [cfg.train.lr * lr_factor(k, 6, warmup, cfg.train.schedule) for k in range(6)]
     assert scalars["train/lr"] == pytest.approx(used)  # the rate each step used, not the next step's
     assert len(scalars["val/cer"]) == 2  # at step 3 and at the end
+    assert len(scalars["val_seen/cer"]) == 2 and "val_seen/line_0" in acc.Tags()["images"]  # an extra split
     assert "val/line_0" in acc.Tags()["images"]
     ckpts = sorted(os.listdir(os.path.join(run, "checkpoints")))
     assert [c for c in ckpts if c.startswith("step_")] == ["step_0000004", "step_0000006"]
@@ -215,6 +218,20 @@ def test_deepspeed_strategy_under_plain_python_is_one_rank(tiny_overrides, tmp_p
                           timeout=300, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world size 1, strategy deepspeed" in proc.stderr and os.path.isfile(os.path.join(run, "model.pt"))
+
+
+def test_max_minutes_ends_the_run_as_its_last_step(tiny_overrides, tmp_path):
+    """train.max_minutes stops at the first step boundary past the budget, then checkpoints, validates and exports
+    as at the last step (the schedule still spans train.max_steps)."""
+    run = str(tmp_path / "run")
+    args = ["--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml")] + tiny_overrides + [
+        f"run.dir={run}", "train.max_steps=50", "train.max_minutes=0.0001", "train.batch_size=2"]
+    proc = subprocess.run([PY, os.path.join(ROOT, "launch", "train.py")] + args, capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train.max_minutes=0.0001 reached at step 1 of 50" in proc.stderr
+    assert torch.load(os.path.join(run, "model.pt"), weights_only=True)["validation"]["step"] == 1
+    assert os.path.isdir(os.path.join(run, "checkpoints", "step_0000001"))
 
 
 def test_resume_on_another_number_of_ranks(tiny_overrides, tmp_path):

@@ -36,7 +36,10 @@ DEFAULT_MARGIN = 8
 """Pixels of paper kept around the union of a line's cmp boxes (at the form's full resolution, before scaling)."""
 _XML_ENTITIES = {"&quot;": '"', "&apos;": "'"}  # plus &amp; &lt; &gt;, which unescape() always decodes
 SPLIT_NAMES = {"train": "train", "trainset": "train", "validation": "val", "valid": "val", "val": "val",
-               "validationset1": "val", "validationset2": "val", "test": "test", "testset": "test"}
+               "validationset1": "val", "validationset2": "val", "test": "test", "testset": "test",
+               "validation_seen": "val_seen", "val_seen": "val_seen", "test_seen": "test_seen"}
+"""Split list name -> split. ``val_seen``/``test_seen`` (optional, written by launch/synth_iam.py): held-out text by the
+training writers, beside val/test by writers never trained on."""
 TASK_LISTS = ("trainset.txt", "validationset1.txt", "validationset2.txt", "testset.txt")
 """IAM's line recognition task lists (line ids), read beside ``*.uttlist`` files; other ``*.txt`` files are not."""
 

@@ -34,7 +34,7 @@ from PIL import Image
 
 from htr_dist.data.alphabet import Alphabet
 from htr_dist.data.shards import ManifestError, load_manifest, tar_samples
-from htr_dist.data.transforms import augment_preprocess, gray8, preprocess
+from htr_dist.data.transforms import AugmentParts, augment_preprocess, gray8, preprocess
 from htr_dist.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -113,9 +113,10 @@ class StreamDataset(torch.utils.data.IterableDataset):
     def __init__(self, urls: List[str], alphabet: Alphabet, height: int, width: int, batch_size: int, rank: int,
                  world: int, train: bool, seed: int = 0, epoch: int = 0, skip_batches: int = 0,
                  shuffle_buffer: int = 256, augment: bool = True, max_skip_fraction: float = 0.01,
-                 num_workers: int = 0, counts: Optional[List[int]] = None, steps: int = 1):
+                 num_workers: int = 0, counts: Optional[List[int]] = None, steps: int = 1,
+                 parts: AugmentParts = AugmentParts()):
         """``counts``: lines per shard of ``urls`` (the manifest's), and ``steps``: batches per epoch per rank; both
-        for training only."""
+        for training only. ``parts``: which parts of the augmentation run when ``augment`` is on (training only)."""
         super().__init__()
         if train and (counts is None or len(counts) != len(urls) or sum(counts) <= 0):
             raise ValueError(f"StreamDataset: training needs a positive line count per shard, got {counts!r} for "
@@ -183,7 +184,7 @@ class StreamDataset(torch.utils.data.IterableDataset):
             self._counter.skip(f"{where} cannot be decoded ({type(err).__name__}: {err})")
             return None
         if self.train and self.augment:
-            x = augment_preprocess(img, self.height, self.width, rng)
+            x = augment_preprocess(img, self.height, self.width, rng, self.parts)
         else:
             x = preprocess(img, self.height, self.width)
         ids, unknown = self.alphabet.encode_counted(text)
@@ -292,6 +293,11 @@ class SkipStats:
         return sum(v[1] for v in self.by_worker.values())
 
 
+def augment_parts(data_cfg) -> AugmentParts:
+    """The augmentation parts a ``DataConfig`` switches on: its ``aug_<part>`` keys, one per AugmentParts field."""
+    return AugmentParts(**{name: getattr(data_cfg, f"aug_{name}") for name in AugmentParts.names()})
+
+
 def build_train_loader(cfg, alphabet: Alphabet, rank: int, world: int, epoch: int = 0, skip_batches: int = 0,
                        pin_memory: bool = False):
     """This rank's training batches of ``epoch``; take exactly ``steps_per_epoch`` of them (the stream is infinite).
@@ -302,7 +308,7 @@ def build_train_loader(cfg, alphabet: Alphabet, rank: int, world: int, epoch: in
                        skip_batches=skip_batches, shuffle_buffer=cfg.data.shuffle_buffer, augment=cfg.data.augment,
                        max_skip_fraction=cfg.data.max_skip_fraction, num_workers=cfg.data.num_workers,
                        counts=[s["count"] for s in manifest["splits"]["train"]["shards"]],
-                       steps=steps_per_epoch(manifest, world, cfg.train.batch_size))
+                       steps=steps_per_epoch(manifest, world, cfg.train.batch_size), parts=augment_parts(cfg.data))
     return _loader(ds, cfg.data.num_workers, pin_memory)
 
 

@@ -32,7 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from htr_dist.data import iam
-from htr_dist.data.shards import MANIFEST, SPLITS, png_bytes, write_manifest, write_split
+from htr_dist.data.shards import EXTRA_SPLITS, MANIFEST, SPLITS, png_bytes, write_manifest, write_split
 from htr_dist.data.transforms import gray8
 
 log = logging.getLogger(__name__)
@@ -297,7 +297,7 @@ def _commit(staging: str, out_dir: str) -> None:
             os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
     os.replace(os.path.join(staging, MANIFEST), old)
     keep, folder = set(files), glob.escape(out_dir)
-    for split in SPLITS:
+    for split in SPLITS + EXTRA_SPLITS:
         stale = [p for p in glob.glob(os.path.join(folder, f"{split}-*.tar")) if os.path.basename(p) not in keep]
         stale += glob.glob(os.path.join(folder, f".{split}-*.tar.tmp"))  # left in OUT by a run of older code
         for path in stale:
@@ -439,14 +439,14 @@ def _write_staging(opt: PrepareOptions, staging: str, forms: Dict[str, list], pr
     """
     workers = opt.workers or os.cpu_count() or 1
     log.info("%s source, %d forms with usable lines; forms per split: %s; %d worker(s) -> %s", opt.source, len(forms),
-             {k: len(by_split.get(k, [])) for k in ("train", "val", "test")}, workers, opt.out_dir)
+             {k: len(v) for k, v in by_split.items()}, workers, opt.out_dir)
     job_opt = replace(opt, problems=[])  # the workers need the options, not the messages gathered so far
     bar = tqdm(total=sum(len(v) for v in by_split.values()), desc="forms", unit="form", disable=not progress)
     texts: Dict[str, List[str]] = defaultdict(list)
     entries = {}
     ctx = mp.get_context("fork") if hasattr(os, "fork") else mp.get_context()
     with ctx.Pool(workers) as pool:
-        for split in ("train", "val", "test"):
+        for split in SPLITS + tuple(s for s in EXTRA_SPLITS if s in by_split):
             jobs = [(f, job_opt, lines) for f, lines in by_split.get(split, [])]
             lost: Counter = Counter()
 

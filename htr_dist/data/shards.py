@@ -29,6 +29,9 @@ from htr_dist.io_utils import atomic_write_json
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
+"""The splits every shard set has."""
+EXTRA_SPLITS = ("val_seen", "test_seen")
+"""Optional splits, written when a split list names them: held-out text by the training writers (synthetic sets)."""
 
 
 class ManifestError(InputError, ValueError):

@@ -5,18 +5,24 @@
                                    cmp, text attributes escaped twice as in IAM (``&amp;quot;``)
     OUT/ascii/lines.txt            IAM's line list (id, segmentation, gray level, components, box, word tokens joined
                                    by |, ``"`` as ``&quot;``)
-    OUT/splits/{train,validation,test}.uttlist   form ids
+    OUT/splits/<list>.uttlist      form ids: train, validation, test (and validation_seen, test_seen)
     OUT/lines/s01/s01-000/s01-000-00.png   with ``line_images``: IAM's line images, each cropped at its lines.txt box
 
 Words are listed as IAM lists them (:func:`iam_tokens`): punctuation marks and clitics are tokens of their own, each a
 ``<word>`` element with the ``cmp`` box of its own ink, while a line's ``text`` is spaced as written.
 
-A font plays the part of a writer. Text is English prose that ships with Python (``pydoc_data``), cleaned into
-sentences of ordinary characters, then cut into lines on word boundaries (about 20-60 characters, as many words as fit
-the writer's line width) and drawn without replacement, so no line of the test forms appears in training. Variation:
-font size, slant (shear), baseline slope and word jitter, word size, word spacing, pen width, ink darkness and
-pressure, blur (rendering resolution), paper shade and grain. The same seed and fonts give the same bytes, whatever
-the number of workers. It goes through the same ``prepare_iam.py`` as the real IAM.
+Writers. A :class:`Writer` is a font (the hand) with habits drawn once: ink height, slant, letter width, word spacing,
+pen width (eroded to broad), ink darkness, pen-pressure variation, baseline drift and sharpness (rendering resolution).
+A form is one writer's; IAM's ``writer-id`` names it, and a writer writes one or more forms. Each form and word varies
+a little around the writer (size, slant, width, baseline slope and jitter, pressure), and each form has its own paper
+(shade, grain). With the font list's splits (``htr_dist/data/fonts.tsv``), the set is writer-independent as IAM's:
+:data:`ROLES` says which fonts write which split list, so the validation and test hands are never trained on, and
+``validation_seen``/``test_seen`` measure the training hands on new text.
+
+Text is English prose that ships with Python (``pydoc_data``), cleaned into sentences of ordinary characters, then
+cut into lines on word boundaries (about 20-60 characters, as many words as fit the writer's line width) and drawn
+without replacement, so no line of a held-out form appears in training. The same seed and fonts give the same bytes,
+whatever the number of workers. It goes through the same ``prepare_iam.py`` as the real IAM.
 
 Sizes: forms are ``FORM_WIDTH`` = 1800 px wide (IAM scans are 2479 px at 300 dpi). Each form draws an ink height
 (tallest ascender to deepest descender of the font) of ``INK_HEIGHT`` = 100-125 px, so line crops (union of the word
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import multiprocessing as mp
 import os
 import random
@@ -41,26 +48,15 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image, ImageChops, ImageDraw, ImageFont
+from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 from tqdm import tqdm
 
+from htr_dist.data.fonts import FontsNotFound
 from htr_dist.data.iam import line_image_path
-from htr_dist.errors import InputError
 from htr_dist.io_utils import plain_mode
 
 log = logging.getLogger(__name__)
 
-# (Debian package, font file) pairs: handwriting-style fonts with lowercase letters (see the README).
-FONT_PACKAGES = [
-    ("fonts-dkg-handwriting", "dkg.ttf"),
-    ("fonts-breip", "Breip.ttf"),
-    ("fonts-femkeklaver", "femkeklaver.ttf"),
-    ("fonts-rufscript", "Rufscript010.ttf"),
-    ("fonts-ecolier-court", "Ecolier-court.ttf"),
-    ("fonts-dancingscript", "DancingScript-Regular.otf"),
-    ("fonts-kaushanscript", "KaushanScript-Regular.otf"),
-    ("fonts-comic-neue", "ComicNeue-Regular.otf"),
-]
 FONT_DIRS = ("/usr/share/fonts", "/usr/local/share/fonts", os.path.expanduser("~/.local/share/fonts"))
 FORM_WIDTH = 1800
 INK_HEIGHT = (100, 125)  # px from the top of the ascenders to the bottom of the descenders of a handwritten line
@@ -76,31 +72,27 @@ _MARGIN_RIGHT = 70
 _BOX_MIN_COVERAGE = 26
 
 
-class FontsNotFound(InputError, RuntimeError):
-    """No handwriting font is installed; the message names the apt packages to install."""
-
-
 def find_fonts(names: Optional[Sequence[str]] = None) -> List[str]:
-    """Paths of the handwriting fonts: the given paths/file names, or every known one that is installed."""
-    wanted = list(names) if names else [f for _, f in FONT_PACKAGES]
-    found = []
+    """Paths of the given font files or installed font file names (searched under :data:`FONT_DIRS` and the font
+    cache), or of every font of the font list (``htr_dist/data/fonts.tsv``) when ``names`` is empty."""
+    from htr_dist.data.fonts import font_cache_dir, load_font_list, resolve_fonts
+
+    if not names:
+        return [path for _, path in resolve_fonts(load_font_list())]
     index = {}
-    for root in FONT_DIRS:
+    for root in FONT_DIRS + (font_cache_dir(),):
         for folder, _, files in sorted(os.walk(root)):
             for f in sorted(files):
                 index.setdefault(f, os.path.join(folder, f))
-    for name in wanted:
+    found = []
+    for name in names:
         if os.path.isfile(name):
             found.append(name)
         elif name in index:
             found.append(index[name])
-        elif names:
-            raise FontsNotFound(f"font not found: {name} (give a file path or an installed font file name, e.g. "
-                                f"{', '.join(f for _, f in FONT_PACKAGES[:3])})")
-    if not found:
-        packages = " ".join(p for p, _ in FONT_PACKAGES)
-        raise FontsNotFound(f"no handwriting font found under {', '.join(FONT_DIRS)}; install them with: "
-                            f"sudo apt-get update && sudo apt-get install {packages}")
+        else:
+            raise FontsNotFound(f"font not found: {name} (give a file path, or the file name of a font installed "
+                                f"under {', '.join(FONT_DIRS)} or by launch/fetch_fonts.py, e.g. Breip.ttf)")
     return found
 
 
@@ -213,19 +205,106 @@ def word_tag(word: str) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Writer:
+    """A synthetic writer: a font (the hand) and the habits that vary between writers of the same hand.
+
+    Every value is drawn once per writer (:func:`new_writer`); the forms of one writer vary around it by small
+    per-word and per-line amounts (:func:`render_form`).
+    """
+
+    writer_id: str
+    font: str
+    font_split: str
+    """``train``, ``val`` or ``test``: the split of the font family in the font list (``train`` for --fonts)."""
+    ink_height: float
+    """px from the tallest ascender to the deepest descender."""
+    slant: float
+    """Shear of the writing: x shifts by ``slant`` px per px above the baseline (> 0 leans forward)."""
+    width: float
+    """Horizontal stretch of every word (letter width and spacing), 0.82-1.18."""
+    word_space: float
+    """Word gap as a multiple of the font's own space width."""
+    pen: int
+    """Stroke width: -1 thinner than the font (eroded), 0 as drawn, 1 broader, 2 broadest."""
+    ink: int
+    """Gray level of full ink (0 = black)."""
+    pressure: float
+    """Depth of the slow pen-pressure variation along the strokes, 0 (even ink) to 0.5 (half as dark in places)."""
+    drift: float
+    """Amplitude of the baseline's slow wave along a line, as a fraction of the ink height."""
+    sharpness: float
+    """Rendering scale before the word is scaled back up: 1.0 crisp, 0.55 a blurry pen or scan."""
+
+
+# The forms of a writer-independent set (font list with splits), by role: the split list each role's forms go in, the
+# font split its writers come from, and its share of the forms. ``validation_seen``/``test_seen`` hold text no other
+# form has, written by the training writers: they measure the same-hand error beside the unseen-hand one.
+ROLES = (("train", "train", 0.70), ("validation", "val", 0.06), ("test", "test", 0.12),
+         ("validation_seen", "train", 0.04), ("test_seen", "train", 0.08))
+NEW_WRITER_P = 0.5
+"""Chance that a form is written by a new writer rather than one already drawn for its font (IAM: ~2.3 forms a
+writer)."""
+
+
+def new_writer(rng: random.Random, writer_id: str, font: str, font_split: str) -> Writer:
+    """Draw one writer's habits for a font."""
+    return Writer(
+        writer_id=writer_id, font=font, font_split=font_split,
+        ink_height=rng.uniform(*INK_HEIGHT),
+        slant=rng.triangular(-0.2, 0.45, 0.12),  # most writers lean forward
+        width=rng.uniform(0.82, 1.18),
+        word_space=rng.uniform(0.7, 1.6),
+        pen=rng.choices((-1, 0, 1, 2), weights=(0.2, 0.45, 0.25, 0.1))[0],
+        ink=rng.randint(16, 110),
+        pressure=rng.choice((0.0, rng.uniform(0.1, 0.5))),
+        drift=rng.choice((0.0, rng.uniform(0.01, 0.06))),
+        sharpness=rng.uniform(0.55, 1.0),
+    )
+
+
+def form_roles(forms: int, rng: random.Random, independent: bool) -> List[str]:
+    """The split list of each form, shuffled: about the shares of :data:`ROLES` (writer-independent) or 70/10/20
+    train/validation/test; validation and test always get a form when there are 3 forms or more (fewer are all
+    train)."""
+    if forms < 3:
+        return ["train"] * forms
+    if independent:
+        counts = {name: round(share * forms) for name, _, share in ROLES}
+    else:
+        counts = {"train": 0, "validation": round(0.1 * forms), "test": round(0.2 * forms)}
+    counts["validation"], counts["test"] = max(1, counts["validation"]), max(1, counts["test"])
+    counts["train"] = forms - sum(v for k, v in counts.items() if k != "train")
+    while counts["train"] < 1:  # tiny sets: the held-out "seen" roles give way first
+        for name in ("validation_seen", "test_seen"):
+            if counts.get(name) and counts["train"] < 1:
+                counts[name] -= 1
+                counts["train"] += 1
+    roles = [name for name, n in counts.items() for _ in range(n)]
+    rng.shuffle(roles)
+    return roles
+
+
 @dataclass
 class FormSpec:
     form_id: str
-    writer_id: str
-    font: str
+    writer: Writer
     lines: List[str]
     seed: int
+    role: str = "train"
+    """The split list the form goes in (:data:`ROLES`)."""
     size: int = 48
     """Font size (px) of the handwritten part."""
-    word_space: float = 1.0
-    """Word gap as a multiple of the font's own space width."""
     left: int = 120
     """Left margin of the handwritten lines, px."""
+
+    @property
+    def writer_id(self) -> str:
+        return self.writer.writer_id
+
+    @property
+    def font(self) -> str:
+        return self.writer.font
 
 
 @functools.lru_cache(maxsize=None)
@@ -240,9 +319,14 @@ def _ink_ratio(path: str) -> float:
     return (bottom - top) / 100.0
 
 
-def plan_forms(forms: int, seed: int, fonts: List[str], lines_per_form: Tuple[int, int],
-               prose: Optional[Sequence[str]] = None) -> List[FormSpec]:
-    """Deal prose lines to forms without replacement, each form with its writer (font), size and spacing."""
+def plan_forms(forms: int, seed: int, fonts: Sequence[Tuple[str, str]], lines_per_form: Tuple[int, int],
+               prose: Optional[Sequence[str]] = None, independent: bool = True) -> List[FormSpec]:
+    """Deal prose lines to forms without replacement, each form with its role, writer, size and margin.
+
+    ``fonts``: (path, font split) pairs. ``independent``: the roles of :data:`ROLES`, each form's writer drawn from
+    the fonts of its role's split (the split lists are writer-independent: no val or test hand is trained on), else a
+    70/10/20 train/validation/test split with every form's writer drawn from all the fonts.
+    """
     rng = random.Random(seed)
     sentences = list(prose if prose is not None else prose_sentences())
     random.Random(seed).shuffle(sentences)
@@ -250,17 +334,32 @@ def plan_forms(forms: int, seed: int, fonts: List[str], lines_per_form: Tuple[in
     bad = sorted(set("".join(words)) - set(CHARSET))
     if bad:
         raise ValueError(f"prose: characters {''.join(bad)!r} are outside the synthetic character set {CHARSET!r}")
+    by_split: dict = {}
+    for path, split in fonts:
+        by_split.setdefault(split if independent else "train", []).append(path)
+    roles = form_roles(forms, random.Random(seed + 1), independent)
+    font_split_of = {name: split for name, split, _ in ROLES} if independent else {}
+    for role in sorted(set(roles)):
+        if not by_split.get(font_split_of.get(role, "train")):
+            raise FontsNotFound(f"no font of split {font_split_of[role]!r} for the {role} forms (the font list must "
+                                f"give every split a font)")
+    writers: dict = {}  # font path -> its writers so far
+    n_writers = 0
     cursor, used, specs = 0, set(), []
-    for i in range(forms):
-        font_index = rng.randrange(len(fonts))
-        font_path = fonts[font_index]
-        size = round(rng.uniform(*INK_HEIGHT) / _ink_ratio(font_path))
-        word_space = rng.uniform(0.7, 1.5)
+    for i, role in enumerate(roles):
+        font_path = rng.choice(by_split[font_split_of.get(role, "train")])
+        known = writers.setdefault(font_path, [])
+        if not known or rng.random() < NEW_WRITER_P:
+            split = next((s for p, s in fonts if p == font_path), "train")
+            known.append(new_writer(rng, f"{n_writers:03d}", font_path, split))
+            n_writers += 1
+        writer = rng.choice(known)
+        size = round(writer.ink_height * rng.uniform(0.95, 1.05) / _ink_ratio(font_path))
         left = rng.randint(90, 170)
         font = _font(font_path, size)
-        space = font.getlength(" ") * word_space
+        space = font.getlength(" ") * writer.word_space
         # room for the slant overhang and the per-word size jitter of render_form
-        usable = (FORM_WIDTH - left - _MARGIN_RIGHT - 0.45 * size) / 1.06
+        usable = (FORM_WIDTH - left - _MARGIN_RIGHT - (0.1 + max(0.0, writer.slant)) * size) / 1.06
         lines = []
         n = rng.randint(*lines_per_form)
         while len(lines) < n:
@@ -271,7 +370,7 @@ def plan_forms(forms: int, seed: int, fonts: List[str], lines_per_form: Tuple[in
             line, width = [], 0.0
             while cursor < len(words):
                 w = words[cursor]
-                extra = font.getlength(w) + (space if line else 0.0)
+                extra = font.getlength(w) * writer.width + (space if line else 0.0)
                 if line and (width + extra > target or len(" ".join(line)) + 1 + len(w) > MAX_LINE_CHARS):
                     break
                 if not line and extra > usable:
@@ -284,8 +383,7 @@ def plan_forms(forms: int, seed: int, fonts: List[str], lines_per_form: Tuple[in
                 used.add(text)
                 lines.append(text)
         form_id = f"s{1 + i // 1000:02d}-{i % 1000:03d}"
-        specs.append(FormSpec(form_id, f"{font_index:03d}", font_path, lines, seed * 1_000_003 + i, size, word_space,
-                              left))
+        specs.append(FormSpec(form_id, writer, lines, seed * 1_000_003 + i, role, size, left))
     return specs
 
 
@@ -295,11 +393,12 @@ def plan_forms(forms: int, seed: int, fonts: List[str], lines_per_form: Tuple[in
 
 
 def _word_image(font: ImageFont.FreeTypeFont, word: str, shear: float, ink: int, scale: float = 1.0,
-                stroke: int = 0) -> Tuple[Image.Image, int, int]:
+                stroke: int = 0, stretch: float = 1.0, thin: bool = False) -> Tuple[Image.Image, int, int]:
     """Ink coverage (0 = paper, 255 = full ink) of one slanted word, and the pen origin (x, baseline y) inside it.
 
     ``font`` is the word's size times ``scale``; the image is scaled back up by ``1 / scale`` (scale < 1 = a blurrier
-    pen/scan). ``ink`` (0-255) scales the coverage (pen pressure). ``shear`` > 0 leans forward (about the baseline).
+    pen/scan) and ``stretch`` times wider. ``ink`` (0-255) scales the coverage (pen pressure). ``shear`` > 0 leans
+    forward (about the baseline). ``stroke`` > 0 broadens the pen; ``thin`` erodes the strokes by a pixel.
     """
     left, top, right, bottom = font.getbbox(word, anchor="ls", stroke_width=stroke)
     m = 2
@@ -311,23 +410,35 @@ def _word_image(font: ImageFont.FreeTypeFont, word: str, shear: float, ink: int,
     base_out = (m - top) / k  # baseline row in the output
     over_left = max(0.0, shear * (h_out - base_out), -shear * base_out)
     over_right = max(0.0, shear * base_out, -shear * (h_out - base_out))
-    w_out = int(src.width / k + over_left + over_right) + 2
-    x0_out = (m - left) / k + over_left  # pen origin in the output
-    # output (x', y') samples input x = k * (x' - x0_out + shear * (y' - base_out)) + (m - left), y = k * y'
-    data = (k, k * shear, (m - left) - k * x0_out - k * shear * base_out, 0.0, k, 0.0)
+    w_out = int(src.width * stretch / k + over_left + over_right) + 2
+    x0_out = (m - left) * stretch / k + over_left  # pen origin in the output
+    # output (x', y') samples input x = (k / stretch) * (x' - x0_out + shear * (y' - base_out)) + (m - left), y = k y'
+    kx = k / stretch
+    data = (kx, kx * shear, (m - left) - kx * x0_out - kx * shear * base_out, 0.0, k, 0.0)
     out = src.transform((w_out, h_out), Image.AFFINE, data, Image.BILINEAR, fillcolor=0)
+    if thin:
+        eroded = out.filter(ImageFilter.MinFilter(3))
+        # a hairline stroke or a small mark (a dot, a comma) keeps its ink rather than shrink to a speck
+        if _ink_pixels(eroded, ink) >= 0.5 * _ink_pixels(out, ink):
+            out = eroded
     return out, round(x0_out), round(base_out)
+
+
+def _ink_pixels(coverage: Image.Image, ink: int) -> int:
+    """Pixels of a word's coverage image that are at least half inked."""
+    return int((np.asarray(coverage) >= ink // 2).sum())
 
 
 def render_form(spec: FormSpec) -> Tuple[np.ndarray, ET.Element, List[str]]:
     """Render one form; return the gray image, its IAM XML tree and its lines.txt rows."""
     rng = random.Random(spec.seed)
+    wr = spec.writer
     size = spec.size
     ink_px = size * _ink_ratio(spec.font)
-    shear = rng.uniform(-0.15, 0.4)  # most writers lean forward
-    scale = rng.uniform(0.6, 1.0)  # < 1: rendered smaller, scaled up: a blurrier line
-    stroke = 1 if rng.random() < 0.3 else 0  # a broader pen
-    ink, paper = rng.randint(16, 90), rng.randint(215, 248)
+    shear = wr.slant + rng.uniform(-0.03, 0.03)  # the writer's slant, a little different on each form
+    scale = min(1.0, wr.sharpness * rng.uniform(0.95, 1.05))  # < 1: rendered smaller, scaled up: a blurrier line
+    stroke = max(0, wr.pen)
+    ink, paper = min(120, max(16, wr.ink + rng.randint(-8, 8))), rng.randint(215, 248)
     pitch = int(ink_px * rng.uniform(1.15, 1.45))
     threshold = (ink + paper) // 2
 
@@ -356,7 +467,7 @@ def render_form(spec: FormSpec) -> Tuple[np.ndarray, ET.Element, List[str]]:
     rows = []
     _, asc_top, _, _ = _font(spec.font, size).getbbox("lhdkTbf", anchor="ls")
     _, x_top, _, _ = _font(spec.font, size).getbbox("xoa", anchor="ls")
-    space = _font(spec.font, size).getlength(" ") * spec.word_space
+    space = _font(spec.font, size).getlength(" ") * wr.word_space
     for li, text in enumerate(spec.lines):
         line_id = f"{spec.form_id}-{li:02d}"
         line_el = ET.SubElement(hw, "line", {"id": line_id, "text": escaped_once(text), "segmentation": "ok",
@@ -365,16 +476,24 @@ def render_form(spec: FormSpec) -> Tuple[np.ndarray, ET.Element, List[str]]:
         x_start = x
         baseline0 = top - asc_top + li * pitch + rng.randint(-int(0.06 * pitch), int(0.06 * pitch))
         slope = rng.uniform(-0.012, 0.012)
+        # the baseline's slow wave: one period over 500-1500 px, at the writer's amplitude
+        wave, phase = rng.uniform(500, 1500), rng.uniform(0, 2 * math.pi)
         boxes, tokens = [], []
         for word in text.split(" "):
             word_size = max(8, round(size * rng.uniform(0.95, 1.05)))
             small = max(6, round(word_size * scale))  # rendered at this size, scaled up to word_size
             slant, pressure = shear + rng.uniform(-0.04, 0.04), rng.randint(225, 255)
-            baseline = baseline0 + slope * (x - x_start) + rng.uniform(-0.03, 0.03) * ink_px
+            stretch = wr.width * rng.uniform(0.97, 1.03)
+            baseline = (baseline0 + slope * (x - x_start) + rng.uniform(-0.03, 0.03) * ink_px
+                        + wr.drift * ink_px * math.sin(2 * math.pi * (x - x_start) / wave + phase))
             prefix = ""
             for token in iam_tokens(word):  # IAM's word tokens, each drawn where the word's pen reaches it
-                img, ox, oy = _word_image(_font(spec.font, small), token, slant, pressure, small / word_size, stroke)
-                pen = x + _font(spec.font, word_size).getlength(prefix)
+                img, ox, oy = _word_image(_font(spec.font, small), token, slant, pressure, small / word_size, stroke,
+                                          stretch, wr.pen < 0)
+                if wr.pressure > 0:  # pen pressure: the ink is lighter in places, changing slowly along the strokes
+                    field = 1.0 - wr.pressure * _smooth_field(rng, img.height, img.width, 24)
+                    img = Image.fromarray((np.asarray(img, dtype=np.float32) * field).astype(np.uint8))
+                pen = x + _font(spec.font, word_size).getlength(prefix) * stretch
                 prefix += token
                 px, py = int(round(pen)) - ox, int(round(baseline)) - oy
                 if px < 0 or px + img.width > FORM_WIDTH or py < 0 or py + img.height > height:
@@ -390,7 +509,7 @@ def render_form(spec: FormSpec) -> Tuple[np.ndarray, ET.Element, List[str]]:
                                                "height": str(y1 - y0)})
                 boxes.append((x0, y0, x1, y1))
                 tokens.append(token)
-            x += _font(spec.font, word_size).getlength(word) + space * rng.uniform(0.8, 1.25)
+            x += _font(spec.font, word_size).getlength(word) * stretch + space * rng.uniform(0.8, 1.25)
         lx0, ly0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
         lx1, ly1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
         base_l, base_r = round(baseline0), round(baseline0 + slope * (lx1 - x_start))
@@ -432,6 +551,13 @@ def _grain_tile() -> np.ndarray:
     shape = (2048, FORM_WIDTH)
     # sparse specks, not dense noise: dense noise triples the PNG size and the time to write it
     return ((rng.random(shape) < 0.04) * rng.integers(1, 8, shape)).astype(np.uint8)
+
+
+def _smooth_field(rng: random.Random, h: int, w: int, cell: int) -> np.ndarray:
+    """A smooth random field in [0, 1] of shape (h, w): uniform noise on a grid of ``cell``-px cells, upsampled
+    bilinearly (slow changes, as pen pressure along a stroke or the shade of a sheet)."""
+    grid = np.random.default_rng(rng.getrandbits(64)).random((h // cell + 2, w // cell + 2), dtype=np.float32)
+    return np.asarray(Image.fromarray(grid, mode="F").resize((w, h), Image.BILINEAR), dtype=np.float32)
 
 
 def _ink_on_paper(cov: Image.Image, ink: int, paper: int, rng: random.Random) -> np.ndarray:
@@ -508,24 +634,15 @@ LINES_HEADER = """#--- lines.txt -----------------------------------------------
 """
 
 
-def split_forms(form_ids: List[str], seed: int, fractions=(0.7, 0.1, 0.2)) -> dict:
-    """Deterministic train/validation/test partition of the form ids (about 70/10/20)."""
-    ids = sorted(form_ids)
-    random.Random(seed + 1).shuffle(ids)
-    n = len(ids)
-    n_val = max(1, round(fractions[1] * n)) if n >= 3 else 0
-    n_test = max(1, round(fractions[2] * n)) if n >= 3 else 0
-    n_train = n - n_val - n_test
-    return {"train": sorted(ids[:n_train]), "validation": sorted(ids[n_train : n_train + n_val]),
-            "test": sorted(ids[n_train + n_val :])}
-
-
 def synthesize(out_dir: str, forms: int = 100, seed: int = 0, fonts: Optional[Sequence[str]] = None,
                lines_per_form: Tuple[int, int] = (6, 10), workers: int = 0, progress: bool = True,
-               prose: Optional[Sequence[str]] = None, line_images: bool = False) -> dict:
+               prose: Optional[Sequence[str]] = None, line_images: bool = False, font_list: str = "") -> dict:
     """Write an IAM-format data set of ``forms`` forms into ``out_dir`` (atomically); return a summary.
 
-    ``fonts``: font files or installed font file names (default: every known handwriting font found).
+    ``fonts``: font files or installed font file names, every form's writer drawn from all of them and the forms
+    split 70/10/20 at random. Default: the font list (``font_list``, default ``htr_dist/data/fonts.tsv``), whose
+    train/val/test fonts write the train/validation/test forms, plus ``validation_seen``/``test_seen`` forms by the
+    training writers: a writer-independent set, as IAM's.
     ``workers``: processes (0 = all cores, 1 = this process). ``prose``: sentences to use instead of Python's docs.
     ``line_images``: also write IAM's ``lines/`` (each line cropped at its lines.txt box), for ``--source lines``.
     """
@@ -534,11 +651,16 @@ def synthesize(out_dir: str, forms: int = 100, seed: int = 0, fonts: Optional[Se
     lo, hi = lines_per_form
     if not 1 <= lo <= hi:
         raise ValueError(f"lines_per_form: expected 1 <= a <= b, got {lo}-{hi}")
-    font_paths = find_fonts(fonts)
-    for path in font_paths:
+    if fonts:
+        font_splits = [(path, "train") for path in find_fonts(fonts)]
+    else:
+        from htr_dist.data.fonts import FONT_LIST, load_font_list, resolve_fonts
+
+        font_splits = [(path, entry.split) for entry, path in resolve_fonts(load_font_list(font_list or FONT_LIST))]
+    for path, _ in font_splits:
         check_glyphs(path)
     start = time.perf_counter()
-    specs = plan_forms(forms, seed, font_paths, (lo, hi), prose)
+    specs = plan_forms(forms, seed, font_splits, (lo, hi), prose, independent=not fonts)
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
@@ -558,7 +680,8 @@ def synthesize(out_dir: str, forms: int = 100, seed: int = 0, fonts: Optional[Se
                 rows = [r for rs in tqdm(pool.imap(_render_job, jobs, chunksize=chunk), **bar) for r in rs]
         with open(os.path.join(tmp, "ascii", "lines.txt"), "w", encoding="utf-8") as f:
             f.write(LINES_HEADER + "\n".join(rows) + "\n")
-        splits = split_forms([s.form_id for s in specs], seed)
+        splits = {name: [s.form_id for s in specs if s.role == name] for name in dict.fromkeys(
+            ["train", "validation", "test"] + [s.role for s in specs])}
         for name, ids in splits.items():
             with open(os.path.join(tmp, "splits", f"{name}.uttlist"), "w", encoding="utf-8") as f:
                 f.write("".join(i + "\n" for i in ids))
@@ -574,6 +697,7 @@ def synthesize(out_dir: str, forms: int = 100, seed: int = 0, fonts: Optional[Se
         raise
     seconds = time.perf_counter() - start
     fonts_used = sorted({os.path.basename(s.font) for s in specs})
-    return {"forms": len(specs), "lines": len(rows), "fonts": fonts_used,
+    return {"forms": len(specs), "lines": len(rows), "fonts": fonts_used, "writers": len({s.writer_id for s in specs}),
+            "writer_independent": not fonts,
             "splits": {k: len(v) for k, v in splits.items()}, "out": out_dir, "seconds": round(seconds, 2),
             "forms_per_s": round(len(specs) / max(seconds, 1e-9), 2)}

@@ -98,17 +98,21 @@ def ctc_loss(logits: torch.Tensor, targets: torch.Tensor, target_lengths: torch.
 
 
 def compute_losses(model, teacher, batch: dict, train_cfg, arch_cfg, generator: Optional[torch.Generator] = None,
-                   max_text_tokens: int = 48) -> dict:
+                   max_text_tokens: int = 48, llm_step: bool = True) -> dict:
     """Named losses of one micro-batch: ``ctc``, ``ctc_shortcut``, ``llm``, ``total``; plus ``llm_s`` (seconds).
 
     ``total = ctc + shortcut_weight * ctc_shortcut + llm_loss_weight * llm``. With a teacher and ``train.use_llm``,
     the LLM is called exactly once, on ``num_llm_samples(B, ratio)`` lines whose tap features come from the same
-    forward pass as the CTC logits; otherwise ``llm`` is a zero tensor.
+    forward pass as the CTC logits; otherwise ``llm`` is a zero tensor. ``llm_step=False`` (``train.llm_every``)
+    skips the LLM on this micro-batch; every rank must pass the same value, or a sharded LLM's collectives hang. The
+    connector then runs on no line, so data-parallel wrappers still see each of its parameters used (zero gradient).
     """
     images = batch["images"]
-    use_llm = teacher is not None and train_cfg.use_llm
+    use_llm = teacher is not None and train_cfg.use_llm and llm_step
     index = sample_llm_index(images.shape[0], train_cfg.llm_sample_ratio, generator) if use_llm else None
-    out = model(images, index.to(images.device) if use_llm else None)
+    if teacher is not None and train_cfg.use_llm and not llm_step:
+        index = torch.zeros(0, dtype=torch.long)
+    out = model(images, index.to(images.device) if index is not None else None)
     reduction = train_cfg.ctc_reduction
     losses = {"ctc": ctc_loss(out["ctc_logits"], batch["targets"], batch["target_lengths"], reduction)}
     zero = losses["ctc"].new_zeros(())
@@ -125,6 +129,8 @@ def compute_losses(model, teacher, batch: dict, train_cfg, arch_cfg, generator: 
         llm_s = time.perf_counter() - start
     losses["total"] = (losses["ctc"] + arch_cfg.shortcut_weight * losses["ctc_shortcut"]
                        + train_cfg.llm_loss_weight * losses["llm"])
+    if not use_llm and out["visual_tokens"] is not None:  # the connector's empty pass: zero, but in the graph
+        losses["total"] = losses["total"] + 0.0 * out["visual_tokens"].sum()
     losses["llm_s"] = llm_s
     return losses
 

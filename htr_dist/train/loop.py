@@ -61,13 +61,17 @@ def total_steps(cfg, manifest: dict, world: int) -> int:
 
 
 @torch.no_grad()
-def validate(model: HTRModel, cfg, alphabet: Alphabet, env, logger, step: int, show: int = 3) -> dict:
-    """Greedy CER/WER over the validation split, every line once across ranks; a few lines as images and text."""
+def validate(model: HTRModel, cfg, alphabet: Alphabet, env, logger, step: int, show: int = 3,
+             split: str = "") -> dict:
+    """Greedy CER/WER over a split (default ``data.val_split``), every line once across ranks; a few lines as images
+    and text. The validation split logs under ``val/``, any other under its own name."""
+    split = split or cfg.data.val_split
+    prefix = "val/" if split == cfg.data.val_split else f"{split}/"
     was_training = model.training
     model.eval()
     dist_chars = ref_chars = dist_words = ref_words = lines = 0
     samples = []
-    for batch in build_eval_loader(cfg, cfg.data.val_split, alphabet, env.rank, env.world_size, env.pin_memory):
+    for batch in build_eval_loader(cfg, split, alphabet, env.rank, env.world_size, env.pin_memory):
         hyps = [alphabet.decode(p) for p in greedy_decode(model(batch["images"].to(env.device))["ctc_logits"])]
         for i, (ref, hyp) in enumerate(zip(batch["texts"], hyps)):
             dist_chars += edit_distance(ref, hyp)
@@ -80,16 +84,16 @@ def validate(model: HTRModel, cfg, alphabet: Alphabet, env, logger, step: int, s
     sums = dist_env.all_reduce_sum(torch.tensor([dist_chars, ref_chars, dist_words, ref_words, lines],
                                                 dtype=torch.float64))
     model.train(was_training)
-    result = {"step": step, "split": cfg.data.val_split, "cer": (sums[0] / max(1.0, sums[1])).item(),
+    result = {"step": step, "split": split, "cer": (sums[0] / max(1.0, sums[1])).item(),
               "wer": (sums[2] / max(1.0, sums[3])).item(), "lines": int(sums[4])}
     if result["lines"] == 0:  # every rank knows the sum: all stop together, none waits in a collective
-        raise InputError(f"{cfg.data.path}: no line of split {cfg.data.val_split!r} could be read for validation "
+        raise InputError(f"{cfg.data.path}: no line of split {split!r} could be read for validation "
                          f"(see the warnings above); a CER over 0 lines would read as 0%")
-    logger.scalars({"cer": result["cer"], "wer": result["wer"]}, step, prefix="val/")
+    logger.scalars({"cer": result["cer"], "wer": result["wer"]}, step, prefix=prefix)
     for i, (img, ref, hyp) in enumerate(samples):
-        logger.image(f"val/line_{i}", img, step)
-        logger.text(f"val/line_{i}", f"truth: {ref}  \npred: {hyp}", step)
-    log.info("step %d: val CER %.2f%% WER %.2f%% (%d lines)", step, 100 * result["cer"], 100 * result["wer"],
+        logger.image(f"{prefix}line_{i}", img, step)
+        logger.text(f"{prefix}line_{i}", f"truth: {ref}  \npred: {hyp}", step)
+    log.info("step %d: %s CER %.2f%% WER %.2f%% (%d lines)", step, split, 100 * result["cer"], 100 * result["wer"],
              result["lines"])
     return result
 
@@ -119,7 +123,8 @@ def train(cfg, env) -> dict:
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     manifest = load_manifest(cfg.data.path)
-    shard_urls(manifest, cfg.data.val_split)  # a misnamed split is an error now, not after the run has trained
+    for split in [cfg.data.val_split] + cfg.data.extra_val_splits:
+        shard_urls(manifest, split)  # a misnamed split is an error now, not after the run has trained
     alphabet = Alphabet(manifest["alphabet"])
     steps = total_steps(cfg, manifest, env.world_size)
     micro_per_epoch = steps_per_epoch(manifest, env.world_size, cfg.train.batch_size)
@@ -159,7 +164,7 @@ def train(cfg, env) -> dict:
     bar = tqdm(total=steps, initial=pos.step, desc="train", unit="step", disable=not (env.is_main and cfg.run.progress),
                dynamic_ncols=True)
     accum = cfg.train.grad_accum
-    window = {k: 0.0 for k in LOSS_KEYS + ("llm_s", "data_s", "lines")}
+    window = {k: 0.0 for k in LOSS_KEYS + ("llm_s", "data_s", "lines", "llm_steps")}
     window_steps, window_start = 0, time.time()
     stream = None
 
@@ -169,9 +174,12 @@ def train(cfg, env) -> dict:
 
     model.train()
     val = None
+    started = time.time()
     while pos.step < steps:
         if stream is None:
             stream = open_stream(pos.micro_in_epoch)
+        llm_step = pos.step % cfg.train.llm_every == 0  # the same on every rank
+        window["llm_steps"] += float(llm_step)
         for micro in range(accum):
             t0 = time.time()
             batch = next(stream)
@@ -180,7 +188,7 @@ def train(cfg, env) -> dict:
             batch["images"] = batch["images"].to(env.device, non_blocking=True)
             with strategy.no_sync(micro == accum - 1), env.autocast():
                 losses = compute_losses(strategy.model, strategy.teacher, batch, cfg.train, cfg.arch, sampler,
-                                        cfg.llm.max_text_tokens)
+                                        cfg.llm.max_text_tokens, llm_step=llm_step)
             strategy.backward(losses["total"])
             for k in LOSS_KEYS:
                 window[k] += losses[k].item() / accum
@@ -205,6 +213,10 @@ def train(cfg, env) -> dict:
             val = _validate_and_keep_best(strategy.module, cfg, alphabet, env, logger, best, pos.step)
         # stop_after counts this run's steps: a job script that always passes it goes on by that many each time
         stopping = stop.any_rank() or (0 < cfg.train.stop_after <= pos.step - start_step and pos.step < steps)
+        if cfg.train.max_minutes and not stopping and pos.step < steps and _out_of_time(started, cfg.train.max_minutes):
+            log.info("train.max_minutes=%g reached at step %d of %d: finishing here", cfg.train.max_minutes,
+                     pos.step, steps)
+            steps = pos.step  # the run ends now: last checkpoint, validation and export as at the last step
         if stopping or (cfg.train.save_every and pos.step % cfg.train.save_every == 0) or pos.step == steps:
             _save(ckpts, strategy, cfg, alphabet, pos, sampler, skip_stats)
         if stopping:
@@ -224,7 +236,15 @@ def train(cfg, env) -> dict:
     return {"step": pos.step, "stopped": False, "val_cer": val["cer"], "val_wer": val["wer"]}
 
 
+def _out_of_time(started: float, minutes: float) -> bool:
+    """Whether ``minutes`` have passed since ``started`` on any rank (so all ranks stop at the same step)."""
+    late = float(time.time() - started >= 60.0 * minutes)
+    return bool(dist_env.all_reduce_max(torch.tensor([late])).item())
+
+
 def _validate_and_keep_best(model, cfg, alphabet, env, logger, best: BestModel, step: int) -> dict:
+    for split in cfg.data.extra_val_splits:
+        validate(model, cfg, alphabet, env, logger, step, split=split)
     val = validate(model, cfg, alphabet, env, logger, step)
     best.offer(model, cfg, alphabet.chars, val)
     if best.validation is not None:
@@ -245,7 +265,9 @@ def _save(ckpts, strategy, cfg, alphabet, pos: Position, sampler, skip_stats) ->
 
 
 def _write_window(logger, window, n_steps, seconds, grad_norm, lr, env, skip_stats, step, bar) -> None:
-    values = torch.tensor([window[k] / n_steps for k in LOSS_KEYS] + [window["llm_s"] / n_steps,
+    # the LLM's loss is the mean over the steps that ran it (train.llm_every); the total's over every step
+    per_step = {k: window[k] / (max(1.0, window["llm_steps"]) if k == "llm" else n_steps) for k in LOSS_KEYS}
+    values = torch.tensor([per_step[k] for k in LOSS_KEYS] + [window["llm_s"] / n_steps,
                           window["data_s"] / n_steps, window["lines"], float(skip_stats.skipped)])
     values = dist_env.all_reduce_mean(values)
     for i, k in enumerate(LOSS_KEYS):

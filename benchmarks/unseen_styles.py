@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""How well a training config reads handwriting styles it never saw: train on the training fonts of a
+writer-independent synthetic IAM-format set, then score held-out text in those fonts (``seen``) and in fonts no
+training line used (``unseen``, the figure that IAM's writer-independent test set corresponds to).
+
+For each seed: train the config (through the launcher its ``dist.strategy`` needs) for ``--steps`` optimizer steps
+or ``--minutes`` of training, validating on ``val`` (unseen val fonts) and ``val_seen`` along the way, then evaluate
+the exported model on ``test_seen`` and ``test``. Prints one JSON object:
+
+  cer_seen, cer_unseen, wer_seen, wer_unseen, minutes, steps   medians over the seeds
+  spread                                                         min / median / max of each over the seeds
+  runs                                                           per seed: the same figures and the val curves
+
+and writes a PNG of val CER against minutes of training, both sets, every seed (``--plot``).
+
+  python benchmarks/unseen_styles.py --config configs/demo.yaml --seeds 0 1 2
+  python benchmarks/unseen_styles.py --config configs/synth_long.yaml --forms 850 --minutes 60
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from _report import reserve_stdout, spread
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from htr_dist.config import int_at_least, load_config  # noqa: E402
+from htr_dist.dist.env import launcher_command  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.yaml"), help="training config")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int_at_least(1), default=None,
+                        help="optimizer steps per run (default: the config's train.max_steps)")
+    budget.add_argument("--minutes", type=float, default=None,
+                        help="minutes of training per run (train.max_minutes; set train.max_steps=N among the "
+                             "overrides for the schedule's length, else the config's)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (default: 0)")
+    p.add_argument("--forms", type=int_at_least(20), default=600, help="synthetic forms (default: 600)")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic set (default: 0)")
+    p.add_argument("--nproc", type=int_at_least(1), default=2, help="training processes (default: 2)")
+    p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "unseen_styles"),
+                   help="where the data, shards and runs go (default: runs/unseen_styles)")
+    p.add_argument("--plot", default=None, help="PNG of the val curves (default: WORKDIR/val_cer.png)")
+    p.add_argument("--reuse", action="store_true", help="reuse a finished run of the same seed in WORKDIR")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
+    return p.parse_args(argv)
+
+
+def run(cmd, **kw) -> float:
+    """Run a stage (its output goes to stderr); return its seconds; a failure stops the benchmark naming it."""
+    print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=sys.stderr, **kw)
+    if proc.returncode != 0:
+        sys.exit(f"unseen_styles: {cmd[0] if len(cmd) < 2 else cmd[1]} failed with exit code {proc.returncode}")
+    return time.time() - start
+
+
+def make_data(args) -> str:
+    """The writer-independent synthetic set and its shards (made once per WORKDIR, forms and data seed)."""
+    tag = f"forms{args.forms}_seed{args.data_seed}"
+    synth, shards = os.path.join(args.workdir, "data", tag), os.path.join(args.workdir, "shards", tag)
+    py = sys.executable
+    if not os.path.isfile(os.path.join(synth, "splits", "test_seen.uttlist")):
+        run([py, "launch/synth_iam.py", synth, "--forms", str(args.forms), "--seed", str(args.data_seed),
+             "--no-progress"])
+    if not os.path.isfile(os.path.join(shards, "manifest.json")):
+        run([py, "launch/prepare_iam.py", "--iam", synth, "--out", shards])
+    return shards
+
+
+def val_curves(run_dir: str) -> dict:
+    """``{split: [(minutes since the first logged step, step, CER)]}`` from the run's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(run_dir, "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    t0 = min(e.wall_time for e in acc.Scalars("train/lr")) if "train/lr" in tags else None
+    out = {}
+    for split, tag in (("unseen", "val/cer"), ("seen", "val_seen/cer")):
+        if tag in tags:
+            events = acc.Scalars(tag)
+            start = t0 if t0 is not None else events[0].wall_time
+            out[split] = [(round((e.wall_time - start) / 60, 2), e.step, round(e.value, 4)) for e in events]
+    return out
+
+
+def train_and_score(args, shards: str, seed: int, strategy: str) -> dict:
+    run_dir = os.path.join(args.workdir, "runs", f"{os.path.splitext(os.path.basename(args.config))[0]}_seed{seed}")
+    scores_path = {s: os.path.join(run_dir, f"{s}_scores.json") for s in ("test_seen", "test")}
+    timing = os.path.join(run_dir, "train_seconds.json")
+    if not (args.reuse and all(os.path.isfile(p) for p in list(scores_path.values()) + [timing])):
+        launcher = launcher_command("deepspeed" if strategy == "deepspeed" else "torchrun", args.nproc)
+        overrides = [f"data.path={shards}", f"run.dir={run_dir}", f"train.seed={seed}",
+                     "data.extra_val_splits=[val_seen]", "run.progress=false"]
+        if args.steps:
+            overrides.append(f"train.max_steps={args.steps}")
+        if args.minutes:
+            overrides.append(f"train.max_minutes={args.minutes}")
+        if os.path.isdir(run_dir):
+            import shutil
+
+            shutil.rmtree(run_dir)
+        seconds = run(launcher + ["launch/train.py", "--config", args.config] + overrides + list(args.overrides))
+        with open(timing, "w", encoding="utf-8") as f:
+            json.dump({"seconds": seconds}, f)
+        for split, path in scores_path.items():
+            run([sys.executable, "launch/evaluate.py", "--checkpoint", run_dir, "--data", shards, "--split", split,
+                 "--json", path])
+    scores = {}
+    for split, path in scores_path.items():
+        with open(path, encoding="utf-8") as f:
+            scores[split] = json.load(f)
+    with open(timing, encoding="utf-8") as f:
+        seconds = json.load(f)["seconds"]
+    curves = val_curves(run_dir)
+    steps = max((p[1] for c in curves.values() for p in c), default=0)
+    return {"seed": seed, "cer_seen": scores["test_seen"]["cer"], "cer_unseen": scores["test"]["cer"],
+            "wer_seen": scores["test_seen"]["wer"], "wer_unseen": scores["test"]["wer"],
+            "lines_seen": scores["test_seen"]["lines"], "lines_unseen": scores["test"]["lines"],
+            "minutes": round(seconds / 60, 2), "steps": steps, "curves": curves, "run_dir": run_dir}
+
+
+def plot(runs: list, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for r in runs:
+        for split, style in (("seen", "--"), ("unseen", "-")):
+            pts = r["curves"].get(split, [])
+            if pts:
+                ax.plot([p[0] for p in pts], [100 * p[2] for p in pts], style, marker="o", markersize=3,
+                        label=f"{split} fonts, seed {r['seed']}")
+    ax.set_xlabel("minutes of training")
+    ax.set_ylabel("val CER (%)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    emit = reserve_stdout()
+    cfg = load_config(args.config, list(args.overrides))
+    os.makedirs(args.workdir, exist_ok=True)
+    shards = make_data(args)
+    runs = [train_and_score(args, shards, seed, cfg.dist.strategy) for seed in args.seeds]
+    keys = ("cer_seen", "cer_unseen", "wer_seen", "wer_unseen", "minutes", "steps")
+    report = {k: statistics.median(r[k] for r in runs) for k in keys}
+    report["spread"] = {k: spread([r[k] for r in runs]) for k in keys}
+    report.update(config=os.path.relpath(args.config, ROOT), overrides=list(args.overrides), seeds=args.seeds,
+                  forms=args.forms, nproc=args.nproc, runs=runs)
+    plot_path = args.plot or os.path.join(args.workdir, "val_cer.png")
+    plot(runs, plot_path, f"{report['config']} {' '.join(args.overrides)}".strip())
+    report["plot"] = plot_path
+    emit(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
