@@ -27,6 +27,7 @@ setup(
     extras_require={
         "deepspeed": ["deepspeed>=0.15", "ninja", "accelerate>=1.1"],
         "flash": ["flash-attn>=2.5"],
-        "dev": ["pytest>=7", "pytest-timeout", "psutil", "deepspeed>=0.15", "ninja", "accelerate>=1.1"],
+        "dev": ["pytest>=7", "pytest-timeout", "psutil", "deepspeed>=0.15", "ninja", "accelerate>=1.1",
+                "matplotlib"],  # matplotlib: the plot of benchmarks/unseen_styles.py
     },
 )

@@ -161,6 +161,8 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, list(args.overrides))
     os.makedirs(args.workdir, exist_ok=True)
     shards = make_data(args)
+    if cfg.train.use_llm:  # converted once here, not by every rank at once
+        run([sys.executable, "-m", "htr_dist.models.llm", "--prepare", cfg.llm.name_or_path])
     runs = [train_and_score(args, shards, seed, cfg.dist.strategy) for seed in args.seeds]
     keys = ("cer_seen", "cer_unseen", "wer_seen", "wer_unseen", "minutes", "steps")
     report = {k: statistics.median(r[k] for r in runs) for k in keys}

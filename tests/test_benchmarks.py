@@ -179,3 +179,25 @@ def test_augment_prints_lines_per_second_per_part():
         assert result["cost_ratio"][size]["all_vs_none"] == cases["none"]["median"] / cases["all"]["median"]
     bad = subprocess.run(cmd[:2] + ["--sizes", "16by128"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode != 0 and "expected HEIGHTxWIDTH" in bad.stderr
+
+
+def test_unseen_styles_reports_seen_and_unseen_figures_and_plots(tiny_llama, tmp_path):
+    """The unseen-style benchmark end to end at a tiny size: writer-independent data, 2-rank training, both test
+    splits, one JSON object with the issue's keys, and the PNG of the val curves."""
+    from conftest import TINY_ARCH
+
+    plot = str(tmp_path / "curves.png")
+    cmd = [sys.executable, os.path.join(BENCH, "unseen_styles.py"), "--config", "configs/tiny_cpu.yaml",
+           "--steps", "4", "--seeds", "0", "1", "--forms", "20", "--workdir", str(tmp_path / "work"), "--plot", plot
+           ] + TINY_ARCH + [f"llm.name_or_path={tiny_llama}", "train.eval_every=2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout)
+    for key in ("cer_seen", "cer_unseen", "wer_unseen", "minutes", "steps"):
+        assert report[key] == report["spread"][key]["median"], key
+    assert report["steps"] == 4 and [r["seed"] for r in report["runs"]] == [0, 1]
+    for r in report["runs"]:
+        assert r["lines_seen"] > 0 and r["lines_unseen"] > 0 and r["lines_seen"] != r["lines_unseen"]
+        assert [p[1] for p in r["curves"]["unseen"]] == [2, 4] and [p[1] for p in r["curves"]["seen"]] == [2, 4]
+    with open(plot, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -118,7 +118,7 @@ def test_train_reports_bad_input_in_one_line(case, shard_dir, tmp_path):
         "not_a_checkpoint": (f"train.resume={shard_dir}", 1,
                              f"error: train.resume: {shard_dir}: not a checkpoint of this strategy (no trainer.pt)"),
         "split": ("data.val_split=validation", 1,  # found before training, not when the run validates at its end
-                  f"error: {shard_dir}/manifest.json: no split 'validation'; it has test, train, val"),
+                  f"error: {shard_dir}/manifest.json: no split 'validation'; it has test, test_seen, train, val, val_seen"),
     }[case]
     proc = subprocess.run([PY, "launch/train.py", "--config", "configs/tiny_cpu.yaml", f"data.path={shard_dir}",
                            "train.use_llm=true", f"run.dir={tmp_path / 'run'}", override],
