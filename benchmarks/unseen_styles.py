@@ -14,7 +14,7 @@ the exported model on ``test_seen`` and ``test``. Prints one JSON object:
 and writes a PNG of val CER against minutes of training, both sets, every seed (``--plot``).
 
   python benchmarks/unseen_styles.py --config configs/demo.yaml --seeds 0 1 2
-  python benchmarks/unseen_styles.py --config configs/synth_long.yaml --forms 850 --minutes 60
+  python benchmarks/unseen_styles.py --config configs/synth_long.yaml --forms 800 --minutes 60
 """
 
 import argparse
