@@ -138,12 +138,12 @@ def plot(runs: list, path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for r in runs:
-        for split, style in (("seen", "--"), ("unseen", "-")):
+    for i, r in enumerate(runs):  # one colour per seed: solid unseen fonts, dashed seen fonts
+        for split, style in (("unseen", "-"), ("seen", "--")):
             pts = r["curves"].get(split, [])
             if pts:
-                ax.plot([p[0] for p in pts], [100 * p[2] for p in pts], style, marker="o", markersize=3,
-                        label=f"{split} fonts, seed {r['seed']}")
+                ax.plot([p[0] for p in pts], [100 * p[2] for p in pts], style, color=f"C{i % 10}", marker="o",
+                        markersize=3, label=f"{split} fonts, seed {r['seed']}")
     ax.set_xlabel("minutes of training")
     ax.set_ylabel("val CER (%)")
     ax.set_yscale("log")
