@@ -20,6 +20,7 @@ and writes a PNG of val CER against minutes of training, both sets, every seed (
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -61,7 +62,8 @@ def run(cmd, **kw) -> float:
     start = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, stdout=sys.stderr, **kw)
     if proc.returncode != 0:
-        sys.exit(f"unseen_styles: {cmd[0] if len(cmd) < 2 else cmd[1]} failed with exit code {proc.returncode}")
+        what = next((c for c in cmd if c.endswith(".py")), " ".join(cmd[:3]))  # the script, not the launcher
+        sys.exit(f"unseen_styles: {what} failed with exit code {proc.returncode}")
     return time.time() - start
 
 
@@ -108,8 +110,6 @@ def train_and_score(args, shards: str, seed: int, strategy: str) -> dict:
         if args.minutes:
             overrides.append(f"train.max_minutes={args.minutes}")
         if os.path.isdir(run_dir):
-            import shutil
-
             shutil.rmtree(run_dir)
         seconds = run(launcher + ["launch/train.py", "--config", args.config] + overrides + list(args.overrides))
         with open(timing, "w", encoding="utf-8") as f:

@@ -16,6 +16,7 @@ import sys
 import time
 
 from htr_dist.config import int_at_least, load_config
+from htr_dist.data.shards import load_manifest
 from htr_dist.dist.env import launcher_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,9 +114,8 @@ def main(argv=None) -> int:
 def _has_split(shard_dir: str, split: str) -> bool:
     """Whether ``shard_dir`` holds a complete shard set with ``split`` (older demo shards have no test_seen)."""
     try:
-        with open(os.path.join(shard_dir, "manifest.json"), encoding="utf-8") as f:
-            return split in json.load(f).get("splits", {})
-    except (OSError, ValueError):
+        return split in load_manifest(shard_dir)["splits"]
+    except (OSError, ValueError):  # no manifest yet, or a damaged one: made anew
         return False
 
 

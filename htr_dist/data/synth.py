@@ -334,6 +334,7 @@ def plan_forms(forms: int, seed: int, fonts: Sequence[Tuple[str, str]], lines_pe
     bad = sorted(set("".join(words)) - set(CHARSET))
     if bad:
         raise ValueError(f"prose: characters {''.join(bad)!r} are outside the synthetic character set {CHARSET!r}")
+    split_of = dict(fonts)
     by_split: dict = {}
     for path, split in fonts:
         by_split.setdefault(split if independent else "train", []).append(path)
@@ -350,8 +351,7 @@ def plan_forms(forms: int, seed: int, fonts: Sequence[Tuple[str, str]], lines_pe
         font_path = rng.choice(by_split[font_split_of.get(role, "train")])
         known = writers.setdefault(font_path, [])
         if not known or rng.random() < NEW_WRITER_P:
-            split = next((s for p, s in fonts if p == font_path), "train")
-            known.append(new_writer(rng, f"{n_writers:03d}", font_path, split))
+            known.append(new_writer(rng, f"{n_writers:03d}", font_path, split_of[font_path]))
             n_writers += 1
         writer = rng.choice(known)
         size = round(writer.ink_height * rng.uniform(0.95, 1.05) / _ink_ratio(font_path))

@@ -51,8 +51,10 @@ class StopFlag:
         log.warning("SIGTERM received: stopping at the next step boundary with a checkpoint")
         self.raised = True
 
-    def any_rank(self) -> bool:
-        return bool(dist_env.all_reduce_max(torch.tensor([float(self.raised)])).item())
+    def any_rank(self, *more: bool) -> list:
+        """[SIGTERM raised on any rank] + [each of ``more`` true on any rank], agreed in one all-reduce."""
+        flags = torch.tensor([float(self.raised)] + [float(m) for m in more])
+        return [bool(v) for v in dist_env.all_reduce_max(flags).tolist()]
 
 
 def total_steps(cfg, manifest: dict, world: int) -> int:
@@ -212,8 +214,11 @@ def train(cfg, env) -> dict:
         if cfg.train.eval_every and pos.step % cfg.train.eval_every == 0 and pos.step < steps:
             val = _validate_and_keep_best(strategy.module, cfg, alphabet, env, logger, best, pos.step)
         # stop_after counts this run's steps: a job script that always passes it goes on by that many each time
-        stopping = stop.any_rank() or (0 < cfg.train.stop_after <= pos.step - start_step and pos.step < steps)
-        if cfg.train.max_minutes and not stopping and pos.step < steps and _out_of_time(started, cfg.train.max_minutes):
+        # the time budget is agreed in the same all-reduce as SIGTERM, so all ranks stop at the same step
+        late = bool(cfg.train.max_minutes) and time.time() - started >= 60.0 * cfg.train.max_minutes
+        sigterm, late = stop.any_rank(late)
+        stopping = sigterm or (0 < cfg.train.stop_after <= pos.step - start_step and pos.step < steps)
+        if late and not stopping and pos.step < steps:
             log.info("train.max_minutes=%g reached at step %d of %d: finishing here", cfg.train.max_minutes,
                      pos.step, steps)
             steps = pos.step  # the run ends now: last checkpoint, validation and export as at the last step
@@ -234,12 +239,6 @@ def train(cfg, env) -> dict:
     logger.close()
     dist_env.barrier()
     return {"step": pos.step, "stopped": False, "val_cer": val["cer"], "val_wer": val["wer"]}
-
-
-def _out_of_time(started: float, minutes: float) -> bool:
-    """Whether ``minutes`` have passed since ``started`` on any rank (so all ranks stop at the same step)."""
-    late = float(time.time() - started >= 60.0 * minutes)
-    return bool(dist_env.all_reduce_max(torch.tensor([late])).item())
 
 
 def _validate_and_keep_best(model, cfg, alphabet, env, logger, best: BestModel, step: int) -> dict:
