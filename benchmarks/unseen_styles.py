@@ -18,21 +18,19 @@ and writes a PNG of val CER against minutes of training, both sets, every seed (
 """
 
 import argparse
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 
 from _report import reserve_stdout, spread
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from htr_dist import experiment as ex  # noqa: E402
 from htr_dist.config import int_at_least, load_config  # noqa: E402
-from htr_dist.dist.env import launcher_command  # noqa: E402
+from htr_dist.errors import InputError  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -56,74 +54,32 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def run(cmd, **kw) -> float:
-    """Run a stage (its output goes to stderr); return its seconds; a failure stops the benchmark naming it."""
-    print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
-    start = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=sys.stderr, **kw)
-    if proc.returncode != 0:
-        what = next((c for c in cmd if c.endswith(".py")), " ".join(cmd[:3]))  # the script, not the launcher
-        sys.exit(f"unseen_styles: {what} failed with exit code {proc.returncode}")
-    return time.time() - start
-
-
 def make_data(args) -> str:
     """The writer-independent synthetic set and its shards (made once per WORKDIR, forms and data seed)."""
     tag = f"forms{args.forms}_seed{args.data_seed}"
     synth, shards = os.path.join(args.workdir, "data", tag), os.path.join(args.workdir, "shards", tag)
     py = sys.executable
     if not os.path.isfile(os.path.join(synth, "splits", "test_seen.uttlist")):
-        run([py, "launch/synth_iam.py", synth, "--forms", str(args.forms), "--seed", str(args.data_seed),
-             "--no-progress"])
+        ex.run_logged([py, "launch/synth_iam.py", synth, "--forms", str(args.forms), "--seed", str(args.data_seed),
+                       "--no-progress"], None, "synth_iam.py")
     if not os.path.isfile(os.path.join(shards, "manifest.json")):
-        run([py, "launch/prepare_iam.py", "--iam", synth, "--out", shards])
+        ex.run_logged([py, "launch/prepare_iam.py", "--iam", synth, "--out", shards], None, "prepare_iam.py")
     return shards
 
 
-def val_curves(run_dir: str) -> dict:
-    """``{split: [(minutes since the first logged step, step, CER)]}`` from the run's TensorBoard events."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(os.path.join(run_dir, "tb"), size_guidance={"scalars": 0})
-    acc.Reload()
-    tags = acc.Tags()["scalars"]
-    t0 = min(e.wall_time for e in acc.Scalars("train/lr")) if "train/lr" in tags else None
-    out = {}
-    for split, tag in (("unseen", "val/cer"), ("seen", "val_seen/cer")):
-        if tag in tags:
-            events = acc.Scalars(tag)
-            start = t0 if t0 is not None else events[0].wall_time
-            out[split] = [(round((e.wall_time - start) / 60, 2), e.step, round(e.value, 4)) for e in events]
-    return out
-
-
-def train_and_score(args, shards: str, seed: int, strategy: str) -> dict:
+def train_and_score(args, shards: str, seed: int) -> dict:
     run_dir = os.path.join(args.workdir, "runs", f"{os.path.splitext(os.path.basename(args.config))[0]}_seed{seed}")
-    scores_path = {s: os.path.join(run_dir, f"{s}_scores.json") for s in ("test_seen", "test")}
-    timing = os.path.join(run_dir, "train_seconds.json")
-    if not (args.reuse and all(os.path.isfile(p) for p in list(scores_path.values()) + [timing])):
-        launcher = launcher_command("deepspeed" if strategy == "deepspeed" else "torchrun", args.nproc)
-        overrides = [f"data.path={shards}", f"run.dir={run_dir}", f"train.seed={seed}",
-                     "data.extra_val_splits=[val_seen]", "run.progress=false"]
-        if args.steps:
-            overrides.append(f"train.max_steps={args.steps}")
-        if args.minutes:
-            overrides.append(f"train.max_minutes={args.minutes}")
-        if os.path.isdir(run_dir):
-            shutil.rmtree(run_dir)
-        seconds = run(launcher + ["launch/train.py", "--config", args.config] + overrides + list(args.overrides))
-        with open(timing, "w", encoding="utf-8") as f:
-            json.dump({"seconds": seconds}, f)
-        for split, path in scores_path.items():
-            run([sys.executable, "launch/evaluate.py", "--checkpoint", run_dir, "--data", shards, "--split", split,
-                 "--json", path])
-    scores = {}
-    for split, path in scores_path.items():
-        with open(path, encoding="utf-8") as f:
-            scores[split] = json.load(f)
-    with open(timing, encoding="utf-8") as f:
-        seconds = json.load(f)["seconds"]
-    curves = val_curves(run_dir)
+    budget = [f"train.max_steps={args.steps}"] if args.steps else []
+    budget += [f"train.max_minutes={args.minutes}"] if args.minutes else []
+    spec = ex.RunSpec(args.config, ["data.extra_val_splits=[val_seen]"] + budget + list(args.overrides), seed, shards,
+                      args.nproc)
+    if not args.reuse and os.path.isdir(run_dir):
+        shutil.rmtree(run_dir)
+    seconds = ex.train_run(spec, run_dir, log=False)
+    # the final export, as make demo reports it
+    scores = ex.score_run(run_dir, shards, ("test_seen", "test"), log=False, model=os.path.join(run_dir, "model.pt"))
+    curves = ex.val_curves(run_dir)
+    curves = {name: curves[split] for name, split in (("unseen", "val"), ("seen", "val_seen")) if split in curves}
     steps = max((p[1] for c in curves.values() for p in c), default=0)
     return {"seed": seed, "cer_seen": scores["test_seen"]["cer"], "cer_unseen": scores["test"]["cer"],
             "wer_seen": scores["test_seen"]["wer"], "wer_unseen": scores["test"]["wer"],
@@ -158,12 +114,11 @@ def plot(runs: list, path: str, title: str) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     emit = reserve_stdout()
-    cfg = load_config(args.config, list(args.overrides))
+    load_config(args.config, list(args.overrides))  # a bad key fails here, before any data is made
     os.makedirs(args.workdir, exist_ok=True)
     shards = make_data(args)
-    if cfg.train.use_llm:  # converted once here, not by every rank at once
-        run([sys.executable, "-m", "htr_dist.models.llm", "--prepare", cfg.llm.name_or_path])
-    runs = [train_and_score(args, shards, seed, cfg.dist.strategy) for seed in args.seeds]
+    ex.prepare_teacher(args.config, list(args.overrides))  # once here, not by every rank at once
+    runs = [train_and_score(args, shards, seed) for seed in args.seeds]
     keys = ("cer_seen", "cer_unseen", "wer_seen", "wer_unseen", "minutes", "steps")
     report = {k: statistics.median(r[k] for r in runs) for k in keys}
     report["spread"] = {k: spread([r[k] for r in runs]) for k in keys}
@@ -177,4 +132,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (InputError, RuntimeError) as err:  # a stage failed (its output is above) or a setting is wrong
+        sys.exit(f"unseen_styles: {err}")

@@ -18,6 +18,7 @@ SCRIPTS = {
     "launch/fetch_fonts.py": ["--list", "--split", "--check"],
     "benchmarks/unseen_styles.py": ["--config", "--steps", "--minutes", "--seeds", "--plot"],
     "launch/demo.py": ["--variant", "--forms", "--fresh"],
+    "launch/compare.py": ["--config", "--arm", "--seeds", "--eval", "--out", "--data"],
     "benchmarks/loader.py": ["--data"],
     "benchmarks/augment.py": ["--sizes", "--baseline"],
     "benchmarks/step_time.py": ["--steps", "--batch", "--llm-precision"],
