@@ -204,7 +204,12 @@ class TrainConfig:
     as a preemption would (0 = off); the schedule still spans the whole run, so a resumed run continues exactly (for
     time-limited cluster jobs: a job script that always passes it goes on by that many steps each time)."""
     resume: str = ""
-    """``auto`` = newest checkpoint in ``run.dir``; a path = that checkpoint; empty = start fresh."""
+    """``auto`` = newest intact checkpoint in ``run.dir`` (a damaged or incomplete one is skipped, saying why); a path
+    = that checkpoint; empty = start fresh."""
+    max_bad_steps: int = 5
+    """A step whose loss or gradient norm is not finite on any rank is skipped on every rank (no weight update, counted
+    in ``train/skipped_steps``); after this many in a row the run stops with an error, leaving the last good
+    checkpoint and exports as they were."""
 
 
 @dataclass
@@ -289,6 +294,7 @@ _POSITIVE = (
     "arch.mobilevit_depth", "arch.mobilevit_heads", "connector.num_queries", "connector.dim", "connector.num_layers",
     "connector.num_heads", "connector.proj_hidden", "llm.max_text_tokens", "train.batch_size", "train.grad_accum",
     "train.num_epochs", "train.keep_last", "train.log_every", "dist.timeout_s", "train.llm_every",
+    "train.max_bad_steps",
 )
 _NON_NEGATIVE = (
     "data.num_workers", "data.shuffle_buffer", "arch.mobilevit_dim", "arch.shortcut_weight", "train.lr",
@@ -505,11 +511,18 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     if path:
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = _load_yaml(f, Config) or {}
-            except yaml.YAMLError as err:
-                raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = raw[:err.start].count(b"\n") + 1
+            raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte "
+                              f"{raw[err.start]:#04x}): save the file as UTF-8") from None
+        try:
+            data = _load_yaml(text, Config) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
         try:
             _merge(cfg, data)
         except ConfigError as err:

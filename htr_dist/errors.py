@@ -30,3 +30,8 @@ def _message_from_worker(cls: type, text: str) -> str:
     if not found or found.group(1) != cls.__name__ or at < 0:
         return text
     return f"{text[at + len(last_line):].rstrip()} ({found.group(2)})"
+
+
+class TrainingDiverged(InputError):
+    """Training cannot go on: the loss, gradients or weights stopped being finite. The message says at which step and
+    what was kept; it is the settings (learning rate, data), not a bug in htr-dist."""

@@ -7,6 +7,7 @@ import logging
 import time
 from collections import Counter
 
+from htr_dist.data.shards import load_manifest, split_lines
 from htr_dist.dist import env as dist_env
 from htr_dist.errors import InputError
 from htr_dist.inference import LineResult, Recognizer, corpus_scores, evaluate_batches
@@ -48,7 +49,13 @@ def run_evaluation(args, env) -> dict:
     if not results:  # every rank holds all results: all stop together
         raise InputError(f"{args.data}: no line of split {args.split!r} could be read (see the warnings above)")
     scores = corpus_scores(results)
-    scores.update(split=args.split, data=args.data, decode=args.decode, seconds=round(time.time() - start, 2))
+    expected = split_lines(load_manifest(args.data), args.split)
+    scores.update(split=args.split, data=args.data, decode=args.decode, seconds=round(time.time() - start, 2),
+                  lines_expected=expected, lines_missing=expected - scores["lines"])
+    if scores["lines_missing"] and not getattr(args, "allow_partial", False):  # the same on every rank
+        raise InputError(f"{args.data}: only {scores['lines']} of the {expected} lines of split {args.split!r} could be "
+                         f"read (see the warnings above): a CER over part of a split is not its CER; repair the "
+                         f"shards (prepare_iam.py --verify) or pass --allow-partial")
     if env.is_main:
         for r in results[: args.show]:
             print(f"{r.key}\n  truth: {r.reference}\n  pred:  {r.prediction}")
@@ -57,5 +64,7 @@ def run_evaluation(args, env) -> dict:
             log.info("per-line predictions written to %s", args.predictions)
         if args.json:
             atomic_write_json(args.json, scores)
-        print(f"{args.split} CER {100 * scores['cer']:.1f}% WER {100 * scores['wer']:.1f}% ({scores['lines']} lines)")
+        missing = f", {scores['lines_missing']} of {expected} MISSING" if scores["lines_missing"] else ""
+        print(f"{args.split} CER {100 * scores['cer']:.1f}% WER {100 * scores['wer']:.1f}% ({scores['lines']} lines"
+              f"{missing})")
     return scores

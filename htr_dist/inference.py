@@ -64,7 +64,11 @@ class Recognizer:
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-            raise InferenceError(f"{path}: not a loadable htr-dist model ({err})") from None
+            # torch's own message ends in advice to load with weights_only=False, i.e. to run what is in the file
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            if "weights_only" in first or "Weights only" in first:
+                first = "it holds more than tensors and plain values"
+            raise InferenceError(f"{path}: not a loadable htr-dist model ({first[:200]})") from None
         if not isinstance(blob, dict) or blob.get("format") != EXPORT_FORMAT:
             raise InferenceError(f"{path}: not an htr-dist exported model (expected format {EXPORT_FORMAT!r})")
         try:
@@ -78,6 +82,10 @@ class Recognizer:
             raise InferenceError(f"{path}: exported model lacks its {err} entry (damaged or hand-made file)") from None
         except (RuntimeError, ValueError) as err:  # ConfigError is a ValueError; a state dict mismatch a RuntimeError
             raise InferenceError(f"{path}: cannot rebuild the model from it ({err})") from None
+        bad = [k for k, v in blob["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise InferenceError(f"{path}: {len(bad)} weight tensor(s) are not finite (e.g. {bad[0]}): the run that "
+                                 "wrote it diverged; use an earlier export or checkpoint")
         model.to(device).eval()
         record = blob.get("validation")
         scored = (f", step {record['step']}, {record['split']} CER {100 * record['cer']:.2f}%"
@@ -116,7 +124,7 @@ def read_gray(path: str) -> np.ndarray:
     try:
         with Image.open(path) as img:
             return gray8(img)
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
         raise InferenceError(f"{path}: cannot decode image ({err})") from None
 
 

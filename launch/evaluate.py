@@ -26,6 +26,9 @@ def parse_args(argv=None):
     p.add_argument("--memory-format", choices=CHOICES["dist.memory_format"], default=None,
                    help="backbone layout (default: the training run's dist.memory_format, resolved for this machine)")
     p.add_argument("--json", default=None, help="write the scores as JSON to this file")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="score what can be read of a damaged split (lines_missing says how much is not) instead of "
+                        "stopping with an error")
     p.add_argument("--predictions", default=None, help="write per-line id, truth, prediction, edit distance (TSV)")
     p.add_argument("--show", type=int_at_least(0), default=0, help="print this many predictions next to the ground truth")
     return p.parse_args(argv)

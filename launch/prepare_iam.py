@@ -46,7 +46,13 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=0, help="parallel processes (default: 0 = all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in batch jobs)")
     p.add_argument("--name", default="", help="data set name in the manifest (default: the output folder name)")
+    p.add_argument("--verify", metavar="OUT", help="check every shard of OUT against its manifest (SHA-256 and size) "
+                                                   "and exit: 0 if all match, 1 naming each one that does not")
     args = p.parse_args(argv)
+    if args.verify:
+        if args.positional or args.iam or args.out:
+            p.error("--verify OUT takes no other folder")
+        return args
     if args.positional:
         if len(args.positional) != 4 or args.iam or args.out:
             p.error("the positional form takes exactly FORMS XML SPLITS OUT (and no --iam/--out)")
@@ -73,13 +79,31 @@ def options(args) -> PrepareOptions:
                           args.name)
 
 
+def verify(folder: str) -> int:
+    from htr_dist.data.shards import ManifestError, load_manifest, verify_shards
+
+    try:
+        problems = verify_shards(folder)
+        manifest = load_manifest(folder, check_sizes=False)
+    except ManifestError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for line in problems:
+        print(f"error: {line}", file=sys.stderr)
+    shards = sum(len(i["shards"]) for i in manifest["splits"].values())
+    print(f"{folder}: {shards - len(problems)} of {shards} shards match the manifest")
+    return 1 if problems else 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.verify:
+        return verify(args.verify)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         opt = options(args)
         manifest = prepare(opt, progress=not args.no_progress)
-    except (FileNotFoundError, ValueError) as err:  # missing folders, malformed lines.txt or split lists
+    except (OSError, ValueError) as err:  # missing or unwritable folders, malformed lines.txt or split lists
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(summary(manifest))

@@ -29,6 +29,24 @@ TINY_ARCH = [
 
 
 
+def reset_shard_sizes(folder, forget=False):
+    """Record in ``folder``'s manifest the sizes its shards have now (as if they had been written damaged), or with
+    ``forget`` none at all (as an older htr-dist wrote it): a test that damages a shard's content then reaches the
+    reader, not the start-up size check."""
+    import json
+
+    path = os.path.join(folder, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    for info in manifest["splits"].values():
+        for entry in info["shards"]:
+            entry.pop("bytes", None)
+            if not forget:
+                entry["bytes"] = os.path.getsize(os.path.join(folder, entry["file"]))
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+
+
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory):
     from htr_dist.data.synth import synthesize

@@ -11,7 +11,7 @@ import tarfile
 
 import pytest
 
-from conftest import PY, ROOT, TINY_ARCH
+from conftest import PY, ROOT, TINY_ARCH, reset_shard_sizes
 from htr_dist.dist.env import launcher_command
 
 
@@ -76,6 +76,7 @@ def test_train_reports_corrupt_shards_in_one_line(workers, shard_dir, tmp_path):
                     data = b"not a png" if m.name.endswith(".png") else data
                     m.size = len(data)
                     tar.addfile(m, io.BytesIO(data))
+    reset_shard_sizes(str(broken))
     proc = subprocess.run([PY, "launch/train.py", "--config", "configs/tiny_cpu.yaml", f"data.path={broken}",
                            f"data.num_workers={workers}", f"run.dir={tmp_path / 'run'}"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
@@ -95,6 +96,7 @@ def test_a_validation_split_that_cannot_be_read_stops_the_run(shard_dir, tmp_pat
     for name in os.listdir(broken):
         if name.startswith("val-") and name.endswith(".tar"):
             (broken / name).write_bytes(os.urandom(4096))
+    reset_shard_sizes(str(broken))
     proc = subprocess.run([PY, "launch/train.py", "--config", "configs/tiny_cpu.yaml", f"data.path={broken}",
                            "train.max_steps=1", f"run.dir={tmp_path / 'run'}"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)

@@ -17,10 +17,10 @@ from htr_dist.config import load_config
 from htr_dist.data.alphabet import Alphabet
 from htr_dist.data.pipeline import StreamDataset, TooManySkipped, build_eval_loader, build_train_loader, \
     steps_per_epoch
-from htr_dist.data.shards import load_manifest, png_bytes, write_manifest, write_split
+from htr_dist.data.shards import ManifestError, load_manifest, png_bytes, write_manifest, write_split
 from htr_dist.data.transforms import augment_preprocess, gray8, morph3, photometric_lut, preprocess
 
-from conftest import free_port
+from conftest import free_port, reset_shard_sizes
 
 
 def make_shards(folder, counts, split="train", texts=None, alphabet="abcdefghij "):
@@ -210,6 +210,7 @@ def _corrupt_png(folder):
                 continue
             m.size = len(data)
             tar.addfile(m, io.BytesIO(data))
+    reset_shard_sizes(folder)
 
 
 def test_bad_samples_skipped_counted_and_named(tmp_path, caplog):
@@ -218,10 +219,15 @@ def test_bad_samples_skipped_counted_and_named(tmp_path, caplog):
     with open(os.path.join(folder, "train-000001.tar"), "r+b") as f:
         f.truncate(1500)  # a truncated shard: k0006's json survives, its png header is cut, the rest is lost
     cfg = cfg_for(folder, **{"train.batch_size": 1, "data.max_skip_fraction": 0.9})
+    # the manifest's sizes catch the cut shard before any reading
+    with pytest.raises(ManifestError, match=r"train-000001.tar: 1500 bytes, but the manifest says \d+"):
+        build_eval_loader(cfg, "train", Alphabet("abcdefghij "), 0, 1)
+    reset_shard_sizes(folder, forget=True)  # as a manifest of an older version, or a shard cut after start-up
     batches = list(build_eval_loader(cfg, "train", Alphabet("abcdefghij "), 0, 1))
     keys = [b["keys"][0] for b in batches]
     assert "k0001" not in keys and "k0002" not in keys and "k0000" in keys
-    assert batches[-1]["skipped"] == 4  # corrupt png, missing txt, truncated shard, the sample it cut
+    # corrupt png, missing txt, the 5 lines of the truncated shard after k0006, and k0006 without its txt
+    assert batches[-1]["skipped"] == 1 + 1 + 5 + 1
     text = caplog.text
     assert "train-000000.tar:k0001 cannot be decoded" in text
     assert "train-000000.tar:k0002 has no txt" in text
@@ -253,6 +259,7 @@ def test_abort_when_too_many_skipped(tmp_path):
                 data = b"broken"
             m.size = len(data)
             tar.addfile(m, io.BytesIO(data))
+    reset_shard_sizes(folder)
     cfg = cfg_for(folder, **{"train.batch_size": 4, "data.max_skip_fraction": 0.05})
     with pytest.raises(TooManySkipped, match=r"more than data.max_skip_fraction=0.05"):
         list(build_eval_loader(cfg, "train", Alphabet("abcdefghij "), 0, 1))

@@ -138,7 +138,8 @@ def read_scalars(tb_dir):
 
 EXPECTED_TAGS = {"train/loss_total", "train/loss_ctc", "train/loss_ctc_shortcut", "train/loss_llm", "train/lr",
                  "train/grad_norm", "perf/lines_per_s", "perf/step_s", "perf/data_wait_s", "perf/llm_s",
-                 "perf/mem_peak", "data/skipped", "val/cer", "val/wer", "val/best_cer"}
+                 "perf/mem_peak", "data/skipped", "data/unknown_chars", "train/skipped_steps", "val/cer", "val/wer",
+                 "val/best_cer"}
 
 
 @pytest.mark.parametrize("launcher, strategy, trainable_zero", [("torchrun", "fsdp", None),

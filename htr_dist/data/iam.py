@@ -91,6 +91,8 @@ def parse_form_xml(path: str) -> FormRecord:
         root = ET.parse(path).getroot()
     except (ET.ParseError, LookupError) as err:  # LookupError: an encoding declaration Python does not know
         raise IAMFormatError(f"{path}: malformed XML ({err})") from None
+    except OSError as err:  # unreadable (permissions, I/O error): named, and the other forms go on
+        raise IAMFormatError(f"{path}: cannot be read ({err.strerror or err})") from None
     if root.tag != "form" or "id" not in root.attrib:
         raise IAMFormatError(f"{path}: root element is <{root.tag}>, expected <form id=...>")
     form = FormRecord(root.attrib["id"], root.attrib.get("writer-id", ""))

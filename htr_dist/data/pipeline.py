@@ -78,13 +78,18 @@ class _Counter:
 
     def __init__(self, max_fraction: float):
         self.seen = self.skipped = self.unknown_chars = self.read = 0
+        self.warned_chars: set = set()
         self.max_fraction = max_fraction
         self.last = ""
 
-    def skip(self, what: str) -> None:
-        self.skipped += 1
+    def skip(self, what: str, lines: int = 0) -> None:
+        """One sample skipped; or, with ``lines``, that many lines a broken shard should have held (they count as
+        seen too: the fraction is of the lines the manifest promised)."""
+        self.skipped += max(1, lines)
+        self.seen += lines
         self.last = what
-        log.warning("skipped sample: %s (%d skipped so far)", what, self.skipped)
+        log.warning("skipped %s: %s (%d skipped so far)", f"{lines} lines" if lines > 1 else "sample", what,
+                    self.skipped)
         if self.seen >= MIN_SAMPLES_BEFORE_ABORT and self.skipped > self.max_fraction * self.seen:
             raise TooManySkipped(
                 f"{self.skipped} of {self.seen} samples skipped ({self.skipped / self.seen:.1%}), more than "
@@ -158,7 +163,10 @@ class StreamDataset(torch.utils.data.IterableDataset):
                 mark, pass_end = self._counter.read, pass_end + total
 
     def _handler(self, exn: Exception) -> bool:
-        self._counter.skip(f"unreadable shard data ({type(exn).__name__}: {exn})")
+        lost = getattr(exn, "lines_lost", 0)  # the lines the shard should still have given (tar_samples)
+        if lost and not self.train:  # every reader reads every shard for its share: this reader lost its share
+            lost = -(-lost // self._readers)
+        self._counter.skip(f"unreadable shard data ({type(exn).__name__}: {exn})", lost)
         return True  # keep going with the next shard
 
     def _counted(self, samples: Iterator[dict]) -> Iterator[dict]:
@@ -188,7 +196,12 @@ class StreamDataset(torch.utils.data.IterableDataset):
         else:
             x = preprocess(img, self.height, self.width)
         ids, unknown = self.alphabet.encode_counted(text)
-        self._counter.unknown_chars += unknown
+        if unknown:
+            self._counter.unknown_chars += unknown
+            for c in sorted({c for c in text if c not in self.alphabet.index} - self._counter.warned_chars):
+                self._counter.warned_chars.add(c)
+                log.warning("%s: character %r is not in the manifest's alphabet: left out of the target (said once "
+                            "per character; data/unknown_chars counts them all)", where, c)
         return s["__key__"], text, x, ids
 
     def _collate(self, items: list, worker: int) -> dict:
@@ -227,6 +240,7 @@ class StreamDataset(torch.utils.data.IterableDataset):
                                       shuffle(self._counted(tar_samples(after, handler=self._handler))))
         else:  # every reader reads the shards and keeps every readers-th sample: each line once, any layout
             readers, reader = self.world * workers, self.rank * workers + worker
+            self._readers = readers
             counts = self.counts or [None] * len(self.urls)
             sources = ({"url": u, "count": n} for u, n in zip(self.urls, counts))
             samples = self._counted(tar_samples(sources, handler=self._handler))
@@ -275,11 +289,12 @@ class SkipStats:
 
     def __init__(self, base: int = 0):
         self.base = base
+        self.base_unknown = 0
         self.by_worker: dict = {}
 
     def new_loader(self) -> None:
         """Call before taking batches from a new loader: the old one's counts move into ``base``."""
-        self.base, self.by_worker = self.skipped, {}
+        self.base, self.base_unknown, self.by_worker = self.skipped, self.unknown_chars, {}
 
     def update(self, batch: dict) -> None:
         self.by_worker[batch["worker"]] = (batch["skipped"], batch["unknown_chars"])
@@ -290,7 +305,7 @@ class SkipStats:
 
     @property
     def unknown_chars(self) -> int:
-        return sum(v[1] for v in self.by_worker.values())
+        return self.base_unknown + sum(v[1] for v in self.by_worker.values())
 
 
 def augment_parts(data_cfg) -> AugmentParts:

@@ -119,7 +119,7 @@ def _form_samples(job: Tuple[str, PrepareOptions, list]) -> Tuple[List[dict], Li
             return [], [("missing_form_image", f"{where}: line {l.id} not written") for l in lines]
         try:
             page = _load_gray(path)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
             return [], [("unreadable_image", f"{path}: cannot decode ({err}); line {l.id} not written") for l in lines]
     for line in lines:
         try:
@@ -133,7 +133,7 @@ def _form_samples(job: Tuple[str, PrepareOptions, list]) -> Tuple[List[dict], Li
                 crop = _load_gray(line_path)
                 if opt.scale != 1.0:
                     crop = iam.crop_line(crop, (0, 0, crop.shape[1], crop.shape[0]), 0, opt.scale)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
             problems.append(("unreadable_image", f"line {line.id}: {err}"))
             continue
         meta = {"form_id": line.form_id, "writer_id": line.writer_id, "bbox": list(line.bbox),

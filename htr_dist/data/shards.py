@@ -88,7 +88,8 @@ def write_split(samples: Iterable[dict], out_dir: str, split: str, max_count: in
     for tmp in sorted(counts):
         final = os.path.join(out_dir, os.path.basename(tmp)[1:-4])
         os.replace(tmp, final)
-        entries.append({"file": os.path.basename(final), "count": counts[tmp], "sha256": sha256(final)})
+        entries.append({"file": os.path.basename(final), "count": counts[tmp], "sha256": sha256(final),
+                        "bytes": os.path.getsize(final)})
     return entries
 
 
@@ -112,8 +113,9 @@ def write_manifest(out_dir: str, name: str, source: str, splits: dict, alphabet:
     return manifest
 
 
-def load_manifest(folder: str) -> dict:
-    """Read and check ``folder/manifest.json``; the returned dict also carries ``_folder``."""
+def load_manifest(folder: str, check_sizes: bool = True) -> dict:
+    """Read and check ``folder/manifest.json`` (with each shard's size, where it records one); the returned dict also
+    carries ``_folder``."""
     path = os.path.join(folder, MANIFEST)
     if not os.path.isdir(folder):
         raise ManifestError(f"shard folder not found: {folder} (make it with launch/prepare_iam.py)")
@@ -133,19 +135,57 @@ def load_manifest(folder: str) -> dict:
         raise ManifestError(f"{path}: version {manifest['version']!r} is not supported (expected 1)")
     if not isinstance(manifest["alphabet"], str) or not isinstance(manifest["splits"], dict):
         raise ManifestError(f"{path}: 'alphabet' must be a string and 'splits' an object")
+    if not manifest["alphabet"]:
+        raise ManifestError(f"{path}: 'alphabet' is empty: a model could only learn the blank")
+    repeated = sorted({c for c in manifest["alphabet"] if manifest["alphabet"].count(c) > 1})
+    if repeated:
+        raise ManifestError(f"{path}: 'alphabet' lists {repeated[0]!r} more than once: each character needs one class")
     for split, info in manifest["splits"].items():
         if not isinstance(info, dict) or not isinstance(info.get("shards"), list):
             raise ManifestError(f"{path}: split {split!r} has no 'shards' list")
         for entry in info["shards"]:
             if not isinstance(entry, dict) or not {"file", "count"} <= set(entry):
                 raise ManifestError(f"{path}: split {split!r}: shard entry {entry!r} lacks 'file' or 'count'")
-            if not os.path.isfile(os.path.join(folder, entry["file"])):
+            shard = os.path.join(folder, entry["file"])
+            if not os.path.isfile(shard):
                 raise ManifestError(f"{path}: split {split!r} lists {entry['file']}, which is not in {folder}")
+            if not isinstance(entry["count"], int) or isinstance(entry["count"], bool) or entry["count"] < 0:
+                raise ManifestError(f"{path}: split {split!r}: {entry['file']}: 'count' must be a whole number >= 0, "
+                                    f"got {entry['count']!r}")
+            size = entry.get("bytes")
+            if check_sizes and size is not None and os.path.getsize(shard) != size:  # the cheap check; --verify reads every byte
+                raise ManifestError(f"{shard}: {os.path.getsize(shard)} bytes, but the manifest says {size}: the shard "
+                                    "was cut or changed after it was written (prepare_iam.py --verify checks them all)")
         total = sum(e["count"] for e in info["shards"])
         if info.get("lines", total) != total:
             raise ManifestError(f"{path}: split {split!r} says {info['lines']} lines but its shards hold {total}")
     manifest["_folder"] = folder
     return manifest
+
+
+def verify_shards(folder: str) -> List[str]:
+    """Every shard of ``folder``'s manifest read whole and checked against its SHA-256 (and size): the problems, one
+    line each naming the file; an empty list if all match."""
+    manifest = load_manifest(folder, check_sizes=False)
+    problems = []
+    for split, info in sorted(manifest["splits"].items()):
+        for entry in info["shards"]:
+            path = os.path.join(folder, entry["file"])
+            want = entry.get("sha256")
+            if entry.get("bytes") is not None and os.path.getsize(path) != entry["bytes"]:
+                problems.append(f"{path}: {os.path.getsize(path)} bytes, but the manifest says {entry['bytes']} "
+                                f"({split} split): cut or changed; prepare the shards again")
+            elif not want:
+                problems.append(f"{path}: the manifest records no sha256 for it")
+            elif sha256(path) != want:
+                problems.append(f"{path}: its SHA-256 differs from the manifest's ({split} split, {entry['count']} "
+                                "lines): damaged or changed; prepare the shards again")
+    return problems
+
+
+def split_lines(manifest: dict, split: str) -> int:
+    """The lines the manifest says ``split`` holds."""
+    return sum(int(e["count"]) for e in manifest["splits"][split]["shards"])
 
 
 # -- reading ------------------------------------------------------------------------------------------------------
@@ -261,6 +301,9 @@ def tar_samples(sources: Iterable[dict], handler: Callable[[Exception], bool]) -
                 else:
                     ended = True  # read to the end-of-archive blocks
         except (OSError, ValueError) as exn:  # ShardReadError and UnicodeDecodeError are ValueErrors
+            expected = stop if stop is not None else count
+            if expected is not None:  # the lines of this piece not read: what a skip of the shard costs
+                exn.lines_lost = max(1, expected - max(first, index + (sample is not None)))
             if not handler(exn):
                 raise
         total = index + (sample is not None)
@@ -273,5 +316,8 @@ def tar_samples(sources: Iterable[dict], handler: Callable[[Exception], bool]) -
             found = f"more than the {count} samples the manifest counts"
         if found:
             exn = ShardReadError(f"{url}: {found} (changed after it was written?)")
+            expected = stop if stop is not None else count
+            if expected is not None and total < expected:
+                exn.lines_lost = expected - max(first, total)
             if not handler(exn):
                 raise exn

@@ -36,6 +36,7 @@ from htr_dist.dist.env import (DistEnv, attn_implementation, ranks_share_memory,
                                unlink_deepspeed_shm)
 from htr_dist.dist.shm_gather import install_for_deepspeed, install_for_fsdp
 from htr_dist.models.htr import HTRModel
+from htr_dist.train.checkpoint import safe_load
 from htr_dist.models.llm import PrefixLM, build_empty_causal_lm, checkpoint_slices, load_causal_lm, \
     load_tokenizer
 from htr_dist.train.optim import build_optimizer, build_scheduler
@@ -83,6 +84,7 @@ class Strategy:
     name = "ddp"
     shm_gather = None  # the FSDP shared-memory gatherer, when installed
     llm_load = "whole"  # how each rank got the LLM's weights: "whole" or, with FSDP, "sharded" (its rows only)
+    step_applied = True  # whether the last step() changed the weights
 
     def __init__(self, cfg, env: DistEnv, model: HTRModel, total_steps: int):
         self.cfg, self.env = cfg, env
@@ -120,12 +122,21 @@ class Strategy:
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.cfg.train.grad_accum).backward()
 
-    def step(self) -> float:
-        """Clip, step the optimizer and the schedule, zero the gradients; return the global gradient norm."""
+    def pending_grad_norm(self) -> float:
+        """The global norm of the gradients the next :meth:`step` would apply (after DDP's all-reduce, so the same on
+        every rank); 0.0 where they are not visible on the parameters (DeepSpeed ZeRO 1/2 keeps them partitioned)."""
+        return grad_norm(self.module)
+
+    def step(self, skip: bool = False) -> float:
+        """Clip, step the optimizer and the schedule, zero the gradients; return the global gradient norm. With
+        ``skip`` (every rank passes the same) the weights and the optimizer's moments stay as they were: the
+        gradients are dropped and only the schedule moves on, as a step that was taken."""
         params = [p for p in self.module.parameters() if p.requires_grad]
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        self.optimizer.step()
+        if not skip:
+            self.optimizer.step()
+        self.step_applied = not skip
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
@@ -150,8 +161,8 @@ class Strategy:
         if not os.path.isfile(path):
             raise ConfigError(f"train.resume: {folder}: not a checkpoint of this strategy (no trainer.pt)")
         # on the CPU: the RNG states in it must stay CPU tensors; load_state_dict copies weights and optimizer
-        # state to their parameters' device
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        # state to their parameters' device. Tensors and plain values only: nothing in the file can run.
+        state = safe_load(path)
         self.module.load_state_dict(state.pop("model"))
         self.optimizer.load_state_dict(state.pop("optimizer"))
         self.scheduler.load_state_dict(state.pop("scheduler"))
@@ -327,11 +338,30 @@ class DeepSpeedStrategy(Strategy):
         if not boundary:
             self.model.step()
 
-    def step(self) -> float:
+    def pending_grad_norm(self) -> float:
+        return grad_norm(self.module) if self.model.zero_optimization_stage() == 0 else 0.0
+
+    def step(self, skip: bool = False) -> float:
         # ZeRO 1/2 report the norm they clip with; at stage 0 the engine clips without keeping it, so measure it here
         # (the gradients are already averaged over the ranks) rather than log a made-up value.
-        own = grad_norm(self.module) if self.model.zero_optimization_stage() == 0 else None
-        self.model.step()
+        stage0 = self.model.zero_optimization_stage() == 0
+        own = grad_norm(self.module) if stage0 else None
+        if skip and stage0:
+            # the engine's step without the optimizer's: it still drops the gradients and moves the schedule on
+            opt = self.model.optimizer
+            own_attr = vars(opt).get("step")  # torch's LR scheduler wraps an optimizer's step on the instance
+            opt.step = lambda *a, **k: None
+            try:
+                self.model.step()
+            finally:
+                if own_attr is not None:
+                    opt.step = own_attr
+                else:
+                    del opt.step
+        else:
+            # ZeRO 1/2 skip a step with a non-finite gradient norm themselves (fp32 weights): the engine says so
+            self.model.step()
+        self.step_applied = not skip and getattr(self.model, "_step_applied", True)
         norm = self.model.get_global_grad_norm()
         if norm is None:
             norm = own if own is not None else float("nan")
@@ -352,8 +382,21 @@ class DeepSpeedStrategy(Strategy):
 
     def load(self, folder: str) -> dict:
         parent, tag = os.path.split(folder)
-        _, client_state = self.model.load_checkpoint(parent, tag=tag, load_module_strict=False,
-                                                     load_optimizer_states=True, load_lr_scheduler_states=True)
+        # DeepSpeed reads every file of a checkpoint through its checkpoint engine, with weights_only=False: read
+        # them with weights_only=True instead, so that nothing in them can run
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        # plain records in ZeRO's optimizer states
+        allowed = (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
+        engine = self.model.checkpoint_engine
+        engine.load = lambda path, map_location=None: safe_load(path, map_location or "cpu", allowed)
+        try:
+            _, client_state = self.model.load_checkpoint(parent, tag=tag, load_module_strict=False,
+                                                         load_optimizer_states=True, load_lr_scheduler_states=True)
+        finally:
+            del engine.load
         if client_state is None:
             raise ConfigError(f"train.resume: {folder}: not a DeepSpeed checkpoint")
         return client_state

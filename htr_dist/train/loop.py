@@ -17,12 +17,12 @@ from tqdm import tqdm
 from htr_dist.config import save_config, to_dict
 from htr_dist.data.alphabet import Alphabet
 from htr_dist.data.pipeline import SkipStats, build_eval_loader, build_train_loader, shard_urls, steps_per_epoch
-from htr_dist.data.shards import load_manifest
+from htr_dist.data.shards import load_manifest, split_lines
 from htr_dist.dist import env as dist_env
 from htr_dist.dist.strategy import build_strategy, llm_hidden_size, llm_param_bytes_on_rank
-from htr_dist.errors import InputError
+from htr_dist.errors import InputError, TrainingDiverged
 from htr_dist.models.htr import HTRModel, compute_losses, count_parameters
-from htr_dist.train.checkpoint import CheckpointManager, rng_state, set_rng_state
+from htr_dist.train.checkpoint import CheckpointManager, check_same_model, rng_state, set_rng_state
 from htr_dist.train.export import BestModel, export_model
 from htr_dist.train.logger import flat_hparams, make_logger, memory_peak_bytes
 from htr_dist.train.metrics import edit_distance, greedy_decode
@@ -88,6 +88,11 @@ def validate(model: HTRModel, cfg, alphabet: Alphabet, env, logger, step: int, s
     model.train(was_training)
     result = {"step": step, "split": split, "cer": (sums[0] / max(1.0, sums[1])).item(),
               "wer": (sums[2] / max(1.0, sums[3])).item(), "lines": int(sums[4])}
+    expected = split_lines(load_manifest(cfg.data.path), split)
+    result.update(lines_expected=expected, lines_missing=expected - result["lines"])
+    if result["lines_missing"] and result["lines"]:
+        log.warning("step %d: %s: only %d of its %d lines could be read: this CER is over part of the split",
+                    step, split, result["lines"], expected)
     if result["lines"] == 0:  # every rank knows the sum: all stop together, none waits in a collective
         raise InputError(f"{cfg.data.path}: no line of split {split!r} could be read for validation "
                          f"(see the warnings above); a CER over 0 lines would read as 0%")
@@ -141,6 +146,7 @@ def train(cfg, env) -> dict:
     pos = Position()
     resume_from = ckpts.resolve(cfg.train.resume)
     if resume_from:
+        check_same_model(resume_from, model_meta(cfg, alphabet))
         state = strategy.load(resume_from)
         pos = Position(**state["position"])
         saved_world = len(state["rng"])
@@ -177,11 +183,16 @@ def train(cfg, env) -> dict:
     model.train()
     val = None
     started = time.time()
+    bad_run = skipped_steps = 0
     while pos.step < steps:
         if stream is None:
             stream = open_stream(pos.micro_in_epoch)
         llm_step = pos.step % cfg.train.llm_every == 0  # the same on every rank
         window["llm_steps"] += float(llm_step)
+        finite = True
+        # a step skipped for a non-finite loss must not keep what its forward passes did to the normalisation
+        # layers' running statistics either: they are put back from this copy
+        buffers = [(b, b.detach().clone()) for b in strategy.module.buffers() if b.is_floating_point()]
         for micro in range(accum):
             t0 = time.time()
             batch = next(stream)
@@ -194,6 +205,7 @@ def train(cfg, env) -> dict:
             strategy.backward(losses["total"])
             for k in LOSS_KEYS:
                 window[k] += losses[k].item() / accum
+            finite = finite and math.isfinite(losses["total"].item())
             window["llm_s"] += losses["llm_s"]
             window["lines"] += batch["images"].shape[0]
             pos.micro_in_epoch += 1
@@ -201,22 +213,43 @@ def train(cfg, env) -> dict:
                 pos.epoch, pos.micro_in_epoch, stream = pos.epoch + 1, 0, None
                 if micro < accum - 1:
                     stream = open_stream(0)
+        # one all-reduce a step agrees on SIGTERM, the time budget and a non-finite loss or gradient on any rank
+        late = bool(cfg.train.max_minutes) and time.time() - started >= 60.0 * cfg.train.max_minutes
+        sigterm, late, bad = stop.any_rank(late, not (finite and math.isfinite(strategy.pending_grad_norm())))
         lr = strategy.lr()  # the rate this step uses; the schedule moves on inside strategy.step()
-        grad_norm = strategy.step()
+        grad_norm = strategy.step(skip=bad)
         pos.step += 1
         window_steps += 1
         bar.update(1)
+        if strategy.step_applied:
+            bad_run = 0
+        else:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+            bad_run += 1
+            skipped_steps += 1
+            logger.scalar("train/skipped_steps", skipped_steps, pos.step)
+            log.warning("step %d skipped: the loss or the gradient norm is not finite (%d in a row, %d in all)",
+                        pos.step, bad_run, skipped_steps)
+            if bad_run >= cfg.train.max_bad_steps:
+                bar.close()
+                logger.close()
+                raise TrainingDiverged(
+                    f"training diverged: {bad_run} steps in a row up to step {pos.step} had a non-finite loss or "
+                    f"gradient norm (train.max_bad_steps={cfg.train.max_bad_steps}); the checkpoints and exports in "
+                    f"{cfg.run.dir} are from the last good steps. Lower train.lr or check the data, then resume "
+                    "with train.resume=auto")
         if pos.step % cfg.train.log_every == 0 or pos.step == steps:
             _write_window(logger, window, window_steps, time.time() - window_start, grad_norm, lr, env,
                           skip_stats, pos.step, bar)
+            if strategy.step_applied:  # (a skipped step has logged the count already)
+                logger.scalar("train/skipped_steps", skipped_steps, pos.step)
             window = {k: 0.0 for k in window}
             window_steps, window_start = 0, time.time()
         if cfg.train.eval_every and pos.step % cfg.train.eval_every == 0 and pos.step < steps:
             val = _validate_and_keep_best(strategy.module, cfg, alphabet, env, logger, best, pos.step)
         # stop_after counts this run's steps: a job script that always passes it goes on by that many each time
-        # the time budget is agreed in the same all-reduce as SIGTERM, so all ranks stop at the same step
-        late = bool(cfg.train.max_minutes) and time.time() - started >= 60.0 * cfg.train.max_minutes
-        sigterm, late = stop.any_rank(late)
         stopping = sigterm or (0 < cfg.train.stop_after <= pos.step - start_step and pos.step < steps)
         if late and not stopping and pos.step < steps:
             log.info("train.max_minutes=%g reached at step %d of %d: finishing here", cfg.train.max_minutes,
@@ -245,13 +278,35 @@ def _validate_and_keep_best(model, cfg, alphabet, env, logger, best: BestModel, 
     for split in cfg.data.extra_val_splits:
         validate(model, cfg, alphabet, env, logger, step, split=split)
     val = validate(model, cfg, alphabet, env, logger, step)
+    check_finite_weights(model, step, "export")
     best.offer(model, cfg, alphabet.chars, val)
     if best.validation is not None:
         logger.scalar("val/best_cer", best.validation["cer"], step)
     return val
 
 
+def model_meta(cfg, alphabet: Alphabet) -> dict:
+    """What the trainable weights' shapes depend on: alphabet, input size, architecture, and the connector if any."""
+    d = to_dict(cfg)
+    arch = {k: v for k, v in d["arch"].items() if k not in ("rnn_dropout", "shortcut_weight")}  # no weight depends on
+    meta = {"alphabet": alphabet.chars, "img_height": cfg.data.img_height, "img_width": cfg.data.img_width,
+            "arch": arch, "use_llm": cfg.train.use_llm}
+    if cfg.train.use_llm:
+        meta["connector"] = d["connector"]
+    return meta
+
+
+def check_finite_weights(module, step: int, what: str) -> None:
+    """Refuse to write ``what`` from weights that are not all finite (every rank holds the same trainable weights,
+    so all refuse together)."""
+    bad = [name for name, t in module.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise TrainingDiverged(f"step {step}: {len(bad)} weight tensor(s) are not finite (e.g. {bad[0]}): no {what} "
+                               "written; the existing checkpoints and exports are from the last good steps")
+
+
 def _save(ckpts, strategy, cfg, alphabet, pos: Position, sampler, skip_stats) -> None:
+    check_finite_weights(strategy.module, pos.step, "checkpoint")
     client_state = {
         "position": vars(pos).copy(),
         "rng": dist_env.all_gather_objects(rng_state(sampler)),
@@ -260,14 +315,15 @@ def _save(ckpts, strategy, cfg, alphabet, pos: Position, sampler, skip_stats) ->
         "llm": cfg.llm.name_or_path if cfg.train.use_llm else None,
         "data_skipped": dist_env.all_gather_objects(skip_stats.skipped),  # per rank, as "rng"
     }
-    ckpts.save(strategy, pos.step, client_state)
+    ckpts.save(strategy, pos.step, client_state, model_meta(cfg, alphabet))
 
 
 def _write_window(logger, window, n_steps, seconds, grad_norm, lr, env, skip_stats, step, bar) -> None:
     # the LLM's loss is the mean over the steps that ran it (train.llm_every); the total's over every step
     per_step = {k: window[k] / (max(1.0, window["llm_steps"]) if k == "llm" else n_steps) for k in LOSS_KEYS}
     values = torch.tensor([per_step[k] for k in LOSS_KEYS] + [window["llm_s"] / n_steps,
-                          window["data_s"] / n_steps, window["lines"], float(skip_stats.skipped)])
+                          window["data_s"] / n_steps, window["lines"], float(skip_stats.skipped),
+                          float(skip_stats.unknown_chars)])
     values = dist_env.all_reduce_mean(values)
     for i, k in enumerate(LOSS_KEYS):
         logger.scalar(f"train/loss_{k}", values[i].item(), step)
@@ -280,6 +336,7 @@ def _write_window(logger, window, n_steps, seconds, grad_norm, lr, env, skip_sta
     logger.scalar("perf/data_wait_s", values[5].item(), step)
     logger.scalar("perf/mem_peak", float(memory_peak_bytes(env.device) or 0), step)
     logger.scalar("data/skipped", values[7].item() * env.world_size, step)
+    logger.scalar("data/unknown_chars", values[8].item() * env.world_size, step)
     if not math.isfinite(values[0].item()):
         log.warning("step %d: the loss is not finite (%s)", step, values[0].item())
     bar.set_postfix(loss=f"{values[0].item():.3f}", lines_s=f"{lines_per_s:.1f}")
