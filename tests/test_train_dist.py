@@ -282,3 +282,18 @@ def test_sigterm_checkpoints_and_exits_zero(tiny_overrides, tmp_path):
     step = int(ckpts[0][5:])
     assert 0 < step < 100000
     assert not os.path.exists(os.path.join(run, "model.pt"))  # not finished: no export
+
+
+def test_validation_and_checkpoints_do_not_change_training(tiny_overrides, tmp_path):
+    """Validating or checkpointing more or less often leaves the trained weights bit for bit the same (no random
+    stream is drawn from, no state kept), so runs that differ only in train.eval_every or train.save_every compare."""
+    weights = []
+    for every in (1, 3):
+        run = str(tmp_path / f"run{every}")
+        proc = subprocess.run([PY, os.path.join(ROOT, "launch", "train.py"), "--config",
+                               os.path.join(ROOT, "configs", "tiny_cpu.yaml")] + tiny_overrides + [
+            f"run.dir={run}", "train.max_steps=6", f"train.eval_every={every}", f"train.save_every={every + 1}",
+            "train.batch_size=3"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        weights.append(_final_weights(run))
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
