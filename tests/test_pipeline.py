@@ -330,3 +330,12 @@ def test_two_ranks_uneven_shards(tmp_path):
     assert res["n"] == 3 and res["seen"] == [4] * 6
     keys = [k for part in res["eval"] for k in part]
     assert sorted(keys) == [f"k{i:04d}" for i in range(25)]
+
+
+def test_characters_outside_the_alphabet_are_counted_and_named_once(tmp_path, caplog):
+    folder = make_shards(str(tmp_path / "s"), [4], texts=["abc", "aéb", "éé", "xa"], alphabet="abc")
+    cfg = cfg_for(folder, **{"train.batch_size": 4})
+    batches = list(build_eval_loader(cfg, "train", Alphabet("abc"), 0, 1))
+    assert batches[-1]["unknown_chars"] == 4  # é, é, é, x
+    warned = [r.getMessage() for r in caplog.records if "is not in the manifest's alphabet" in r.getMessage()]
+    assert len(warned) == 2 and "'é'" in warned[0] and "train-000000.tar:k0001" in warned[0] and "'x'" in warned[1]
