@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import logging
 import os
 import time
@@ -122,18 +123,15 @@ class Strategy:
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.cfg.train.grad_accum).backward()
 
-    def pending_grad_norm(self) -> float:
-        """The global norm of the gradients the next :meth:`step` would apply (after DDP's all-reduce, so the same on
-        every rank); 0.0 where they are not visible on the parameters (DeepSpeed ZeRO 1/2 keeps them partitioned)."""
-        return grad_norm(self.module)
-
     def step(self, skip: bool = False) -> float:
         """Clip, step the optimizer and the schedule, zero the gradients; return the global gradient norm. With
-        ``skip`` (every rank passes the same) the weights and the optimizer's moments stay as they were: the
-        gradients are dropped and only the schedule moves on, as a step that was taken."""
+        ``skip`` (every rank passes the same), or a gradient norm that is not finite (the gradients are all-reduced,
+        so every rank sees the same), the weights and the optimizer's moments stay as they were: the gradients are
+        dropped and only the schedule moves on, as a step that was taken; ``step_applied`` says which it was."""
         params = [p for p in self.module.parameters() if p.requires_grad]
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        skip = skip or not torch.isfinite(norm).item()
         if not skip:
             self.optimizer.step()
         self.step_applied = not skip
@@ -338,14 +336,12 @@ class DeepSpeedStrategy(Strategy):
         if not boundary:
             self.model.step()
 
-    def pending_grad_norm(self) -> float:
-        return grad_norm(self.module) if self.model.zero_optimization_stage() == 0 else 0.0
-
     def step(self, skip: bool = False) -> float:
         # ZeRO 1/2 report the norm they clip with; at stage 0 the engine clips without keeping it, so measure it here
         # (the gradients are already averaged over the ranks) rather than log a made-up value.
         stage0 = self.model.zero_optimization_stage() == 0
         own = grad_norm(self.module) if stage0 else None
+        skip = skip or (own is not None and not math.isfinite(own))
         if skip and stage0:
             # the engine's step without the optimizer's: it still drops the gradients and moves the schedule on
             opt = self.model.optimizer

@@ -213,9 +213,10 @@ def train(cfg, env) -> dict:
                 pos.epoch, pos.micro_in_epoch, stream = pos.epoch + 1, 0, None
                 if micro < accum - 1:
                     stream = open_stream(0)
-        # one all-reduce a step agrees on SIGTERM, the time budget and a non-finite loss or gradient on any rank
+        # one all-reduce a step agrees on SIGTERM, the time budget and a non-finite loss on any rank; a non-finite
+        # gradient norm (the same on every rank once the gradients are all-reduced) is the strategy's to skip
         late = bool(cfg.train.max_minutes) and time.time() - started >= 60.0 * cfg.train.max_minutes
-        sigterm, late, bad = stop.any_rank(late, not (finite and math.isfinite(strategy.pending_grad_norm())))
+        sigterm, late, bad = stop.any_rank(late, not finite)
         lr = strategy.lr()  # the rate this step uses; the schedule moves on inside strategy.step()
         grad_norm = strategy.step(skip=bad)
         pos.step += 1
@@ -229,10 +230,10 @@ def train(cfg, env) -> dict:
                     b.copy_(saved)
             bad_run += 1
             skipped_steps += 1
-            logger.scalar("train/skipped_steps", skipped_steps, pos.step)
             log.warning("step %d skipped: the loss or the gradient norm is not finite (%d in a row, %d in all)",
                         pos.step, bad_run, skipped_steps)
             if bad_run >= cfg.train.max_bad_steps:
+                logger.scalar("train/skipped_steps", skipped_steps, pos.step)
                 bar.close()
                 logger.close()
                 raise TrainingDiverged(
@@ -243,8 +244,7 @@ def train(cfg, env) -> dict:
         if pos.step % cfg.train.log_every == 0 or pos.step == steps:
             _write_window(logger, window, window_steps, time.time() - window_start, grad_norm, lr, env,
                           skip_stats, pos.step, bar)
-            if strategy.step_applied:  # (a skipped step has logged the count already)
-                logger.scalar("train/skipped_steps", skipped_steps, pos.step)
+            logger.scalar("train/skipped_steps", skipped_steps, pos.step)
             window = {k: 0.0 for k in window}
             window_steps, window_start = 0, time.time()
         if cfg.train.eval_every and pos.step % cfg.train.eval_every == 0 and pos.step < steps:
