@@ -29,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from htr_dist import experiment as ex  # noqa: E402
+from htr_dist.compare_report import pyplot, save_figure  # noqa: E402
 from htr_dist.config import int_at_least, load_config  # noqa: E402
 from htr_dist.errors import InputError  # noqa: E402
 
@@ -88,12 +89,7 @@ def train_and_score(args, shards: str, seed: int) -> dict:
 
 
 def plot(runs: list, path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    fig, ax = pyplot().subplots(figsize=(7, 4.2), dpi=110)
     for i, r in enumerate(runs):  # one colour per seed: solid unseen fonts, dashed seen fonts
         for split, style in (("unseen", "-"), ("seen", "--")):
             pts = r["curves"].get(split, [])
@@ -106,9 +102,7 @@ def plot(runs: list, path: str, title: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -63,13 +63,27 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(report: dict, path: str) -> None:
-    """Val CER against step: per validation split a panel, per arm the mean over seeds and a min-max band."""
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display on a cluster node)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: str) -> None:
+    """Lay ``fig`` out, write it to ``path`` whole or not at all (the format from the extension), and free it."""
+    fig.tight_layout()
+    with atomic_path(path, os.path.splitext(path)[1]) as tmp:
+        fig.savefig(tmp)
+    pyplot().close(fig)
+
+
+def plot_curves(report: dict, path: str) -> None:
+    """Val CER against step: per validation split a panel, per arm the mean over seeds and a min-max band."""
+    plt = pyplot()
     splits = sorted({s for r in report["runs"] for s in r["curves"]})
     fig, axes = plt.subplots(1, max(1, len(splits)), figsize=(5.5 * max(1, len(splits)), 4), dpi=110, squeeze=False)
     for ax, split in zip(axes[0], splits):
@@ -91,19 +105,12 @@ def plot_curves(report: dict, path: str) -> None:
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_scores(report: dict, path: str) -> None:
     """Test CER per eval split and arm: a bar at the mean, a dot per seed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     evals, arms = report["eval"], [a["name"] for a in report["arms"]]
     width = 0.8 / len(arms)
     fig, ax = plt.subplots(figsize=(1.5 + 1.6 * len(evals) * len(arms) ** 0.5, 4), dpi=110)
@@ -119,10 +126,7 @@ def plot_scores(report: dict, path: str) -> None:
     ax.set_ylabel("CER (%)")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_report(report: dict, out: str) -> Dict[str, str]:

@@ -32,6 +32,12 @@ def _message_from_worker(cls: type, text: str) -> str:
     return f"{text[at + len(last_line):].rstrip()} ({found.group(2)})"
 
 
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an error's message (its class name if it has none), cut to ``limit`` characters: what a
+    one-line report keeps of a library's multi-line message."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]
+
+
 class TrainingDiverged(InputError):
     """Training cannot go on: the loss, gradients or weights stopped being finite. The message says at which step and
     what was kept; it is the settings (learning rate, data), not a bug in htr-dist."""

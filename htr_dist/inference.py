@@ -18,7 +18,7 @@ from htr_dist.config import Config, from_dict
 from htr_dist.data.alphabet import Alphabet
 from htr_dist.data.transforms import gray8, preprocess
 from htr_dist.dist.env import pick_channels_last
-from htr_dist.errors import InputError
+from htr_dist.errors import InputError, first_line
 from htr_dist.models.htr import HTRModel
 from htr_dist.train.metrics import beam_decode, edit_distance, greedy_decode
 
@@ -65,10 +65,10 @@ class Recognizer:
             blob = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
             # torch's own message ends in advice to load with weights_only=False, i.e. to run what is in the file
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            first = first_line(err)
             if "weights_only" in first or "Weights only" in first:
                 first = "it holds more than tensors and plain values"
-            raise InferenceError(f"{path}: not a loadable htr-dist model ({first[:200]})") from None
+            raise InferenceError(f"{path}: not a loadable htr-dist model ({first})") from None
         if not isinstance(blob, dict) or blob.get("format") != EXPORT_FORMAT:
             raise InferenceError(f"{path}: not an htr-dist exported model (expected format {EXPORT_FORMAT!r})")
         try:

@@ -24,7 +24,7 @@ import torch
 from htr_dist.config import ConfigError
 from htr_dist.data.shards import sha256
 from htr_dist.dist import env as dist_env
-from htr_dist.errors import InputError
+from htr_dist.errors import InputError, first_line
 from htr_dist.io_utils import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,7 @@ def safe_load(path: str, map_location="cpu", allowed: tuple = ()):
         raise InputError(f"{path}: refused to load: it asks to run {what} besides tensors and plain values "
                          "(weights_only loading); only resume from checkpoints htr-dist wrote") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise InputError(f"{path}: cannot be read as a PyTorch file ({first[:200]})") from None
+        raise InputError(f"{path}: cannot be read as a PyTorch file ({first_line(err)})") from None
 
 
 def _fsync(path: str) -> None:
@@ -134,7 +133,7 @@ def check_same_model(folder: str, model_meta: dict) -> None:
                          f"{more}. Resume with the settings it was trained with, or start a new run.dir")
 
 
-def verify(folder: str, checksums: bool = True) -> Optional[str]:
+def verify(folder: str) -> Optional[str]:
     """Why ``folder`` is not an intact checkpoint, or None if it is (or predates integrity records: then a warning)."""
     record = os.path.join(folder, INTEGRITY)
     if not os.path.isfile(record):
@@ -155,7 +154,7 @@ def verify(folder: str, checksums: bool = True) -> Optional[str]:
         size = os.path.getsize(path)
         if size != want["size"]:
             return f"{rel} has {size} bytes, {want['size']} were written"
-        if checksums and sha256(path) != want["sha256"]:
+        if sha256(path) != want["sha256"]:
             return f"{rel} does not match its SHA-256"
     return None
 class CheckpointManager:
@@ -224,7 +223,7 @@ class CheckpointManager:
                         json.dump(model_meta, f, indent=1)
                 seal(tmp, step)
         except (OSError, RuntimeError) as err:
-            why = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            why = first_line(err)
         failed = dist_env.all_reduce_max(torch.tensor([float(bool(why))])).item() > 0
         if failed:
             if dist_env.is_main_process():
