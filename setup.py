@@ -23,6 +23,10 @@ setup(
         "transformers>=4.56",
         "gguf",
         "tensorboard",
+        # compiled CTC decoders (htr_dist/decode.py): an exact prefix beam search, and a lexicon-free beam search
+        # that takes a language model and returns n-best lists; both ship binary wheels
+        "fast-ctc-decode>=0.3",
+        "flashlight-text>=0.0.7",
     ],
     extras_require={
         "deepspeed": ["deepspeed>=0.15", "ninja", "accelerate>=1.1"],

@@ -1,19 +1,27 @@
 """Recognition throughput on the CPU: seconds per batch of the exported model's forward pass, per backbone layout,
-and of CTC decoding, per decoder. Prints one JSON object.
+and of CTC decoding, per decoding mode. Prints one JSON object.
 
 The model is loaded as launch/evaluate.py and launch/recognize.py load it (``htr_dist.inference.Recognizer.load``):
 ``--checkpoint`` names an exported model (a run folder or its model.pt); without it, a model of ``--cnn-cfg`` with
 random weights is exported to a temporary file first, which times the same forward pass. The batch is random pixels
 unless ``--data`` names a shard folder, whose first ``--batch`` lines of ``--split`` are used. Beam decoding depends
-on the logits: it skips classes below a log-probability of -12 in each frame, so a trained model on real lines
-(``--checkpoint`` and ``--data``) decodes much faster than random weights, whose flat outputs are its worst case.
-Each layout in ``--memory-format`` gets its own copy of the model; their
-forward passes run round robin on the same batch (noise is shared out evenly). ``forward.<layout>`` reports the
-layout it resolved to, min / median / max seconds per batch, lines per second at the median, and (after the first)
-``paired_ratio``: min / median / max of its time over the first layout's, per round. ``decode.<decoder>`` times CTC
-decoding of the batch (``--decode greedy,beam``) on the first layout's logits, which are the same for every layout.
+on the logits: a trained model on real lines (``--checkpoint`` and ``--data``) decodes much faster than random
+weights, whose flat outputs are its worst case.
 
-    .venv/bin/python benchmarks/inference.py --memory-format auto,channels_last,contiguous --steps 8
+Each layout in ``--memory-format`` gets its own copy of the model; their forward passes run round robin on the same
+batch (noise is shared out evenly). ``forward.<layout>`` reports the layout it resolved to, min / median / max
+seconds per batch, lines per second at the median, and (after the first) ``paired_ratio``: min / median / max of its
+time over the first layout's, per round.
+
+``decode.<mode>`` times decoding the batch from the first layout's outputs (``--decode``, any of greedy, beam,
+beam_python, beam+lm, beam+llm): seconds per batch and lines per second, decoding alone. ``beam_python`` is the
+pure-Python prefix beam search that ``beam`` replaced (``htr_dist.train.metrics.prefix_beam_search``), kept as the
+reference; ``beam_over_python`` is the paired ratio of its time over ``beam``'s, and ``beam_agrees`` the share of
+lines where both found the same text. ``beam+lm`` uses the LM of the model's ``.decode.json``, or one built from the
+train split of ``--data``; ``beam+llm`` needs a model trained with a teacher. A mode that cannot run is listed under
+``skipped`` with the reason.
+
+    .venv/bin/python benchmarks/inference.py --checkpoint runs/demo --data shards/demo --split test --steps 3
 """
 
 from __future__ import annotations
@@ -29,10 +37,13 @@ import time
 import torch
 
 from htr_dist.config import ArchConfig, Config
+from htr_dist.data.shards import split_texts
+from htr_dist.decode import DECODE_MODES, DecodeError
 from htr_dist.dist import env as dist_env
 from htr_dist.inference import Recognizer
 from htr_dist.models.htr import HTRModel, count_parameters
 from htr_dist.train.export import export_model
+from htr_dist.train.metrics import beam_decode
 
 from _macs import forward_macs  # benchmarks/, first on sys.path when run as a script
 from _report import reserve_stdout, spread
@@ -62,6 +73,30 @@ def real_lines(rec: Recognizer, folder: str, split: str, batch: int) -> torch.Te
     return next(iter(build_eval_loader(cfg, split, rec.alphabet, 0, 1)))["images"]
 
 
+def usable_decoders(rec: Recognizer, decoders: list, args) -> dict:
+    """Decoding modes that cannot run with this model, each with the reason; an unknown mode is an error."""
+    known = set(DECODE_MODES) | {"beam_python"}
+    for d in decoders:
+        if d not in known:
+            raise SystemExit(f"error: decode: {d!r} is not one of {', '.join(sorted(known))}")
+    if "beam+lm" in decoders and not rec.settings.lm_texts and args.data:
+        rec.settings.lm_texts = split_texts(args.data, "train")
+    skipped = {}
+    for d in decoders:
+        if d in DECODE_MODES:
+            try:
+                rec.check_mode(d)
+            except DecodeError as err:
+                skipped[d] = str(err)
+    return skipped
+
+
+def decode(rec: Recognizer, out: dict, mode: str, beam_width: int) -> list:
+    if mode == "beam_python":
+        return [rec.alphabet.decode(p) for p in beam_decode(out["ctc_logits"], beam_width)]
+    return rec.decode_outputs(out, mode, beam_width)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="", help="exported model (run folder or model.pt); default: random weights")
@@ -78,8 +113,9 @@ def parse_args(argv=None):
     p.add_argument("--memory-format", default="auto,contiguous",
                    help="comma-separated backbone layouts to compare: auto, channels_last, contiguous "
                         "(default: auto,contiguous)")
-    p.add_argument("--decode", default="greedy,beam", help="comma-separated decoders to time (default: greedy,beam)")
-    p.add_argument("--beam-width", type=int, default=10, help="beam width of the beam decoder (default: 10)")
+    p.add_argument("--decode", default="greedy,beam,beam_python,beam+lm,beam+llm",
+                   help="comma-separated decoding modes to time (default: greedy,beam,beam_python,beam+lm,beam+llm)")
+    p.add_argument("--beam-width", type=int, default=10, help="beam width of the beam decoders (default: 10)")
     return p.parse_args(argv)
 
 
@@ -99,22 +135,23 @@ def main(argv=None) -> int:
         images = real_lines(first, args.data, args.split, args.batch)
     else:
         images = torch.rand(args.batch, 1, first.img_height, first.img_width)
+    skipped = usable_decoders(first, decoders, args)
+    decoders = [d for d in decoders if d not in skipped]
     forward = {f: [] for f in formats}
     decoding = {d: [] for d in decoders}
+    texts = {}
     with torch.inference_mode():
-        for d in decoders:  # an unknown decoder fails now, before any timing
-            first.predict(images[:1], d, args.beam_width)
         for i in range(args.warmup + args.steps):
             this_round = {}
             for f, rec in recognizers.items():  # round robin: noise is shared out evenly
                 start = time.perf_counter()
-                logits = rec.model(images, None)["ctc_logits"]
+                out = rec.forward(images, "beam+llm" if f == formats[0] and "beam+llm" in decoders else "greedy")
                 this_round[f] = time.perf_counter() - start
                 if f == formats[0]:
-                    first_logits = logits
+                    first_out = out
             for d in decoders:
                 start = time.perf_counter()
-                first.decode_logits(first_logits, d, args.beam_width)
+                texts[d] = decode(first, first_out, d, args.beam_width)
                 this_round[d] = time.perf_counter() - start
             if i >= args.warmup:
                 for name, seconds in this_round.items():
@@ -140,7 +177,12 @@ def main(argv=None) -> int:
         }
         if f != formats[0]:
             out["forward"][f]["paired_ratio"] = paired_ratio(forward[f], forward[formats[0]])
-    out["decode"] = {d: {"seconds": spread(decoding[d])} for d in decoders}
+    out["decode"] = {d: {"seconds": spread(decoding[d]), "lines_per_s": len(images) / statistics.median(decoding[d])}
+                     for d in decoders}
+    if "beam" in decoders and "beam_python" in decoders:
+        out["beam_over_python"] = paired_ratio(decoding["beam_python"], decoding["beam"])
+        out["beam_agrees"] = sum(a == b for a, b in zip(texts["beam"], texts["beam_python"])) / len(images)
+    out["skipped"] = skipped
     emit(out)
     return 0
 

@@ -1,15 +1,17 @@
-"""Inference without the LLM: load an exported ``model.pt``, read line images, decode, evaluate a split.
+"""Inference: load an exported ``model.pt``, read line images, decode, evaluate a split.
 
-The exported file (written by :mod:`htr_dist.train.export`) holds the backbone and CTC heads only, the alphabet and the
-preprocessing settings, so recognising a line never needs the teacher LLM.
+The exported file (written by :mod:`htr_dist.train.export`) holds the backbone and CTC heads, the trained connector
+of a run that had a teacher, the alphabet and the preprocessing settings. Only ``--decode beam+llm`` loads the
+teacher LLM (named in the file); every other mode reads a line without it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -17,10 +19,12 @@ import torch
 from htr_dist.config import Config, from_dict
 from htr_dist.data.alphabet import Alphabet
 from htr_dist.data.transforms import gray8, preprocess
-from htr_dist.dist.env import pick_channels_last
+from htr_dist.decode import (DECODE_MODES, CharNgramLM, DecodeError, DecodeSettings, beam_paths, lm_paths,
+                             log_probs_of, nbest_lists, pick, teacher_log_probs)
+from htr_dist.dist.env import attn_implementation, pick_channels_last, pick_dtype
 from htr_dist.errors import InputError, first_line
 from htr_dist.models.htr import HTRModel
-from htr_dist.train.metrics import beam_decode, edit_distance, greedy_decode
+from htr_dist.train.metrics import edit_distance, greedy_decode
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,13 @@ class Recognizer:
     img_width: int
     device: torch.device
     config: Config
+    path: str = ""
+    teacher_name: Optional[str] = None
+    """The LLM the connector was trained with (None: the run had no teacher, ``beam+llm`` is not available)."""
+    settings: DecodeSettings = field(default_factory=DecodeSettings)
+    """Decoding weights, read from ``<model>.decode.json`` when tuning wrote one."""
+    _teacher: Optional[torch.nn.Module] = None
+    _lm: Optional[CharNgramLM] = None
 
     @classmethod
     def load(cls, path: str, device: Optional[torch.device] = None,
@@ -74,8 +85,9 @@ class Recognizer:
         try:
             cfg = from_dict(blob["config"])
             channels_last = pick_channels_last(device, memory_format or cfg.dist.memory_format, backward=False)
-            model = HTRModel(cfg.arch, cfg.connector, blob["num_classes"], blob["img_height"], blob["img_width"], None,
-                             channels_last)
+            teacher = blob.get("teacher")  # exports of runs with a teacher keep the trained connector
+            model = HTRModel(cfg.arch, cfg.connector, blob["num_classes"], blob["img_height"], blob["img_width"],
+                             int(teacher["hidden_size"]) if teacher else None, channels_last)
             model.load_state_dict(blob["state_dict"])
             alphabet = Alphabet(blob["alphabet"])
         except KeyError as err:
@@ -92,27 +104,93 @@ class Recognizer:
                   if isinstance(record, dict) and {"step", "split", "cer"} <= record.keys() else "")
         log.info("loaded %s on %s, backbone %s%s", path, device, "channels_last" if channels_last else "contiguous",
                  scored)
-        return cls(model, alphabet, blob["img_height"], blob["img_width"], device, cfg)
+        return cls(model, alphabet, blob["img_height"], blob["img_width"], device, cfg, path,
+                   teacher["name_or_path"] if teacher else None, DecodeSettings.load(path))
 
     def batch_from_arrays(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """Gray uint8 (h, w) arrays -> (B, 1, H, W) float tensor, preprocessed exactly as in training."""
         arr = np.stack([preprocess(img, self.img_height, self.img_width) for img in images])  # (B, H, W)
         return torch.from_numpy(arr).unsqueeze(1).to(self.device)
 
-    @torch.inference_mode()
-    def predict(self, images: torch.Tensor, decode: str = "greedy", beam_width: int = 10) -> List[str]:
-        """(B, 1, H, W) preprocessed images -> transcriptions."""
-        return self.decode_logits(self.model(images.to(self.device), None)["ctc_logits"], decode, beam_width)
+    def check_mode(self, decode: str) -> None:
+        """Fail early, with the reason, if ``decode`` cannot run with this model and its settings."""
+        if decode not in DECODE_MODES:
+            raise DecodeError(f"decode: {decode!r} is not one of {', '.join(DECODE_MODES)}")
+        if decode == "beam+lm" and not self.settings.lm_texts:
+            raise DecodeError(f"{self.path}: --decode beam+lm needs a language model, and "
+                              f"{DecodeSettings.path_for(self.path)} holds none: build it with launch/evaluate.py "
+                              "--tune --decode beam+lm --data SHARDS (it learns from the train split)")
+        if decode == "beam+llm" and self.teacher_name is None:
+            raise DecodeError(f"{self.path}: --decode beam+llm needs a model trained with a teacher (train.use_llm="
+                              "true); this one has no connector")
 
-    def decode_logits(self, logits: torch.Tensor, decode: str = "greedy", beam_width: int = 10) -> List[str]:
-        """(T, B, C) CTC logits of the main head -> transcriptions."""
+    def teacher(self) -> torch.nn.Module:
+        """The frozen LLM named in the export, loaded once (``beam+llm`` only), in the device's default dtype."""
+        if self._teacher is None:
+            from htr_dist.models.llm import PrefixLM, load_causal_lm
+
+            dtype = pick_dtype(self.device)
+            attn = attn_implementation(self.device, self.config.llm.attn_implementation, dtype)
+            lm, tokenizer = load_causal_lm(self.teacher_name, self.config.llm.cache_dir, dtype, attn, str(self.device))
+            if lm.config.hidden_size != self.model.llm_hidden:
+                raise DecodeError(f"{self.path}: the connector projects to {self.model.llm_hidden} but the teacher "
+                                  f"{self.teacher_name!r} has hidden size {lm.config.hidden_size}")
+            self._teacher = PrefixLM(lm, tokenizer).eval()
+        return self._teacher
+
+    def char_lm(self) -> CharNgramLM:
+        if self._lm is None:
+            self._lm = CharNgramLM(self.settings.lm_texts, self.settings.lm_order)
+        return self._lm
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor, decode: str = "greedy") -> dict:
+        """The model's outputs for ``decode``: visual tokens of every line only for ``beam+llm``."""
+        images = images.to(self.device)
+        index = torch.arange(images.shape[0], device=self.device) if decode == "beam+llm" else None
+        return self.model(images, index)
+
+    def predict(self, images: torch.Tensor, decode: str = "greedy", beam_width: Optional[int] = None) -> List[str]:
+        """(B, 1, H, W) preprocessed images -> transcriptions."""
+        self.check_mode(decode)
+        return self.decode_outputs(self.forward(images, decode), decode, beam_width)
+
+    def decode_outputs(self, out: dict, decode: str = "greedy", beam_width: Optional[int] = None) -> List[str]:
+        """The model's outputs -> transcriptions, by ``decode`` (one of :data:`htr_dist.decode.DECODE_MODES`)."""
+        if decode == "beam+llm":
+            s = self.settings
+            return [cands[pick([c[0] for c in cands], [c[1] for c in cands], [c[2] for c in cands], s.llm_weight,
+                               s.llm_bonus)][0] for cands in self.llm_candidates(out, beam_width)]
+        return self.decode_logits(out["ctc_logits"], decode, beam_width)
+
+    def decode_logits(self, logits: torch.Tensor, decode: str = "greedy", beam_width: Optional[int] = None) -> List[str]:
+        """(T, B, C) CTC logits of the main head -> transcriptions (every mode but ``beam+llm``)."""
+        width = beam_width or self.settings.beam_width
         if decode == "greedy":
             paths = greedy_decode(logits)
         elif decode == "beam":
-            paths = beam_decode(logits, beam_width)
+            paths = beam_paths(log_probs_of(logits), width)
+        elif decode == "beam+lm":
+            self.check_mode(decode)
+            s = self.settings if beam_width is None else dataclasses.replace(self.settings, beam_width=beam_width)
+            paths = lm_paths(log_probs_of(logits), self.char_lm(), self.alphabet.chars, s)
         else:
-            raise InferenceError(f"decode: {decode!r} is not one of 'greedy', 'beam'")
+            raise DecodeError(f"decode: {decode!r} is not one of {', '.join(m for m in DECODE_MODES if m != 'beam+llm')}"
+                              " (beam+llm needs the visual tokens: use predict or decode_outputs)")
         return [self.alphabet.decode(p) for p in paths]
+
+    @torch.inference_mode()
+    def llm_candidates(self, out: dict, beam_width: Optional[int] = None) -> List[List[Tuple[str, float, float]]]:
+        """Per line, the n-best hypotheses as (text, log P_ctc, log P_llm), best CTC score first."""
+        self.check_mode("beam+llm")
+        lists = nbest_lists(log_probs_of(out["ctc_logits"]), self.settings.n_best, beam_width or self.settings.beam_width)
+        teacher = self.teacher()
+        result = []
+        for tokens, cands in zip(out["visual_tokens"], lists):
+            texts = [self.alphabet.decode(labels) for labels, _ in cands]
+            llm = teacher_log_probs(teacher, tokens, texts)
+            result.append([(t, ctc, l) for t, (_, ctc), l in zip(texts, cands, llm)])
+        return result
 
 
 def read_gray(path: str) -> np.ndarray:
@@ -137,7 +215,7 @@ class LineResult:
 
 
 def evaluate_batches(recognizer: Recognizer, batches: Iterable[dict], decode: str = "greedy",
-                     beam_width: int = 10) -> List[LineResult]:
+                     beam_width: Optional[int] = None) -> List[LineResult]:
     """Decode every batch of an evaluation loader; one result per line."""
     results = []
     for batch in batches:

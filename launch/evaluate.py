@@ -9,6 +9,7 @@ import logging
 import sys
 
 from htr_dist.config import CHOICES, int_at_least
+from htr_dist.decode import DECODE_MODES
 from htr_dist.dist import env as dist_env
 from htr_dist.errors import InputError
 from htr_dist.evaluate import run_evaluation
@@ -19,9 +20,18 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", required=True,
                    help="run folder (uses its model.pt) or an exported file (model.pt, best_model.pt)")
     p.add_argument("--data", required=True, help="shard folder with manifest.json, e.g. shards/iam")
-    p.add_argument("--split", default="test", help="split to evaluate: train, val, test, or a synthetic set's val_seen/test_seen (default: test)")
-    p.add_argument("--decode", choices=["greedy", "beam"], default="greedy", help="CTC decoding (default: greedy)")
-    p.add_argument("--beam-width", type=int_at_least(1), default=10, help="beam width for --decode beam (default: 10)")
+    p.add_argument("--split", default=None, help="split to evaluate: train, val, test, or a synthetic set's val_seen/test_seen (default: test; val with --tune)")
+    p.add_argument("--decode", choices=DECODE_MODES, default="greedy",
+                   help="greedy; beam (CTC prefix beam search); beam+lm (with a character n-gram LM of the training "
+                        "text); beam+llm (n-best rescored by the trained connector and the teacher LLM) "
+                        "(default: greedy)")
+    p.add_argument("--beam-width", type=int_at_least(1), default=None,
+                   help="beam width (default: the model's decoding settings, 10)")
+    p.add_argument("--tune", action="store_true",
+                   help="tune the weights of --decode beam+lm or beam+llm on --split (default then: val) and save "
+                        "them beside the model as <model>.decode.json, which later runs read")
+    p.add_argument("--lm-split", default="train",
+                   help="split of --data whose transcriptions the LM of --tune --decode beam+lm learns (default: train)")
     p.add_argument("--batch-size", type=int_at_least(1), default=32, help="lines per batch (default: 32)")
     p.add_argument("--memory-format", choices=CHOICES["dist.memory_format"], default=None,
                    help="backbone layout (default: the training run's dist.memory_format, resolved for this machine)")
@@ -31,7 +41,10 @@ def parse_args(argv=None):
                         "stopping with an error")
     p.add_argument("--predictions", default=None, help="write per-line id, truth, prediction, edit distance (TSV)")
     p.add_argument("--show", type=int_at_least(0), default=0, help="print this many predictions next to the ground truth")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.split is None:
+        args.split = "val" if args.tune else "test"
+    return args
 
 
 def main(argv=None) -> int:

@@ -9,6 +9,8 @@ import argparse
 import sys
 
 from htr_dist.config import CHOICES, int_at_least
+from htr_dist.decode import DECODE_MODES
+from htr_dist.errors import InputError
 from htr_dist.dist.env import tune_cpu_allocator
 from htr_dist.inference import InferenceError, Recognizer, read_gray
 
@@ -18,8 +20,11 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", required=True,
                    help="run folder (uses its model.pt) or an exported file (model.pt, best_model.pt)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="line images (PNG, JPEG, TIFF)")
-    p.add_argument("--decode", choices=["greedy", "beam"], default="greedy", help="CTC decoding (default: greedy)")
-    p.add_argument("--beam-width", type=int_at_least(1), default=10, help="beam width for --decode beam (default: 10)")
+    p.add_argument("--decode", choices=DECODE_MODES, default="greedy",
+                   help="greedy; beam; beam+lm and beam+llm with the weights launch/evaluate.py --tune stored "
+                        "beside the model (default: greedy)")
+    p.add_argument("--beam-width", type=int_at_least(1), default=None,
+                   help="beam width (default: the model's decoding settings, 10)")
     p.add_argument("--memory-format", choices=CHOICES["dist.memory_format"], default=None,
                    help="backbone layout (default: the training run's dist.memory_format, resolved for this machine)")
     p.add_argument("--batch-size", type=int_at_least(1), default=16, help="images per forward pass (default: 16)")
@@ -30,7 +35,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         rec = Recognizer.load(args.checkpoint, memory_format=args.memory_format)
-    except InferenceError as err:
+        rec.check_mode(args.decode)
+    except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     tune_cpu_allocator("step")  # set-up is over: the batches' activations reuse heap memory from here on

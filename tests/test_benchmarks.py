@@ -156,7 +156,9 @@ def test_inference_compares_layouts_and_decoders_in_one_run(shard_dir):
     for stats in [f["seconds"] for f in forward.values()] + [d["seconds"] for d in result["decode"].values()]:
         assert 0 < stats["min"] <= stats["median"] <= stats["max"]
     assert forward["contiguous"]["lines_per_s"] == 2 / forward["contiguous"]["seconds"]["median"]
-    assert set(result["decode"]) == {"greedy", "beam"} and result["macs_per_line"] > 0
+    assert set(result["decode"]) == {"greedy", "beam", "beam_python", "beam+lm"} and result["macs_per_line"] > 0
+    assert "no connector" in result["skipped"]["beam+llm"]  # random weights, exported without a teacher
+    assert result["beam_over_python"]["min"] > 0 and 0 <= result["beam_agrees"] <= 1
     for bad, message in ((["--memory-format", "nhwc"], "dist.memory_format: 'nhwc' is not one of"),
                          (["--decode", "greedy,viterbi"], "decode: 'viterbi' is not one of")):
         proc = subprocess.run(cmd[:2] + bad + ["--batch", "1", "--height", "32", "--width", "128", "--steps", "1"],

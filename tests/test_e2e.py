@@ -59,6 +59,31 @@ def test_end_to_end(tmp_path, tiny_llama):
     assert len(got) == 4
     for path, text in got.items():
         assert text == expected[os.path.basename(path)[: -len(".png")]]
+    check_tuned_decoding(tmp_path, shards, run_dir, paths)
+
+
+def check_tuned_decoding(tmp_path, shards, run_dir, images):
+    """The exported model keeps its connector: beam+llm and beam+lm are tuned on val (2 ranks, summed over both),
+    stored beside the model, and used by evaluate.py and recognize.py."""
+    model = os.path.join(run_dir, "model.pt")
+    settings_path = os.path.join(run_dir, "model.decode.json")
+    for mode, launcher in (("beam+llm", launcher_command("torchrun", 2)), ("beam+lm", [PY])):
+        record = str(tmp_path / f"tune-{mode}.json")
+        out = run(launcher + ["launch/evaluate.py", "--checkpoint", model, "--data", shards, "--tune", "--decode",
+                              mode, "--json", record])
+        tuned = json.load(open(record))
+        assert tuned["split"] == "val" and tuned["lines"] == json.load(open(os.path.join(
+            shards, "manifest.json")))["splits"]["val"]["lines"]
+        assert tuned["cer"] <= tuned["grid"][0]["cer"] and f"tuned {mode} on val" in out.stdout
+        assert json.load(open(settings_path))["tuned"][mode]["cer"] == tuned["cer"]
+    settings = json.load(open(settings_path))
+    assert settings["lm_texts"] and set(settings["tuned"]) == {"beam+llm", "beam+lm"}  # the second kept the first
+    for mode in ("beam+llm", "beam+lm"):
+        scores = str(tmp_path / f"test-{mode}.json")
+        run([PY, "launch/evaluate.py", "--checkpoint", model, "--data", shards, "--decode", mode, "--json", scores])
+        assert json.load(open(scores))["decode"] == mode
+    proc = run([PY, "launch/recognize.py", "--checkpoint", model, "--decode", "beam+llm"] + images)
+    assert len(proc.stdout.splitlines()) == len(images)
 
 
 @pytest.mark.parametrize("workers", [0, 1])

@@ -102,9 +102,9 @@ def test_forward_outputs_and_connector_reads_tap_rows():
     assert torch.allclose(seen["feats"], tap[[1, 3]], atol=1e-6)  # (k, T, 2 * hidden): after BiLSTM layer 1
     assert seen["feats"].shape == (2, 80, 64)
     assert model(images)["visual_tokens"] is None
-    # without llm_hidden there is no connector; export drops it anyway
+    # without llm_hidden there is no connector; with one, the export keeps it (for --decode beam+llm)
     assert HTRModel(tiny_arch(), TINY_CONNECTOR, 10, 32, 160).connector is None
-    assert not any(k.startswith("connector.") for k in model.export_state_dict())
+    assert any(k.startswith("connector.") for k in model.export_state_dict())
 
 
 @pytest.mark.parametrize("head_type", ["both", "rnn", "cnn"])

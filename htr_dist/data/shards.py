@@ -321,3 +321,17 @@ def tar_samples(sources: Iterable[dict], handler: Callable[[Exception], bool]) -
                 exn.lines_lost = expected - max(first, total)
             if not handler(exn):
                 raise exn
+
+
+def split_texts(folder: str, split: str = "train") -> List[str]:
+    """Every transcription of ``split`` in a shard folder, in shard order (the images are not decoded)."""
+    manifest = load_manifest(folder)
+    info = manifest["splits"].get(split)
+    if not info or not info["shards"]:
+        raise ManifestError(f"{os.path.join(folder, 'manifest.json')}: no lines in split {split!r}")
+    texts = []
+    sources = ({"url": os.path.join(folder, s["file"]), "count": s["count"]} for s in info["shards"])
+    for sample in tar_samples(sources, lambda err: False):  # a damaged shard is an error naming it
+        if "txt" in sample:
+            texts.append(sample["txt"].decode("utf-8"))
+    return texts

@@ -34,6 +34,7 @@ class HTRModel(nn.Module):
         self.head = CTCtopB(self.backbone.out_channels, num_classes, arch.head_type, arch.rnn_type,
                             arch.rnn_hidden_size, arch.rnn_layers, arch.rnn_dropout, arch.llm_tap_layer)
         self.connector = QFormerConnector(self.head.tap_dim, llm_hidden, connector) if llm_hidden else None
+        self.llm_hidden = llm_hidden
         self.num_classes = num_classes
         self.img_size = (img_height, img_width)
 
@@ -55,8 +56,9 @@ class HTRModel(nn.Module):
         }
 
     def export_state_dict(self) -> dict:
-        """Backbone and heads only: what inference needs (no connector, no LLM)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("connector.")}
+        """Backbone, heads and the trained connector (if any): never the LLM. Greedy and beam decoding use the
+        first two only; ``beam+llm`` rescoring feeds the connector's visual tokens to the teacher."""
+        return self.state_dict()
 
 
 def num_llm_samples(batch_size: int, ratio: float) -> int:

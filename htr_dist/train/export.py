@@ -1,6 +1,7 @@
 """The inference exports of a run: ``run.dir/model.pt`` (the final weights) and ``run.dir/best_model.pt`` (the
-lowest validation CER so far). Backbone and CTC heads only, with the alphabet and preprocessing settings; loadable
-with ``torch.load(weights_only=True)`` and usable without the LLM."""
+lowest validation CER so far). Backbone and CTC heads, the trained connector if the run had a teacher (with the
+teacher's name, for ``--decode beam+llm``), the alphabet and preprocessing settings; never the LLM's weights.
+Loadable with ``torch.load(weights_only=True)`` and usable without the LLM."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ def export_model(model, cfg, alphabet: str, path: str, validation: Optional[dict
         "img_height": cfg.data.img_height,
         "img_width": cfg.data.img_width,
     }
+    if model.connector is not None:  # what --decode beam+llm needs to find the teacher again
+        blob["teacher"] = {"name_or_path": cfg.llm.name_or_path, "hidden_size": model.llm_hidden}
     if validation is not None:
         blob["validation"] = dict(validation)
     with atomic_path(path, suffix=".pt.tmp") as tmp:
