@@ -117,6 +117,7 @@ def run_evaluation(args, env) -> dict:
     """Evaluate ``args.checkpoint`` on ``args.data``/``args.split``; rank 0 prints and writes the results. With
     ``args.tune``, first tune the weights of ``args.decode`` on that split and store them beside the model."""
     rec = Recognizer.load(args.checkpoint, env.device, args.memory_format)
+    rec.use_teacher(getattr(args, "teacher", None))
     if env.device.type == "cpu":
         dist_env.tune_cpu_allocator("step")  # set-up is over: the batches' activations reuse heap memory from here on
     if getattr(args, "tune", False):

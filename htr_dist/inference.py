@@ -124,6 +124,11 @@ class Recognizer:
             raise DecodeError(f"{self.path}: --decode beam+llm needs a model trained with a teacher (train.use_llm="
                               "true); this one has no connector")
 
+    def use_teacher(self, name_or_path: Optional[str]) -> None:
+        """Read ``beam+llm`` with this LLM instead of the one the export names (the same model, found elsewhere)."""
+        if name_or_path and self.teacher_name is not None:
+            self.teacher_name, self._teacher = name_or_path, None
+
     def teacher(self) -> torch.nn.Module:
         """The frozen LLM named in the export, loaded once (``beam+llm`` only), in the device's default dtype."""
         if self._teacher is None:

@@ -25,6 +25,8 @@ def parse_args(argv=None):
                    help="greedy; beam (CTC prefix beam search); beam+lm (with a character n-gram LM of the training "
                         "text); beam+llm (n-best rescored by the trained connector and the teacher LLM) "
                         "(default: greedy)")
+    p.add_argument("--teacher", default=None, metavar="NAME_OR_PATH",
+                   help="the LLM for --decode beam+llm (default: the one the export names, as its run loaded it)")
     p.add_argument("--beam-width", type=int_at_least(1), default=None,
                    help="beam width (default: the model's decoding settings, 10)")
     p.add_argument("--tune", action="store_true",

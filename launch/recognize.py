@@ -23,6 +23,8 @@ def parse_args(argv=None):
     p.add_argument("--decode", choices=DECODE_MODES, default="greedy",
                    help="greedy; beam; beam+lm and beam+llm with the weights launch/evaluate.py --tune stored "
                         "beside the model (default: greedy)")
+    p.add_argument("--teacher", default=None, metavar="NAME_OR_PATH",
+                   help="the LLM for --decode beam+llm (default: the one the export names, as its run loaded it)")
     p.add_argument("--beam-width", type=int_at_least(1), default=None,
                    help="beam width (default: the model's decoding settings, 10)")
     p.add_argument("--memory-format", choices=CHOICES["dist.memory_format"], default=None,
@@ -35,6 +37,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         rec = Recognizer.load(args.checkpoint, memory_format=args.memory_format)
+        rec.use_teacher(args.teacher)
         rec.check_mode(args.decode)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)

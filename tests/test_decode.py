@@ -161,3 +161,48 @@ def test_settings_round_trip_and_name_the_bad_key(tmp_path):
     open(path, "w").write("{not json")
     with pytest.raises(DecodeError, match="best_model.decode.json: unreadable decoding settings"):
         DecodeSettings.load(model)
+
+
+def export_tiny(tmp_path, llm_hidden, name):
+    from htr_dist.config import Config
+    from htr_dist.models.htr import HTRModel
+    from htr_dist.train.export import export_model
+    from test_htr_model import CHARS, TINY_CONNECTOR, tiny_arch
+
+    cfg = Config()
+    cfg.arch, cfg.connector = tiny_arch(), TINY_CONNECTOR
+    cfg.data.img_height, cfg.data.img_width = 32, 160
+    cfg.llm.name_or_path = "/models/teacher-it-was-trained-with"
+    torch.manual_seed(0)
+    model = HTRModel(cfg.arch, cfg.connector, len(CHARS) + 1, 32, 160, llm_hidden)
+    return export_model(model, cfg, CHARS, str(tmp_path / name)), model
+
+
+def test_an_export_keeps_the_connector_and_names_its_teacher(tmp_path):
+    from htr_dist.inference import Recognizer
+
+    path, model = export_tiny(tmp_path, 24, "with_teacher.pt")
+    rec = Recognizer.load(path)
+    assert rec.teacher_name == "/models/teacher-it-was-trained-with" and rec.model.llm_hidden == 24
+    for key, value in model.connector.state_dict().items():
+        assert torch.equal(rec.model.connector.state_dict()[key], value)
+    images = torch.rand(2, 1, 32, 160)
+    assert len(rec.predict(images, "beam")) == 2 and rec._teacher is None  # modes without the LLM never load it
+    rec.use_teacher("/elsewhere/same-teacher")
+    assert rec.teacher_name == "/elsewhere/same-teacher"
+
+
+def test_modes_that_cannot_run_say_why_before_any_work(tmp_path):
+    from htr_dist.inference import Recognizer
+
+    path, _ = export_tiny(tmp_path, None, "plain.pt")
+    rec = Recognizer.load(path)
+    assert rec.teacher_name is None
+    with pytest.raises(DecodeError, match=r"plain.pt: --decode beam\+llm needs a model trained with a teacher"):
+        rec.check_mode("beam+llm")
+    with pytest.raises(DecodeError, match=r"plain.decode.json holds none: build it with launch/evaluate.py --tune"):
+        rec.predict(torch.rand(1, 1, 32, 160), "beam+lm")
+    with pytest.raises(DecodeError, match=r"decode: 'viterbi' is not one of greedy, beam, beam\+lm, beam\+llm"):
+        rec.check_mode("viterbi")
+    rec.use_teacher("/some/llm")  # no connector: nothing to give a teacher to
+    assert rec.teacher_name is None

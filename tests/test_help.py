@@ -11,8 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {
     "launch/train.py": ["--config", "key=value"],
     "launch/evaluate.py": ["--checkpoint", "--data", "--split", "--decode", "--json", "--predictions",
-                           "--memory-format"],
-    "launch/recognize.py": ["--checkpoint", "IMAGE", "--decode", "--memory-format"],
+                           "--memory-format", "--tune", "--lm-split", "beam+llm"],
+    "launch/recognize.py": ["--checkpoint", "IMAGE", "--decode", "--memory-format", "beam+lm"],
     "launch/prepare_iam.py": ["--iam", "--out", "--scale", "--workers"],
     "launch/synth_iam.py": ["--forms", "--seed", "--fonts", "--font-list"],
     "launch/fetch_fonts.py": ["--list", "--split", "--check"],
