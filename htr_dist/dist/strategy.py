@@ -33,8 +33,8 @@ import torch
 import torch.nn as nn
 
 from htr_dist.config import ConfigError
-from htr_dist.dist.env import (DistEnv, attn_implementation, ranks_share_memory, tune_cpu_allocator,
-                               unlink_deepspeed_shm)
+from htr_dist.dist.env import (DistEnv, attn_implementation, env_local_world_size, ranks_share_memory,
+                               tune_cpu_allocator, unlink_deepspeed_shm)
 from htr_dist.dist.shm_gather import install_for_deepspeed, install_for_fsdp
 from htr_dist.models.htr import HTRModel
 from htr_dist.train.checkpoint import safe_load
@@ -104,6 +104,13 @@ class Strategy:
                               device=device or str(self.env.device))
 
     def build_teacher(self) -> nn.Module:
+        """A whole teacher on every rank: refused before loading where it cannot fit (:func:`htr_dist.plan.ddp_refusal`)."""
+        from htr_dist.plan import ddp_refusal
+
+        reason = ddp_refusal(self.cfg, self.env.world_size, device_memory_per_rank(self.env.device),
+                             self.env.llm_dtype)
+        if reason:
+            raise ConfigError(reason)
         lm, tokenizer = self.load_teacher_lm()
         return PrefixLM(lm, tokenizer)
 
@@ -413,6 +420,14 @@ def build_strategy(cfg, env: DistEnv, model: HTRModel, total_steps: int) -> Stra
     if cpu:
         tune_cpu_allocator("step")
     return strategy
+
+
+def device_memory_per_rank(device: torch.device) -> int:
+    """Bytes one rank may use: the accelerator's memory, or on the CPU the machine's RAM shared by its local ranks."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram // max(1, env_local_world_size())
 
 
 def llm_hidden_size(cfg) -> Optional[int]:
