@@ -8,8 +8,8 @@ For each strategy and offload setting it adds up, in bytes on one rank's acceler
 - ``teacher_activations``: what the teacher's forward keeps for the backward pass to the prefix, for the lines a step
   sends through it (``batch_size x llm_sample_ratio``), with and without activation checkpointing;
 - ``trainable``: the recogniser and connector's fp32 weights, gradients and Adam moments (16 bytes a parameter; the
-  gradients and moments divided by N under ZeRO-2), and their activations for the batch, measured by one real
-  forward pass of one line of the config's image size;
+  gradients and moments divided by N under ZeRO-2), and their activations for the batch, measured by one real fp32
+  forward pass of one line of the config's image size (an upper bound where bf16 autocast halves them);
 - ``loader``: the batches the data loader workers prefetch.
 
 The activation estimate counts, per decoder layer and token, the tensors a Llama layer saves for its backward pass:
@@ -120,7 +120,8 @@ def plan(cfg, gpus_per_node: int, nodes: int, gpu_mem_gb: float, dtype: torch.dt
         sharded = strategy != "ddp"
         offload = strategy.endswith("_offload")
         held = 0 if offload else (math.ceil(whole / world) if sharded else whole)
-        working = ((2 * shape.largest_layer + shape.root_params) * b) if sharded else 0
+        gathers = sharded and (world > 1 or offload)  # one rank's unsharded teacher has nothing to gather
+        working = ((2 * shape.largest_layer + shape.root_params) * b) if gathers else 0
         zero2 = strategy.startswith("deepspeed") and world > 1
         states = rec["params"] * (4 + (12 / world if zero2 else 12))
         fixed = held + working + states + loader
