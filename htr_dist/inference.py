@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Sequence, Tuple
@@ -184,6 +185,41 @@ class Recognizer:
                               " (beam+llm needs the visual tokens: use predict or decode_outputs)")
         return [self.alphabet.decode(p) for p in paths]
 
+    def recognize(self, images: Sequence, decode: str = "greedy", batch_size: int = 16,
+                  beam_width: Optional[int] = None, bucket: bool = True) -> List[Recognition]:
+        """Read line images (paths, gray uint8 arrays or PIL images), in batches of ``batch_size``; one
+        :class:`Recognition` per image, in the order given. With ``bucket`` (the default) lines are grouped by width
+        and each batch is as wide as its widest line needs (:func:`fitted_width`), not the training canvas: the
+        same scale, far fewer empty columns. A path that cannot be read raises :class:`InferenceError` naming it."""
+        self.check_mode(decode)
+        loaded = []
+        for i, item in enumerate(images):
+            if isinstance(item, (str, os.PathLike)):
+                loaded.append((str(item), read_gray(str(item))))
+            elif isinstance(item, np.ndarray):
+                loaded.append((f"<array {i}>", item))
+            else:  # a PIL image
+                loaded.append((f"<image {i}>", gray8(item)))
+        widths = [fitted_width(img.shape, self.img_height, self.img_width) if bucket else self.img_width
+                  for _, img in loaded]
+        order = sorted(range(len(loaded)), key=lambda i: widths[i])
+        results: List[Optional[Recognition]] = [None] * len(loaded)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            width = max(widths[i] for i in chunk)
+            arr = np.stack([preprocess(loaded[i][1], self.img_height, width) for i in chunk])
+            out = self.forward(torch.from_numpy(arr).unsqueeze(1), decode)
+            texts = self.decode_outputs(out, decode, beam_width)
+            log_probs = out["ctc_logits"].float().log_softmax(-1).transpose(0, 1).cpu().numpy()
+            for i, text, lp in zip(chunk, texts, log_probs):
+                labels = [self.alphabet.index[c] for c in text]
+                probs = np.exp(lp)
+                per_char = confidences(probs, lp, labels)
+                # nothing read: how sure the model is that there is nothing, its mean blank probability
+                mean = float(np.mean(per_char)) if per_char else float(probs[:, 0].mean())
+                results[i] = Recognition(loaded[i][0], text, mean, per_char)
+        return results  # type: ignore[return-value]
+
     @torch.inference_mode()
     def llm_candidates(self, out: dict, beam_width: Optional[int] = None) -> List[List[Tuple[str, float, float]]]:
         """Per line, the n-best hypotheses as (text, log P_ctc, log P_llm), best CTC score first."""
@@ -196,6 +232,72 @@ class Recognizer:
             llm = teacher_log_probs(teacher, tokens, texts)
             result.append([(t, ctc, l) for t, (_, ctc), l in zip(texts, cands, llm)])
         return result
+
+
+WIDTH_MULTIPLE = 32
+"""Bucketed canvases are a multiple of this many pixels wide (every downsampling of the backbones divides it)."""
+
+
+def fitted_width(shape: Tuple[int, int], height: int, max_width: int) -> int:
+    """The canvas width a line of ``shape`` (h, w) needs at ``height`` with its aspect kept, rounded up to
+    :data:`WIDTH_MULTIPLE`, at most ``max_width`` (the training canvas, where a long line is scaled down instead)."""
+    h, w = shape
+    need = math.ceil(w * height / max(1, h))
+    return max(WIDTH_MULTIPLE, min(max_width, -(-need // WIDTH_MULTIPLE) * WIDTH_MULTIPLE))
+
+
+def ctc_alignment(log_probs: np.ndarray, labels: Sequence[int]) -> Optional[List[List[int]]]:
+    """The most likely CTC alignment (Viterbi) of ``labels`` to (T, C) log-probs: per label, the frames it holds;
+    None if the frames are too few for the labels."""
+    t_len, n = log_probs.shape[0], len(labels)
+    if n == 0:
+        return []
+    ext = np.zeros(2 * n + 1, dtype=np.int64)
+    ext[1::2] = labels
+    states = len(ext)
+    skip_ok = np.zeros(states, dtype=bool)  # a label may follow the previous label directly if the two differ
+    skip_ok[3::2] = ext[3::2] != ext[1:-2:2]
+    score = np.full(states, -np.inf)
+    score[0], score[1] = log_probs[0, 0], log_probs[0, ext[1]]
+    back = np.zeros((t_len, states), dtype=np.int8)  # 0 stay, 1 from s-1, 2 from s-2
+    for t in range(1, t_len):
+        prev1 = np.concatenate([[-np.inf], score[:-1]])
+        prev2 = np.where(skip_ok, np.concatenate([[-np.inf, -np.inf], score[:-2]]), -np.inf)
+        stacked = np.stack([score, prev1, prev2])
+        back[t] = stacked.argmax(0)
+        score = stacked.max(0) + log_probs[t, ext]
+    end = states - 1 if score[-1] >= score[-2] else states - 2
+    if not np.isfinite(score[end]):
+        return None
+    frames: List[List[int]] = [[] for _ in range(n)]
+    s = end
+    for t in range(t_len - 1, -1, -1):
+        if s % 2 == 1:
+            frames[s // 2].append(t)
+        s -= int(back[t, s])
+    return frames
+
+
+@dataclass
+class Recognition:
+    """One line read: its text, the mean of its characters' confidences, and each character's: the highest
+    probability the model gave that character in the frames the CTC alignment assigns to it."""
+
+    source: str
+    text: str
+    confidence: float
+    char_confidences: List[float]
+
+    def as_dict(self) -> dict:
+        return {"image": self.source, "text": self.text, "confidence": round(self.confidence, 4),
+                "chars": [[c, round(p, 4)] for c, p in zip(self.text, self.char_confidences)]}
+
+
+def confidences(probs: np.ndarray, log_probs: np.ndarray, labels: Sequence[int]) -> List[float]:
+    frames = ctc_alignment(log_probs, labels)
+    if frames is None:
+        return [0.0] * len(labels)
+    return [float(probs[f, c].max()) if f else 0.0 for f, c in zip(frames, labels)]
 
 
 def read_gray(path: str) -> np.ndarray:

@@ -1,0 +1,106 @@
+"""Recognition: inputs by file, folder, glob and list; batches by width; confidences from the CTC alignment."""
+
+import itertools
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import PY, ROOT
+from htr_dist.inference import Recognizer, ctc_alignment, confidences, fitted_width
+
+
+def best_alignment_brute_force(log_probs, labels):
+    """The highest-scoring frame path that collapses to ``labels``, by enumerating every path (tiny cases)."""
+    best, best_path = -np.inf, None
+    for path in itertools.product(range(log_probs.shape[1]), repeat=log_probs.shape[0]):
+        collapsed = [c for i, c in enumerate(path) if c != 0 and (i == 0 or path[i - 1] != c)]
+        if collapsed == list(labels):
+            score = sum(log_probs[t, c] for t, c in enumerate(path))
+            if score > best:
+                best, best_path = score, path
+    return best_path
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_alignment_is_the_best_path_of_the_labels(seed):
+    rng = np.random.default_rng(seed)
+    lp = np.log(rng.dirichlet(np.ones(3), size=6))
+    labels = [1, 1] if seed % 2 else [2, 1]
+    frames = ctc_alignment(lp, labels)
+    path = best_alignment_brute_force(lp, labels)
+    expected = [[], []]
+    k, prev = -1, 0
+    for t, c in enumerate(path):
+        if c != 0 and (t == 0 or c != prev):
+            k += 1
+        if c != 0:
+            expected[k].append(t)
+        prev = c
+    assert [sorted(f) for f in frames] == expected
+    assert ctc_alignment(lp[:1], [1, 1]) is None  # 'aa' needs at least three frames
+
+
+def test_character_confidence_is_its_best_frame():
+    probs = np.array([[0.1, 0.9, 0.0], [0.4, 0.6, 0.0], [0.9, 0.1, 0.0], [0.2, 0.0, 0.8]])
+    assert confidences(probs, np.log(probs + 1e-12), [1, 2]) == pytest.approx([0.9, 0.8])
+
+
+def test_fitted_width_keeps_the_scale_and_rounds_up():
+    assert fitted_width((32, 100), 64, 512) == 224  # 200 pixels at height 64, rounded up to 32
+    assert fitted_width((32, 1000), 64, 512) == 512  # wider than the canvas: the training width, scaled down
+    assert fitted_width((300, 10), 64, 512) == 32
+
+
+@pytest.fixture(scope="module")
+def model_and_lines(tmp_path_factory):
+    from test_decode import export_tiny
+
+    folder = tmp_path_factory.mktemp("rec")
+    path, _ = export_tiny(folder, None, "model.pt")
+    rng = np.random.default_rng(0)
+    images = []
+    for i, width in enumerate((40, 300, 120, 70, 200)):
+        img = (rng.random((32, width)) * 255).astype(np.uint8)
+        file = folder / f"line{i}.png"
+        Image.fromarray(img).save(file)
+        images.append(str(file))
+    return path, images
+
+
+def test_recognize_keeps_the_order_and_reads_every_kind_of_input(model_and_lines):
+    path, images = model_and_lines
+    rec = Recognizer.load(path)
+    got = rec.recognize(images, batch_size=2)
+    assert [r.source for r in got] == images
+    arrays = rec.recognize([np.asarray(Image.open(p)) for p in images], batch_size=2)
+    pil = rec.recognize([Image.open(p) for p in images], batch_size=5)
+    assert [r.text for r in arrays] == [r.text for r in got] == [r.text for r in pil]
+    for r in got:
+        assert len(r.char_confidences) == len(r.text) and 0.0 <= r.confidence <= 1.0
+        assert all(0.0 <= c <= 1.0 for c in r.char_confidences)
+
+
+def test_the_recognize_command_takes_folders_globs_and_lists(model_and_lines, tmp_path):
+    path, images = model_and_lines
+    folder = os.path.dirname(images[0])
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{images[2]}\n\n{images[0]}\n")
+    missing = str(tmp_path / "gone.png")
+    cmd = [PY, "launch/recognize.py", "--checkpoint", path, "--device", "cpu", "--batch-size", "2"]
+    proc = subprocess.run(cmd + [folder, os.path.join(folder, "line[34].png"), missing, "--list", str(listing),
+                                 "--json"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 1 and f"{missing}: no such image file" in proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["image"] for r in rows] == sorted(images) + [images[3], images[4], images[2], images[0]]
+    for r in rows:
+        assert "".join(c for c, _ in r["chars"]) == r["text"] and 0 <= r["confidence"] <= 1
+    tsv = subprocess.run(cmd + images[:2], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert tsv.returncode == 0
+    assert [line.split("\t")[0] for line in tsv.stdout.splitlines()] == images[:2]
+    none = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert none.returncode == 2 and "give at least one IMAGE or --list FILE" in none.stderr
