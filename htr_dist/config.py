@@ -137,6 +137,10 @@ class LLMConfig:
     """Where a GGUF model is converted to a transformers folder once."""
     max_text_tokens: int = 48
     """Transcription tokens fed to the LLM per line (longer lines are cut, counted and logged)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them: a sampled line then
+    keeps one hidden state per layer and token, not every intermediate (``launch/plan.py`` shows both), for about
+    one more forward pass of the teacher. Works under ddp, FSDP2 and ZeRO-3."""
     attn_implementation: str = "auto"
     """The LLM's attention: ``auto`` (``flash_attention_2`` on CUDA where flash-attn is installed, else ``sdpa``),
     ``sdpa``, ``eager`` or ``flash_attention_2``. On the CPU, at the ~80-token sequences of a line, ``eager`` ran

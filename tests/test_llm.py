@@ -407,3 +407,25 @@ def test_the_published_llama_shapes_ship_with_their_sizes():
             model = AutoModelForCausalLM.from_config(config)
         assert sum(p.numel() for p in model.parameters()) == params and config.hidden_size == hidden
         assert config.tie_word_embeddings and config.vocab_size == 128256
+
+
+def test_checkpointed_layers_give_the_same_prefix_gradient_and_keep_less(tiny_llama):
+    """llm.gradient_checkpointing: the same loss and prefix gradient (fp32, within 1e-6 relative), and far fewer
+    bytes saved for the backward pass."""
+    results = {}
+    for ckpt in (False, True):
+        lm, tok = load_causal_lm(tiny_llama, "/nonexistent-cache")
+        teacher = PrefixLM(lm, tok, checkpoint_layers=ckpt)
+        torch.manual_seed(0)
+        prefix = torch.randn(2, Q, lm.config.hidden_size, requires_grad=True)
+        ids, mask = teacher.tokenize(["The quick brown fox", "ink"])
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            loss = teacher(prefix, ids, mask)
+        loss.backward()
+        results[ckpt] = (loss.item(), prefix.grad.clone(), sum(saved))
+        assert all(p.grad is None for p in lm.parameters())  # still frozen
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-6)
+    assert torch.allclose(results[True][1], results[False][1], rtol=1e-6, atol=1e-9)
+    assert results[True][2] < 0.6 * results[False][2]

@@ -112,7 +112,7 @@ class Strategy:
         if reason:
             raise ConfigError(reason)
         lm, tokenizer = self.load_teacher_lm()
-        return PrefixLM(lm, tokenizer)
+        return PrefixLM(lm, tokenizer, self.cfg.llm.gradient_checkpointing)
 
     def wrap_trainable(self, module: nn.Module) -> nn.Module:
         if self.env.world_size == 1:
@@ -185,7 +185,7 @@ class FSDPStrategy(Strategy):
 
         if self.env.world_size == 1:
             lm, tokenizer = self.load_teacher_lm()
-            return PrefixLM(lm, tokenizer)
+            return PrefixLM(lm, tokenizer, self.cfg.llm.gradient_checkpointing)
         slices = None
         if self.cfg.dist.fsdp_sharded_load:
             slices = checkpoint_slices(self.cfg.llm.name_or_path, self.cfg.llm.cache_dir)
@@ -207,7 +207,7 @@ class FSDPStrategy(Strategy):
             tokenizer = load_tokenizer(self.cfg.llm.name_or_path, self.cfg.llm.cache_dir)
         else:
             lm, tokenizer = self.load_teacher_lm(device="cpu")
-        teacher = PrefixLM(lm, tokenizer)
+        teacher = PrefixLM(lm, tokenizer, self.cfg.llm.gradient_checkpointing)
         mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
         kwargs = {"mesh": mesh, "reshard_after_forward": True}
         if self.cfg.dist.fsdp_cpu_offload:
@@ -328,7 +328,8 @@ class DeepSpeedStrategy(Strategy):
         # partitioned as they load, so no rank ever holds the whole LLM.
         self._hf_ds = HfDeepSpeedConfig(ds)
         lm, tokenizer = self.load_teacher_lm()
-        engine, *_ = deepspeed.initialize(model=PrefixLM(lm, tokenizer), config=ds)
+        teacher = PrefixLM(lm, tokenizer, self.cfg.llm.gradient_checkpointing)
+        engine, *_ = deepspeed.initialize(model=teacher, config=ds)
         self.llm_engine = engine
         return engine.module
 

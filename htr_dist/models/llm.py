@@ -432,6 +432,26 @@ def final_logits(logits: torch.Tensor, config) -> torch.Tensor:
     return logits
 
 
+def checkpoint_decoder_layers(lm: nn.Module) -> None:
+    """Make every decoder layer of ``lm`` recompute its activations in the backward pass (``llm.gradient_checkpointing``).
+
+    Each layer's ``forward`` runs inside a non-reentrant ``torch.utils.checkpoint``, in eval mode too (the frozen
+    teacher is always in eval mode, where transformers' own switch does nothing). The layer's module call, and with
+    it the hooks of FSDP2 and ZeRO-3 that gather its parameters, stay outside the recomputed function: FSDP2 gathers
+    them again before the layer's backward, ZeRO-3 through the hooks of the submodules the recomputation calls."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    def recomputed(forward, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    for layer in lm.base_model.layers:
+        layer.forward = functools.partial(recomputed, layer.forward)
+
+
 class PrefixLM(nn.Module):
     """Frozen causal LM scoring a transcription after a prefix of visual tokens.
 
@@ -445,12 +465,14 @@ class PrefixLM(nn.Module):
     The loss is the mean cross-entropy over every label token of the batch, in fp32.
     """
 
-    def __init__(self, lm: nn.Module, tokenizer):
+    def __init__(self, lm: nn.Module, tokenizer, checkpoint_layers: bool = False):
         super().__init__()
         self.lm = freeze(lm)
         self.tokenizer = tokenizer
         self.truncated = 0
         """Lines cut to ``max_tokens`` by :meth:`tokenize` so far."""
+        if checkpoint_layers:
+            checkpoint_decoder_layers(self.lm)
 
     @property
     def hidden_size(self) -> int:
