@@ -203,3 +203,9 @@ def test_unseen_styles_reports_seen_and_unseen_figures_and_plots(tiny_llama, tmp
         assert [p[1] for p in r["curves"]["unseen"]] == [2, 4] and [p[1] for p in r["curves"]["seen"]] == [2, 4]
     with open(plot, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gpu_smoke_says_there_is_no_gpu_and_succeeds():
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "gpu_smoke.py"), "--steps", "1"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert out.returncode == 0 and "no CUDA device here" in out.stdout

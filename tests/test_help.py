@@ -25,6 +25,8 @@ SCRIPTS = {
     "benchmarks/allgather.py": ["--nproc", "--sizes-mb", "--repeats"],
     "benchmarks/inference.py": ["--checkpoint", "--memory-format", "--decode", "--batch"],
     "benchmarks/llm_memory.py": ["--help"],
+    "benchmarks/gpu_smoke.py": ["--gpus", "--steps", "--strategies"],
+    "launch/plan.py": ["--config", "--gpus", "--gpu-mem", "--nodes"],
 }
 
 
