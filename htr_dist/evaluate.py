@@ -68,26 +68,25 @@ def tune(rec: Recognizer, args, env) -> dict:
     grid = _grid(LM_GRID if mode == "beam+lm" else LLM_GRID)
     errors = [0] * len(grid)
     greedy_errors, chars, lines = 0, 0, 0
-    progress = _progress(env, f"tuning {mode} on {args.split}")
-    for batch in _loader(rec, args, env):
-        out = rec.forward(batch["images"], mode)
-        refs = batch["texts"]
-        chars += sum(len(r) for r in refs)
-        lines += len(refs)
-        greedy_errors += sum(edit_distance(r, h) for r, h in zip(refs, rec.decode_outputs(out, "greedy")))
-        if mode == "beam+lm":
-            log_probs = log_probs_of(out["ctc_logits"])
-            for i, point in enumerate(grid):
-                trial = dataclasses.replace(settings, **point)
-                paths = lm_paths(log_probs, rec.char_lm(), rec.alphabet.chars, trial)
-                errors[i] += sum(edit_distance(r, rec.alphabet.decode(p)) for r, p in zip(refs, paths))
-        else:
-            for ref, cands in zip(refs, rec.llm_candidates(out, args.beam_width)):
-                texts, ctc, llm = zip(*cands)
+    with _progress(env, f"tuning {mode} on {args.split}") as progress:  # closed (its line ended) before any error
+        for batch in _loader(rec, args, env):
+            out = rec.forward(batch["images"], mode)
+            refs = batch["texts"]
+            chars += sum(len(r) for r in refs)
+            lines += len(refs)
+            greedy_errors += sum(edit_distance(r, h) for r, h in zip(refs, rec.decode_outputs(out, "greedy")))
+            if mode == "beam+lm":
+                log_probs = log_probs_of(out["ctc_logits"])
                 for i, point in enumerate(grid):
-                    errors[i] += edit_distance(ref, texts[pick(texts, ctc, llm, **point)])
-        progress.update(len(refs))
-    progress.close()
+                    trial = dataclasses.replace(settings, **point)
+                    paths = lm_paths(log_probs, rec.char_lm(), rec.alphabet.chars, trial)
+                    errors[i] += sum(edit_distance(r, rec.alphabet.decode(p)) for r, p in zip(refs, paths))
+            else:
+                for ref, cands in zip(refs, rec.llm_candidates(out, args.beam_width)):
+                    texts, ctc, llm = zip(*cands)
+                    for i, point in enumerate(grid):
+                        errors[i] += edit_distance(ref, texts[pick(texts, ctc, llm, **point)])
+            progress.update(len(refs))
     totals = [sum(parts) for parts in zip(*dist_env.all_gather_objects([greedy_errors, chars, lines] + errors))]
     greedy_errors, chars, lines, errors = totals[0], totals[1], totals[2], totals[3:]
     if not lines:
@@ -129,12 +128,11 @@ def run_evaluation(args, env) -> dict:
         return record
     rec.check_mode(args.decode)
     start = time.time()
-    progress = _progress(env, f"{args.split} ({args.decode})")
     results = []
-    for batch in _loader(rec, args, env):
-        results += evaluate_batches(rec, [batch], args.decode, args.beam_width)
-        progress.update(len(batch["keys"]))
-    progress.close()
+    with _progress(env, f"{args.split} ({args.decode})") as progress:  # closed (its line ended) before any error
+        for batch in _loader(rec, args, env):
+            results += evaluate_batches(rec, [batch], args.decode, args.beam_width)
+            progress.update(len(batch["keys"]))
     results = gather_results(results)
     if not results:  # every rank holds all results: all stop together
         raise InputError(f"{args.data}: no line of split {args.split!r} could be read (see the warnings above)")
