@@ -327,6 +327,7 @@ def test_checkpoint_slices_read_rows_from_single_and_sharded_files(tmp_path):
                                            r"set dist.fsdp_sharded_load=false"):
         llm.checkpoint_slices(folder, "unused").rows("model.nothing.weight", 0, 1, torch.float32)
     os.remove(os.path.join(folder, "model.safetensors"))
+    torch.save(model.state_dict(), os.path.join(folder, "pytorch_model.bin"))  # .bin weights only
     assert llm.checkpoint_slices(folder, "unused") is None  # no safetensors: the caller loads the whole model
 
 

@@ -319,15 +319,15 @@ def wide_shape(tmp_path_factory):
     return str(folder / "config.json")
 
 
-@pytest.mark.parametrize("strategy, offload, checkpointing", [
-    ("fsdp", False, True), ("fsdp", True, False), ("deepspeed", False, False), ("deepspeed", True, True)])
+@pytest.mark.parametrize("strategy, offload, checkpointing", [("fsdp", False, True), ("deepspeed", True, True)])
 def test_a_teacher_by_shape_trains_sharded_on_every_strategy(strategy, offload, checkpointing, wide_shape,
                                                              tiny_overrides, tmp_path):
     """A teacher given by its config alone is built directly sharded (FSDP: meta device, each rank fills its rows;
     ZeRO-3: zero.Init, each rank writes its partition), holds about half of itself per rank, stays frozen, and is the
     same model on every strategy: the same weights and, on the same batches, the same losses as a whole build (ddp),
-    with and without offload, and with activation checkpointing of its layers (llm.gradient_checkpointing, whose
-    recomputation must gather the sharded parameters again): losses within 1e-4 relative, fp32."""
+    with activation checkpointing of its layers (llm.gradient_checkpointing, whose recomputation must gather the
+    sharded parameters again): losses within 1e-4 relative, fp32. FSDP2 on the device and ZeRO-3 with parameter
+    offload here; the other two settings of each run at the tiny teacher's size above."""
     overrides = [o for o in tiny_overrides if not o.startswith("llm.name_or_path=")]
     overrides += [f"llm.name_or_path={wide_shape}", "train.llm_sample_ratio=0.34"]
     mine = overrides + [f"llm.gradient_checkpointing={checkpointing}"]
@@ -336,7 +336,7 @@ def test_a_teacher_by_shape_trains_sharded_on_every_strategy(strategy, offload, 
     elif offload:
         mine.append("dist.llm_deepspeed_config=configs/deepspeed/llm_zero3_offload.json")
     _, res = run_dist_check(strategy, [str(tmp_path / "sharded.json")] + mine)
-    if "ddp" not in WHOLE_BUILD:  # the reference, run once for the four cases
+    if "ddp" not in WHOLE_BUILD:  # the reference, run once for both cases
         WHOLE_BUILD["ddp"] = run_dist_check("ddp", [str(tmp_path / "whole.json")] + overrides)[1]
     whole = WHOLE_BUILD["ddp"]
     assert res["llm_load"] == "sharded" or strategy == "deepspeed"
