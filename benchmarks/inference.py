@@ -80,7 +80,7 @@ def usable_decoders(rec: Recognizer, decoders: list, args) -> dict:
         if d not in known:
             raise SystemExit(f"error: decode: {d!r} is not one of {', '.join(sorted(known))}")
     if "beam+lm" in decoders and not rec.settings.lm_texts and args.data:
-        rec.settings.lm_texts = split_texts(args.data, "train")
+        rec.use_lm_texts(split_texts(args.data, "train"))
     skipped = {}
     for d in decoders:
         if d in DECODE_MODES:

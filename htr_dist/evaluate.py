@@ -62,8 +62,7 @@ def tune(rec: Recognizer, args, env) -> dict:
     mode = args.decode
     settings = rec.settings
     if mode == "beam+lm":
-        settings.lm_texts = split_texts(args.data, args.lm_split)
-        rec._lm = None  # rebuilt from the texts just read
+        rec.use_lm_texts(split_texts(args.data, args.lm_split))
     rec.check_mode(mode)
     grid = _grid(LM_GRID if mode == "beam+lm" else LLM_GRID)
     errors = [0] * len(grid)

@@ -144,6 +144,10 @@ class Recognizer:
             self._teacher = PrefixLM(lm, tokenizer).eval()
         return self._teacher
 
+    def use_lm_texts(self, texts: Sequence[str]) -> None:
+        """Build the character LM of ``beam+lm`` from ``texts`` from now on (kept in the settings when they are saved)."""
+        self.settings.lm_texts, self._lm = list(texts), None
+
     def char_lm(self) -> CharNgramLM:
         if self._lm is None:
             self._lm = CharNgramLM(self.settings.lm_texts, self.settings.lm_order)
@@ -165,8 +169,8 @@ class Recognizer:
         """The model's outputs -> transcriptions, by ``decode`` (one of :data:`htr_dist.decode.DECODE_MODES`)."""
         if decode == "beam+llm":
             s = self.settings
-            return [cands[pick([c[0] for c in cands], [c[1] for c in cands], [c[2] for c in cands], s.llm_weight,
-                               s.llm_bonus)][0] for cands in self.llm_candidates(out, beam_width)]
+            return [cands[pick(*zip(*cands), s.llm_weight, s.llm_bonus)][0]
+                    for cands in self.llm_candidates(out, beam_width)]
         return self.decode_logits(out["ctc_logits"], decode, beam_width)
 
     def decode_logits(self, logits: torch.Tensor, decode: str = "greedy", beam_width: Optional[int] = None) -> List[str]:
@@ -210,9 +214,8 @@ class Recognizer:
             arr = np.stack([preprocess(loaded[i][1], self.img_height, width) for i in chunk])
             out = self.forward(torch.from_numpy(arr).unsqueeze(1), decode)
             texts = self.decode_outputs(out, decode, beam_width)
-            log_probs = out["ctc_logits"].float().log_softmax(-1).transpose(0, 1).cpu().numpy()
-            for i, text, lp in zip(chunk, texts, log_probs):
-                labels = [self.alphabet.index[c] for c in text]
+            for i, text, lp in zip(chunk, texts, log_probs_of(out["ctc_logits"])):
+                labels = self.alphabet.encode(text)
                 probs = np.exp(lp)
                 per_char = confidences(probs, lp, labels)
                 # nothing read: how sure the model is that there is nothing, its mean blank probability

@@ -145,9 +145,10 @@ def plan(cfg, gpus_per_node: int, nodes: int, gpu_mem_gb: float, dtype: torch.dt
             "strategies": rows}
 
 
-def ddp_refusal(cfg, world: int, device_mem_bytes: int, dtype: torch.dtype) -> str:
-    """A one-line reason why ``dist.strategy=ddp`` cannot hold the teacher on each of ``world`` ranks of
-    ``device_mem_bytes``, or '' if it can (a whole teacher per rank, plus the step's working memory)."""
+def ddp_refusal(cfg, device_mem_bytes: int, dtype: torch.dtype) -> str:
+    """A one-line reason why ``dist.strategy=ddp`` cannot hold the teacher on a rank of ``device_mem_bytes``, or ''
+    if it can: ddp keeps the whole teacher on every rank, and this refuses only where that alone (plus the
+    accelerator's headroom) is too much."""
     shape = teacher_shape(cfg, dtype)
     need = shape.params * shape.bytes_per_param
     if need + HEADROOM_BYTES <= device_mem_bytes:

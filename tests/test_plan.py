@@ -1,10 +1,8 @@
 """The memory planner: its arithmetic on a hand-checkable shape, its verdicts, the CLI, and ddp's early refusal."""
 
 import json
-import os
 import subprocess
 
-import pytest
 import torch
 
 from conftest import PY, ROOT
@@ -56,10 +54,10 @@ def test_plan_shards_offloads_and_finds_the_largest_batch(tiny_overrides):
 
 def test_ddp_is_refused_where_a_whole_teacher_cannot_fit():
     cfg = load_config(None, ["llm.name_or_path=configs/llm/llama-3.2-3b"])
-    reason = ddp_refusal(cfg, 2, 6 * GIB, torch.bfloat16)
+    reason = ddp_refusal(cfg, 6 * GIB, torch.bfloat16)
     assert "dist.strategy=ddp keeps the whole teacher configs/llm/llama-3.2-3b (3.21 B parameters, 6.0 GiB in " \
            "bfloat16)" in reason and "use dist.strategy=fsdp or deepspeed" in reason
-    assert ddp_refusal(cfg, 2, int(6 * GIB + HEADROOM_BYTES + 2 ** 28), torch.bfloat16) == ""
+    assert ddp_refusal(cfg, int(6 * GIB + HEADROOM_BYTES + 2 ** 28), torch.bfloat16) == ""
 
 
 def test_plan_command_prints_a_table_and_json():

@@ -107,8 +107,7 @@ class Strategy:
         """A whole teacher on every rank: refused before loading where it cannot fit (:func:`htr_dist.plan.ddp_refusal`)."""
         from htr_dist.plan import ddp_refusal
 
-        reason = ddp_refusal(self.cfg, self.env.world_size, device_memory_per_rank(self.env.device),
-                             self.env.llm_dtype)
+        reason = ddp_refusal(self.cfg, device_memory_per_rank(self.env.device), self.env.llm_dtype)
         if reason:
             raise ConfigError(reason)
         lm, tokenizer = self.load_teacher_lm()
