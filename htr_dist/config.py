@@ -601,8 +601,13 @@ def add_config_args(parser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-3")
 
 
+REFERENCE_DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "config.md")
+"""The generated config reference of a checkout; the table sits between these markers."""
+_REF_START, _REF_END = "<!-- config-reference:start -->\n", "\n<!-- config-reference:end -->"
+
+
 def reference_markdown() -> str:
-    """The README's config reference table, generated from the dataclasses (a test keeps the README in sync)."""
+    """The config reference table (``docs/config.md``), generated from the dataclasses."""
     lines = ["| key | default | meaning |", "| --- | --- | --- |"]
     for key, default, doc in describe_keys():
         shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
@@ -610,11 +615,29 @@ def reference_markdown() -> str:
     return "\n".join(lines)
 
 
+def written_reference(path: str = REFERENCE_DOC) -> str:
+    """The table as it stands in ``path``, between the markers."""
+    text = open(path, encoding="utf-8").read()
+    return text.split(_REF_START)[1].split(_REF_END)[0]
+
+
+def write_reference(path: str = REFERENCE_DOC) -> None:
+    """Replace the table in ``path`` with :func:`reference_markdown`, keeping the prose around it."""
+    text = open(path, encoding="utf-8").read()
+    head, tail = text.split(_REF_START)[0], text.split(_REF_END)[1]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(head + _REF_START + reference_markdown() + _REF_END + tail)
+
+
 if __name__ == "__main__":
     import argparse
 
     _p = argparse.ArgumentParser(description="Print the config reference (markdown) or a resolved config (YAML).")
     _p.add_argument("--reference", action="store_true", help="print the markdown table of every key")
+    _p.add_argument("--write-reference", action="store_true", help="rewrite the table in docs/config.md")
     add_config_args(_p)
     _a = _p.parse_args()
-    print(reference_markdown() if _a.reference else dump_yaml(load_config(_a.config, _a.overrides)))
+    if _a.write_reference:
+        write_reference()
+    else:
+        print(reference_markdown() if _a.reference else dump_yaml(load_config(_a.config, _a.overrides)))
