@@ -9,10 +9,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["htr_dist", "htr_dist.*"]),
-    package_data={"htr_dist": ["data/fonts.tsv"]},  # the font library (htr_dist/data/fonts.py)
+    license="MIT",
+    # the font library (htr_dist/data/fonts.py) and the shipped configs: YAML, DeepSpeed JSON, LLM shapes
+    package_data={"htr_dist": ["data/fonts.tsv", "configs/*.yaml", "configs/deepspeed/*.json", "configs/llm/*/*.json"]},
     python_requires=">=3.10",  # the torch 2.13.0 that make installs needs 3.10
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",  # FSDP2's fully_shard and its policies are public in torch.distributed.fsdp from 2.6
         "numpy",
         "pillow",
         "scipy",
@@ -28,6 +30,13 @@ setup(
         "fast-ctc-decode>=0.3",
         "flashlight-text>=0.0.7",
     ],
+    entry_points={"console_scripts": [
+        "htr-train = htr_dist.cli.train:run",
+        "htr-eval = htr_dist.cli.evaluate:run",
+        "htr-recognize = htr_dist.cli.recognize:main",
+        "htr-synth = htr_dist.cli.synth:main",
+        "htr-plan = htr_dist.cli.plan:main",
+    ]},
     extras_require={
         "deepspeed": ["deepspeed>=0.15", "ninja", "accelerate>=1.1"],
         "flash": ["flash-attn>=2.5"],

@@ -221,16 +221,22 @@ class DistConfig:
     strategy: str = "ddp"
     """``ddp`` (LLM replicated), ``fsdp`` (LLM sharded by FSDP2) or ``deepspeed`` (trainable part as a ZeRO-0/1/2
     engine, LLM as a ZeRO-3 engine)."""
-    deepspeed_config: str = "configs/deepspeed/trainable_zero2.json"
-    """DeepSpeed config of the trainable part (strategy ``deepspeed``)."""
-    llm_deepspeed_config: str = "configs/deepspeed/llm_zero3.json"
-    """DeepSpeed ZeRO-3 config of the frozen LLM (strategy ``deepspeed``); ``llm_zero3_offload.json`` offloads it."""
+    deepspeed_config: str = "deepspeed/trainable_zero2.json"
+    """DeepSpeed config of the trainable part (strategy ``deepspeed``). A relative path is looked up beside the
+    config file that names it (the working directory for a command-line override), then among the shipped configs."""
+    llm_deepspeed_config: str = "deepspeed/llm_zero3.json"
+    """DeepSpeed ZeRO-3 config of the frozen LLM (strategy ``deepspeed``); ``deepspeed/llm_zero3_offload.json``
+    offloads it. Relative paths are looked up as for ``dist.deepspeed_config``."""
     fsdp_cpu_offload: bool = False
     """FSDP: keep the LLM's parameter shards on the CPU between uses."""
     fsdp_sharded_load: bool = True
     """FSDP: build the LLM with its parameters on the meta device, shard it, then let each rank read only its own rows
     of every weight from the safetensors files, so no rank ever holds the whole LLM (as ZeRO-3's partitioned load).
     False, or a checkpoint without safetensors: every rank loads the whole LLM, then shards it."""
+    device: str = "auto"
+    """Each rank's device: ``auto`` (the GPU of the rank's local index when CUDA is available, else the CPU),
+    ``cpu``, ``cuda``, or ``cuda:N`` (one GPU, single-process runs only; choose a multi-rank run's GPUs with
+    ``CUDA_VISIBLE_DEVICES``). The reference code's top-level ``device`` key maps here."""
     timeout_s: int = 1800
     """Process-group timeout, seconds (a hung collective fails after this)."""
     precision: str = "auto"
@@ -314,6 +320,8 @@ def not_one_of(key: str, value) -> str:
 
 def validate(cfg: Config) -> None:
     """Check values that a type alone does not pin down; raise ConfigError naming the key."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.dist.device):
+        raise ConfigError(f"dist.device: {cfg.dist.device!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N'")
     for key, allowed in CHOICES.items():
         value = get_key(cfg, key)
         if value not in allowed:
@@ -403,12 +411,27 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     return value
 
 
+SEED_KEY_MAP = {"device": "dist.device"}
+"""Top-level keys of the reference code's config that map to a key of ours."""
+SEED_KEYS_REPLACED = {
+    "resume": "htr-dist resumes a run by itself from run.dir's newest checkpoint; to start from a trained model, use "
+              "train.init_from=MODEL_OR_CHECKPOINT",
+    "save": "a run writes its checkpoints, model.pt and best_model.pt into run.dir: set run.dir=FOLDER",
+}
+"""Top-level keys of the reference code's config that have no counterpart here, and what replaces each."""
+
+
 def _merge(node: Any, data: dict, prefix: str = "") -> None:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     fields = _fields(node)
     for name, value in data.items():
         key = prefix + str(name)
+        if not prefix and name in SEED_KEYS_REPLACED:
+            raise ConfigError(f"'{name}' is the reference code's key: {SEED_KEYS_REPLACED[name]}")
+        if not prefix and name in SEED_KEY_MAP:
+            _merge(node, _nest(SEED_KEY_MAP[name], value))
+            continue
         if name not in fields:
             raise ConfigError(f"unknown config key '{key}'" + _closest(str(name), list(fields), prefix))
         current = getattr(node, name)
@@ -509,12 +532,87 @@ def _nest(key: str, value: Any) -> dict:
     return out
 
 
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+"""The configs installed with the package: YAML files, DeepSpeed JSON files, and LLM shapes under ``llm/``."""
+
+PATH_KEYS = ("dist.deepspeed_config", "dist.llm_deepspeed_config", "llm.name_or_path")
+"""Keys whose relative paths :func:`load_config` resolves (``llm.name_or_path`` only when it names a local folder:
+otherwise it is a model id of the Hugging Face hub)."""
+
+
+def shipped_configs() -> List[str]:
+    """Names of the shipped YAML configs, as ``--config`` takes them."""
+    return sorted(name[:-5] for name in os.listdir(SHIPPED) if name.endswith(".yaml"))
+
+
+def config_path(name: str) -> str:
+    """The file ``--config`` means: an existing path as given, else a shipped config's name (``demo`` or
+    ``demo.yaml``, also ``configs/demo.yaml`` as the checkout names it)."""
+    if os.path.isfile(name):
+        return name
+    stem = os.path.basename(name) if os.path.dirname(name) in ("", "configs") else None
+    if stem is not None:
+        shipped = os.path.join(SHIPPED, stem if stem.endswith((".yaml", ".yml")) else stem + ".yaml")
+        if os.path.isfile(shipped):
+            return shipped
+    raise ConfigError(f"config file not found: {name} (shipped configs: {', '.join(shipped_configs())})")
+
+
+def _names_config(text: str) -> bool:
+    """Whether a positional argument names a config (a YAML file, or a shipped config) rather than a bad override."""
+    try:
+        return text.endswith((".yaml", ".yml")) or bool(config_path(text))
+    except ConfigError:
+        return False
+
+
+def _resolve_path(value: str, bases: List[str]) -> str:
+    """The first of ``base/value`` that exists; a value written against the checkout (``configs/...``) is also
+    looked up among the shipped configs. Unchanged when none exists: the key's user reports it when it is used."""
+    if not value or os.path.isabs(value):
+        return value
+    tails = [value] + ([value[len("configs/"):]] if value.startswith("configs/") else [])
+    for base in bases:
+        for tail in tails:
+            found = os.path.join(base, tail)
+            if os.path.exists(found):
+                return value if base == "" else os.path.abspath(found)
+    return value
+
+
+def _resolve_paths(cfg: "Config", config_dir: Optional[str], from_yaml: set, overridden: set) -> None:
+    """Make :data:`PATH_KEYS` independent of the working directory: a value from a config file is looked up beside
+    that file, then among the shipped configs; a command-line value in the working directory, then the same."""
+    for key in PATH_KEYS:
+        value = get_key(cfg, key)
+        if key == "llm.name_or_path" and not value.startswith((".", "/", "configs/")) and value.count("/") == 1 \
+                and not os.path.exists(value):
+            continue  # a hub id such as meta-llama/Llama-3.2-3B
+        if key in overridden:
+            bases = ["", SHIPPED]
+        elif key in from_yaml:
+            bases = [config_dir, SHIPPED]
+        else:
+            bases = [SHIPPED, ""]
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, _resolve_path(value, bases))
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
-    """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides; validated."""
+    """Defaults, then the YAML file at ``path`` (if any: a path, or a shipped config's name), then ``key=value``
+    overrides; validated. Relative paths of :data:`PATH_KEYS` are resolved (:func:`_resolve_paths`)."""
     cfg = Config()
+    config_dir = None
+    from_yaml: set = set()
+    overrides = list(overrides or [])
+    if overrides and "=" not in overrides[0] and _names_config(overrides[0]):  # the reference code's form:
+        # `train.py config.yaml key=value ...`
+        if path:
+            raise ConfigError(f"{overrides[0]}: not a key=value override, and --config {path} is given already")
+        path = overrides.pop(0)
     if path:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
+        path = config_path(path)
+        config_dir = os.path.dirname(os.path.abspath(path))
         with open(path, "rb") as f:
             raw = f.read()
         try:
@@ -531,9 +629,14 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
             _merge(cfg, data)
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
-    for text in overrides or []:
+        from_yaml = {key for key in PATH_KEYS if isinstance(data.get(key.split(".")[0]), dict)
+                     and key.split(".")[1] in data[key.split(".")[0]]}
+    overridden = set()
+    for text in overrides:
         key, value = parse_override(text)
         _merge(cfg, _nest(key, value))
+        overridden.add(SEED_KEY_MAP.get(key, key))
+    _resolve_paths(cfg, config_dir, from_yaml, overridden)
     validate(cfg)
     return cfg
 
@@ -596,8 +699,11 @@ def int_at_least(low: int):
 
 
 def add_config_args(parser) -> None:
-    """The ``--config FILE`` option and the trailing ``key=value`` overrides, shared by every launch script."""
-    parser.add_argument("--config", default=None, help="YAML config (only what differs from the defaults)")
+    """The ``--config FILE`` option and the trailing ``key=value`` overrides, shared by every launch script. The config
+    may also come first among the overrides, as the reference code takes it (:func:`load_config`)."""
+    parser.add_argument("--config", default=None,
+                        help=f"YAML config (only what differs from the defaults): a path, or a shipped config's name "
+                             f"({', '.join(shipped_configs())})")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-3")
 
 

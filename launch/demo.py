@@ -5,6 +5,9 @@ in training -> a few predictions and both test CER/WER, the unseen-font one last
 
 Every stage is a real command of this project, run as a subprocess and shown as it runs; a stage whose output already
 exists is reused, so the demo is safe to re-run (``--fresh`` starts the training over).
+
+The reference code's single-image form, ``demo.py CONFIG resume=MODEL IMAGE...``, reads the images with MODEL (the
+same as ``htr-recognize --checkpoint MODEL IMAGE...``).
 """
 
 import argparse
@@ -61,8 +64,22 @@ def finish(job) -> None:
     print(f"=== {title}: done in {time.time() - start:.0f} s", flush=True)
 
 
+def reference_form(overrides: list) -> list:
+    """``CONFIG resume=MODEL IMAGE...`` as htr-recognize's arguments, or [] when the overrides are not that form."""
+    models = [o.split("=", 1)[1] for o in overrides if o.startswith("resume=")]
+    if not models:
+        return []
+    images = [o for o in overrides if "=" not in o and not o.endswith((".yaml", ".yml"))]
+    return ["--checkpoint", models[-1], *images]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    recognize_args = reference_form(args.overrides)
+    if recognize_args:
+        from htr_dist.cli.recognize import main as recognize
+
+        return recognize(recognize_args)
     py = sys.executable
     synth_dir = os.path.join(args.workdir, "data", "synth_iam")
     shard_dir = os.path.join(args.workdir, "shards", "synth")

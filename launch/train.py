@@ -1,47 +1,7 @@
 #!/usr/bin/env python
-"""Train an htr-dist model. The same script under every launcher:
-
-  deepspeed [--num_gpus N] [--hostfile H] launch/train.py --config configs/iam_llama3b_zero3.yaml [key=value ...]
-  torchrun --nproc_per_node N [--nnodes M ...] launch/train.py --config configs/iam_llama3b_fsdp.yaml [key=value ...]
-  python launch/train.py --config configs/iam_nollm.yaml [key=value ...]
-
-Overrides are dotted keys, e.g. train.lr=1e-3 train.use_llm=false dist.strategy=ddp run.dir=runs/x.
-"""
-
-import argparse
-import logging
-import sys
-
-from htr_dist.config import ConfigError, add_config_args, load_config
-from htr_dist.dist import env as dist_env
-from htr_dist.errors import InputError
-from htr_dist.train.loop import train
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser)
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
-    args = parser.parse_args(argv)
-    dist_env.setup_logging()
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    env = dist_env.init_distributed(cfg.dist.timeout_s, use_deepspeed=cfg.dist.strategy.startswith("deepspeed"),
-                                     precision=cfg.dist.precision, llm_precision=cfg.dist.llm_precision,
-                                     memory_format=cfg.dist.memory_format)
-    try:
-        result = train(cfg, env)
-        logging.getLogger("train").info("finished: %s", result)
-    except InputError as err:  # a bad shard folder, LLM path, ...: the message names it; no traceback
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    finally:
-        dist_env.destroy()
-    return 0
-
+"""The script path of `htr-train` (htr_dist/cli/train.py), for launchers that take a file."""
+from htr_dist.cli.train import main
+from htr_dist.dist.env import exit_process
 
 if __name__ == "__main__":
-    dist_env.exit_process(main())
+    exit_process(main())

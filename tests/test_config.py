@@ -148,7 +148,7 @@ def test_shipped_configs_load():
     for path in files:
         cfg = load_config(path)
         for key in ("deepspeed_config", "llm_deepspeed_config"):  # every JSON a shipped config names exists
-            assert os.path.isfile(os.path.join(root, getattr(cfg.dist, key))), (path, key)
+            assert os.path.isfile(getattr(cfg.dist, key)), (path, key)
     for path in glob.glob(os.path.join(root, "configs", "deepspeed", "*.json")):
         with open(path) as f:
             ds = json.load(f)
@@ -179,3 +179,36 @@ def test_deepspeed_trainable_engine_keeps_fp32_weights_on_every_device(tmp_path)
         cfg.dist.deepspeed_config = str(path)
         with pytest.raises(ConfigError, match=rf"{path}: {key}.enabled: the trainable part keeps fp32 weights"):
             strategy.trainable_config()
+
+
+def test_config_by_shipped_name_from_any_directory(tmp_path, monkeypatch):
+    """--config takes a shipped config's name; the DeepSpeed JSON and LLM-shape paths it names resolve against the
+    config's folder, then the package, whatever the working directory."""
+    import os
+
+    from htr_dist.config import SHIPPED, shipped_configs
+
+    monkeypatch.chdir(tmp_path)
+    assert "iam_llama3b_zero3" in shipped_configs()
+    for name in ("iam_llama3b_zero3", "iam_llama3b_zero3.yaml", "configs/iam_llama3b_zero3.yaml"):
+        cfg = load_config(name)
+        assert cfg.dist.deepspeed_config == os.path.join(SHIPPED, "deepspeed", "trainable_zero2.json")
+        assert cfg.llm.name_or_path == "meta-llama/Llama-3.2-3B"  # a hub id is left alone
+    cfg = load_config(None, ["llm.name_or_path=configs/llm/llama-3.2-3b"])  # the checkout's spelling, elsewhere
+    assert cfg.llm.name_or_path == os.path.join(SHIPPED, "llm", "llama-3.2-3b")
+    assert os.path.isfile(load_config(None).dist.llm_deepspeed_config)  # the defaults too
+
+    # a user's config beside its own DeepSpeed file: that file wins over a shipped one of the same name
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "deepspeed").mkdir()
+    (tmp_path / "mine" / "deepspeed" / "trainable_zero2.json").write_text("{}")
+    (tmp_path / "mine" / "run.yaml").write_text("dist:\n  deepspeed_config: deepspeed/trainable_zero2.json\n")
+    monkeypatch.chdir("/")
+    cfg = load_config(str(tmp_path / "mine" / "run.yaml"))
+    assert cfg.dist.deepspeed_config == str(tmp_path / "mine" / "deepspeed" / "trainable_zero2.json")
+    # a command-line path is taken from the working directory, as typed
+    monkeypatch.chdir(tmp_path / "mine")
+    cfg = load_config(None, ["dist.deepspeed_config=deepspeed/trainable_zero2.json"])
+    assert cfg.dist.deepspeed_config == "deepspeed/trainable_zero2.json"
+    with pytest.raises(ConfigError, match="config file not found: nope .*shipped configs: demo"):
+        load_config("nope")

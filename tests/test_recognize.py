@@ -104,3 +104,15 @@ def test_the_recognize_command_takes_folders_globs_and_lists(model_and_lines, tm
     assert [line.split("\t")[0] for line in tsv.stdout.splitlines()] == images[:2]
     none = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert none.returncode == 2 and "give at least one IMAGE or --list FILE" in none.stderr
+
+
+def test_the_reference_codes_demo_form_reads_its_images(model_and_lines, tmp_path):
+    """`demo.py CONFIG resume=MODEL IMAGE`, as the reference code documents it, reads the image with MODEL."""
+    path, images = model_and_lines
+    config = tmp_path / "config.yaml"
+    config.write_text("train:\n  lr: 0.001\n")
+    proc = subprocess.run([PY, "launch/demo.py", str(config), f"resume={path}", images[1]], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    expected = Recognizer.load(path).recognize([images[1]])[0].text
+    assert proc.stdout.splitlines() == [f"{images[1]}\t{expected}"]

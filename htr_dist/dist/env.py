@@ -81,10 +81,25 @@ def env_local_rank() -> int:
     return _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
 
 
-def pick_device(local_rank: int) -> torch.device:
-    if torch.cuda.is_available():
+def pick_device(local_rank: int, wanted: str = "auto", world: int = 1) -> torch.device:
+    """The rank's device for ``dist.device``: ``auto`` (``cuda`` when CUDA is available, else ``cpu``), ``cpu``,
+    ``cuda`` (the GPU of the rank's local index), or ``cuda:N`` (that GPU, for a single-process run)."""
+    if wanted == "auto":
+        wanted = "cuda" if torch.cuda.is_available() else "cpu"
+    if wanted == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"dist.device={wanted}: CUDA is not available here (torch {torch.__version__}); "
+                          "use dist.device=auto or cpu")
+    if wanted == "cuda":
         return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+    index = int(wanted.split(":")[1])
+    if world > 1:
+        raise ConfigError(f"dist.device={wanted} names one GPU, but this run has {world} ranks, each on the GPU of "
+                          "its local rank: choose the GPUs with CUDA_VISIBLE_DEVICES and leave dist.device=auto")
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"dist.device={wanted}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return torch.device("cuda", index)
 
 
 def pick_backend(device: torch.device) -> str:
@@ -222,13 +237,13 @@ def cpu_threads_per_rank(local_world: int) -> Optional[int]:
 
 
 def init_distributed(timeout_s: int = 1800, use_deepspeed: bool = False, precision: str = "auto",
-                     llm_precision: str = "auto", memory_format: str = "auto") -> DistEnv:
+                     llm_precision: str = "auto", memory_format: str = "auto", device: str = "auto") -> DistEnv:
     """Initialise the process group when launched with several processes; return the resolved environment.
 
     SLURM without torchrun: MASTER_ADDR/MASTER_PORT must be exported by the batch script (launch/slurm_train.sh does).
     """
     rank, world, local_rank = env_rank(), env_world_size(), env_local_rank()
-    device = pick_device(local_rank)
+    device = pick_device(local_rank, device, world)
     backend = pick_backend(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
