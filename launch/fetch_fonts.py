@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Install the handwriting-font library (htr_dist/data/fonts.tsv) that synthetic data is rendered with.
 
-Debian fonts are installed with one `apt-get install` (through sudo when not root; `apt-get update` first only when
-apt does not know a package yet); npm fonts with `npm pack <package>@<exact version>`, keeping only the font file, in
+Debian fonts are installed with one `apt-get install` as root; any other user gets the packages downloaded and
+unpacked into the font cache, with no sudo (`apt-get update` first only when apt does not know a package yet); npm fonts with `npm pack <package>@<exact version>`, keeping only the font file, in
 ~/.cache/htr_dist/fonts/<family>/<version>/ ($HTR_DIST_FONT_DIR if set). Fonts already in place are left alone, so
 it is safe to re-run; `make` runs it once. Nothing else downloads fonts: synthesis and training only look them up.
 

@@ -203,3 +203,42 @@ def test_every_listed_font_is_installed_and_draws_the_iam_characters(entries):
                     "install them with: python launch/fetch_fonts.py")
     for entry, path in resolve_fonts(entries):
         check_glyphs(path)  # raises naming the font and the characters it lacks
+
+
+def test_a_user_without_root_installs_debian_fonts_without_sudo(monkeypatch, tmp_path):
+    """Not root: the packages are downloaded and unpacked into the font cache, with package lists of the user's own
+    (updated when they do not know the package yet). A stand-in apt-get on PATH plays the registry; sudo is a trap."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.log"
+    (bin_dir / "apt-get").write_text(f"""#!/bin/sh
+echo "$@" >> {log}
+lists=$(echo "$@" | sed -n 's/.*Dir::State::Lists=\\([^ ]*\\).*/\\1/p')
+case "$*" in
+  *update*) touch "$lists/debian_bookworm_Packages"; exit 0;;
+  *download*)
+    [ -f "$lists/debian_bookworm_Packages" ] || {{ echo "E: Unable to locate package fonts-breip" >&2; exit 100; }}
+    mkdir -p pkg/usr/share/fonts/truetype/breip pkg/DEBIAN
+    printf 'Package: fonts-breip\\nVersion: 1\\nArchitecture: all\\nMaintainer: x <x@y>\\nDescription: x\\n' \\
+      > pkg/DEBIAN/control
+    echo font > pkg/usr/share/fonts/truetype/breip/Breip.ttf
+    dpkg-deb -b pkg fonts-breip_1_all.deb >/dev/null && rm -r pkg;;
+esac
+""")
+    (bin_dir / "sudo").write_text(f"#!/bin/sh\necho sudo >> {log}\nexit 1\n")
+    for name in ("apt-get", "sudo"):
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("HTR_DIST_FONT_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(fonts.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(fonts, "SYSTEM_FONT_DIRS", (str(tmp_path / "none"),))
+    entry = FontEntry("breip", "train", "debian:fonts-breip", "Breip.ttf", "OFL-1.0")
+    counts = fonts.install_fonts([entry], progress=False)
+    assert counts["debian_installed"] == 1
+    assert fonts.font_path(entry) == str(tmp_path / "cache" / "debian" / "usr" / "share" / "fonts" / "truetype"
+                                         / "breip" / "Breip.ttf")
+    calls = log.read_text().splitlines()
+    assert "sudo" not in calls and [c.split()[-2 if "download" in c else -1] for c in calls] == \
+        ["download", "update", "download"]
+    assert fonts.install_fonts([entry], progress=False)["already_present"] == 1  # idempotent: no more calls
+    assert len(log.read_text().splitlines()) == 3

@@ -11,7 +11,8 @@ A family belongs to exactly one split, so the val and test figures measure handw
 Two kinds of source:
 
 ``debian:<package>``
-    a Debian package; apt-get installs its files under ``/usr/share/fonts``, where :func:`font_path` finds ``file``.
+    a Debian package; as root, apt-get installs its files under ``/usr/share/fonts``; as any other user, the package
+    is downloaded and unpacked under ``<font cache>/debian``, with no sudo. :func:`font_path` finds ``file`` in both.
 ``npm:<package>@<exact version>``
     an npm package (Google's families as ``@fontsource/<family>``); only ``package/files/<file>`` of its tarball is
     kept, in ``<font cache>/<family>/<version>/<file>`` (:func:`font_cache_dir`). PIL's FreeType reads its WOFF.
@@ -23,6 +24,8 @@ imports nothing heavy, so that the installer runs before the rest of the package
 
 from __future__ import annotations
 
+import getpass
+import glob
 import json
 import os
 import re
@@ -199,10 +202,16 @@ def font_cache_dir() -> str:
     return os.environ.get("HTR_DIST_FONT_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "htr_dist", "fonts")
 
 
+def _user_debian_dir() -> str:
+    """Where a user without root unpacks Debian font packages (:func:`_install_debian_user`)."""
+    return os.path.join(font_cache_dir(), "debian")
+
+
 def _system_font_index() -> Dict[str, str]:
-    """File name -> path of every font file under :data:`SYSTEM_FONT_DIRS` (the first one found, in sorted order)."""
+    """File name -> path of every font file under :data:`SYSTEM_FONT_DIRS`, then the user's unpacked Debian
+    packages (the first one found, in sorted order)."""
     index: Dict[str, str] = {}
-    for root in SYSTEM_FONT_DIRS:
+    for root in SYSTEM_FONT_DIRS + (_user_debian_dir(),):
         for folder, dirs, files in os.walk(os.path.expanduser(root)):
             dirs.sort()
             for name in sorted(files):
@@ -263,30 +272,58 @@ def _run(cmd: List[str], what: str, cwd: Optional[str] = None, env: Optional[Dic
                                f"is {cmd[0]} installed?") from None
 
 
-def _install_debian(entries: List[FontEntry]) -> None:
-    """apt-get install the entries' packages in one call (through sudo when not root); ``apt-get update`` first only
-    when apt does not know a package yet (a fresh machine's empty package lists)."""
-    packages = list(dict.fromkeys(e.package for e in entries))
-    sudo = ["sudo"] if hasattr(os, "geteuid") and os.geteuid() != 0 else []
+def _apt(sudo: List[str], args: List[str], what: str, options: List[str] = (), cwd: Optional[str] = None):
+    """Run ``apt-get args``; ``apt-get update`` first, then once more, when apt does not know a package yet (a fresh
+    machine's empty package lists). Raises :class:`FontInstallError` naming the command that failed."""
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = sudo + ["apt-get", "install", "-y", "-q", "--no-install-recommends"] + packages
-    what = "the Debian fonts " + ", ".join(e.family for e in entries)
-    done = _run(install, what, env=env)
-    if done.returncode != 0 and re.search(r"Unable to locate package|has no installation candidate", done.stderr):
-        update = sudo + ["apt-get", "update", "-q"]
+    cmd = sudo + ["apt-get", "-q"] + list(options) + args
+    done = _run(cmd, what, env=env, cwd=cwd)
+    if done.returncode != 0 and re.search(r"Unable to locate package|has no installation candidate|Can't find a source",
+                                             done.stderr):
+        update = sudo + ["apt-get", "-q"] + list(options) + ["update"]
         updated = _run(update, what, env=env)
         if updated.returncode != 0:
             raise FontInstallError(f"cannot install {what}: `{' '.join(update)}` failed with exit code "
                                    f"{updated.returncode}: {_last_line(updated.stderr)}")
-        done = _run(install, what, env=env)
+        done = _run(cmd, what, env=env, cwd=cwd)
     if done.returncode != 0:
-        raise FontInstallError(f"cannot install {what}: `{' '.join(install)}` failed with exit code {done.returncode}: "
+        raise FontInstallError(f"cannot install {what}: `{' '.join(cmd)}` failed with exit code {done.returncode}: "
                                f"{_last_line(done.stderr)}")
+    return cmd
+
+
+def _install_debian_user(packages: List[str], what: str) -> str:
+    """Without root: ``apt-get download`` the packages (with package lists of the user's own, in the font cache) and
+    unpack them with ``dpkg-deb -x`` under :func:`_user_debian_dir`; nothing asks for a password."""
+    state = os.path.join(font_cache_dir(), "apt")
+    for sub in ("lists/partial", "cache/archives/partial"):
+        os.makedirs(os.path.join(state, sub), exist_ok=True)
+    options = ["-o", f"Dir::State::Lists={state}/lists", "-o", f"Dir::Cache={state}/cache",
+               "-o", "Debug::NoLocking=1", "-o", f"APT::Sandbox::User={getpass.getuser()}"]
+    with tempfile.TemporaryDirectory() as folder:
+        cmd = _apt([], ["download"] + packages, what, options, cwd=folder)
+        for deb in sorted(glob.glob(os.path.join(folder, "*.deb"))):
+            done = _run(["dpkg-deb", "-x", deb, _user_debian_dir()], what)
+            if done.returncode != 0:
+                raise FontInstallError(f"cannot install {what}: `dpkg-deb -x {deb}` failed: {_last_line(done.stderr)}")
+    return " ".join(cmd)
+
+
+def _install_debian(entries: List[FontEntry]) -> None:
+    """Install the entries' Debian packages: as root, one ``apt-get install``; as any other user, the packages
+    unpacked into the user's font cache (:func:`_install_debian_user`), so no step needs sudo."""
+    packages = list(dict.fromkeys(e.package for e in entries))
+    what = "the Debian fonts " + ", ".join(e.family for e in entries)
+    if not hasattr(os, "geteuid") or os.geteuid() == 0:
+        command = " ".join(_apt([], ["install", "-y", "--no-install-recommends"] + packages, what))
+    else:
+        command = _install_debian_user(packages, what)
     index = _system_font_index()
     for e in entries:
         if font_path(e, index=index) is None:
-            raise FontInstallError(f"font {e.family}: `{' '.join(install)}` succeeded but no file {e.file} appeared "
-                                   f"under {', '.join(SYSTEM_FONT_DIRS)}; fix the file name in the font list")
+            raise FontInstallError(f"font {e.family}: `{command}` succeeded but no file {e.file} appeared under "
+                                   f"{', '.join(SYSTEM_FONT_DIRS + (_user_debian_dir(),))}; fix the file name in the "
+                                   f"font list")
 
 
 def _npm_error(done: subprocess.CompletedProcess) -> str:
