@@ -18,7 +18,7 @@ def spread(values) -> dict:
 
 def machine() -> dict:
     """What decides a figure's meaning: the CPU model and cores, the SIMD level PyTorch dispatches to, and whether
-    bf16 is native there (figures from different machines of the same kind differ 2x, see benchmarks/RESULTS.md)."""
+    bf16 is native there (figures from different machines of the same kind differ 2x, see docs/benchmarks.md)."""
     import torch
 
     from htr_dist.dist.env import has_native_bf16

@@ -114,6 +114,9 @@ def log_startup(cfg, env, strategy, model: HTRModel) -> None:
     log.info("parameters: trainable %.2f M (backbone+heads+connector), frozen LLM %.1f M (%s); "
              "LLM bytes held by this rank: %.1f MB", counts["trainable"] / 1e6, frozen / 1e6,
              cfg.llm.name_or_path if strategy.teacher is not None else "off", held / 1e6)
+    if strategy.teacher is not None:
+        lm_config = strategy.teacher.lm.config
+        log.info("LLM dtype %s, attention %s", env.llm_dtype, getattr(lm_config, "_attn_implementation", "?"))
 
 
 def _rescale_position(pos: Position, saved_world: int, world: int, micro_per_epoch: int) -> Position:
