@@ -24,6 +24,7 @@ setup(
         # 4.56 named from_pretrained's dtype argument `dtype`; 4.55 rejects it (the tests pass on 4.56.2 and 5.24)
         "transformers>=4.56",
         "gguf",
+        "accelerate>=1.1",  # init_empty_weights: the LLM's parameters on the meta device for FSDP's sharded load
         "tensorboard",
         # compiled CTC decoders (htr_dist/decode.py): an exact prefix beam search, and a lexicon-free beam search
         # that takes a language model and returns n-best lists; both ship binary wheels
@@ -38,9 +39,10 @@ setup(
         "htr-plan = htr_dist.cli.plan:main",
     ]},
     extras_require={
-        "deepspeed": ["deepspeed>=0.15", "ninja", "accelerate>=1.1"],
+        "deepspeed": ["deepspeed>=0.15", "ninja"],
         "flash": ["flash-attn>=2.5"],
-        "dev": ["pytest>=7", "pytest-timeout", "psutil", "deepspeed>=0.15", "ninja", "accelerate>=1.1",
-                "matplotlib"],  # matplotlib: the plot of benchmarks/unseen_styles.py
+        "onnx": ["onnx", "onnxruntime"],
+        "dev": ["pytest>=7", "pytest-timeout", "psutil", "deepspeed>=0.15", "ninja", "matplotlib", "onnx",
+                "onnxruntime"],  # matplotlib: the plot of benchmarks/unseen_styles.py
     },
 )

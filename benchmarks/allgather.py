@@ -2,7 +2,7 @@
 """All-gather speed at N CPU ranks on this machine: gloo over loopback vs shared memory. Prints one JSON object.
 
 For each size (bytes each rank contributes, bf16), every rank times ``--repeats`` calls of
-``torch.distributed.all_gather_into_tensor`` (gloo) and of ``htr_dist.dist.shm_gather.ShmAllGather``, in alternation,
+``torch.distributed.all_gather_into_tensor`` (gloo) and of ``htr_dist.dist.cpu.shm_gather.ShmAllGather``, in alternation,
 and checks that both give the same result. Reported per size: median, min and max milliseconds of rank 0, the
 effective GB/s (bytes gathered into each rank's output per second) and the ratio gloo / shm.
 The default sizes are those of a SmolLM2-135M decoder layer in bf16 split over 2 ranks (3.5 MB) and its neighbours.
@@ -23,7 +23,7 @@ def worker(rank, world, port, sizes_mb, repeats, out):
     set_rank_env(rank, world, port)
     import torch.distributed as tdist
 
-    from htr_dist.dist.shm_gather import ShmAllGather
+    from htr_dist.dist.cpu.shm_gather import ShmAllGather
 
     torch.set_num_threads(1)
     tdist.init_process_group("gloo")

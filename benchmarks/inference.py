@@ -129,7 +129,7 @@ def main(argv=None) -> int:
         path = args.checkpoint or export_random_model(CNN_CFGS[args.cnn_cfg], args.height, args.width, tmp)
         # layouts checked and resolved as evaluation does (an unknown name is an error naming the key)
         recognizers = {f: Recognizer.load(path, torch.device("cpu"), f) for f in formats}
-    dist_env.tune_cpu_allocator("step")  # after the load, as evaluation does
+    dist_env.cpu_settings(torch.device("cpu")).tune_allocator("step")  # after the load, as evaluation does
     first = recognizers[formats[0]]
     if args.data:
         images = real_lines(first, args.data, args.split, args.batch)

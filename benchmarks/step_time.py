@@ -289,11 +289,11 @@ def main(argv=None) -> None:
             suffix = (f"_llm_{p}" if i else "") + (f"_{attn}" if j else "")
             if suffix and (not only or f"llm_sampled{suffix}" in only):
                 teacher_specs[suffix] = (llm_dtypes[p], attn)
-    dist_env.tune_cpu_allocator("load")  # load, then step, as training does (htr_dist.dist.strategy.build_strategy)
+    dist_env.cpu_settings(torch.device("cpu")).tune_allocator("load")  # load, then step, as training does (htr_dist.dist.strategy.build_strategy)
     teacher = load_teacher(args.llm, args.llm_cache, llm_dtype, first_attn) if args.llm else None
     others = {suffix: load_teacher(args.llm, args.llm_cache, *spec) for suffix, spec in teacher_specs.items()
               if args.llm}
-    dist_env.tune_cpu_allocator("step")
+    dist_env.cpu_settings(torch.device("cpu")).tune_allocator("step")
     formats = args.memory_format.split(",")
     layouts = {f: dist_env.pick_channels_last(cpu, f) for f in formats}  # checked as training does
     first, dtype = layouts[formats[0]], dtypes[precisions[0]]

@@ -736,8 +736,6 @@ def write_reference(path: str = REFERENCE_DOC) -> None:
 
 
 if __name__ == "__main__":
-    import argparse
-
     _p = argparse.ArgumentParser(description="Print the config reference (markdown) or a resolved config (YAML).")
     _p.add_argument("--reference", action="store_true", help="print the markdown table of every key")
     _p.add_argument("--write-reference", action="store_true", help="rewrite the table in docs/config.md")

@@ -116,8 +116,9 @@ def run_evaluation(args, env) -> dict:
     ``args.tune``, first tune the weights of ``args.decode`` on that split and store them beside the model."""
     rec = Recognizer.load(args.checkpoint, env.device, args.memory_format)
     rec.use_teacher(getattr(args, "teacher", None))
-    if env.device.type == "cpu":
-        dist_env.tune_cpu_allocator("step")  # set-up is over: the batches' activations reuse heap memory from here on
+    cpu = dist_env.cpu_settings(env.device)
+    if cpu is not None:
+        cpu.tune_allocator("step")  # set-up is over: the batches' activations reuse heap memory from here on
     if getattr(args, "tune", False):
         if args.decode not in ("beam+lm", "beam+llm"):
             raise DecodeError(f"--tune tunes --decode beam+lm or beam+llm, not {args.decode!r}")

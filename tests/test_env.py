@@ -9,6 +9,7 @@ import torch
 
 from conftest import ROOT
 from htr_dist.config import ConfigError, load_config
+from htr_dist.dist import cpu
 from htr_dist.dist import env as dist_env
 
 
@@ -142,6 +143,7 @@ def test_launcher_commands_start_local_ranks_from_this_environment():
 EXIT_SCRIPT = """
 import logging, sys
 import torch.distributed as tdist
+from htr_dist.dist import cpu
 from htr_dist.dist import env as dist_env
 logging.basicConfig(stream=sys.stderr, level=logging.INFO)
 if sys.argv[1] == "group":
@@ -169,7 +171,7 @@ def test_exit_process_flushes_and_keeps_the_code(mode):
 
 ALLOCATOR_SCRIPT = """
 import ctypes, sys
-from htr_dist.dist.env import tune_cpu_allocator
+from htr_dist.dist.cpu import tune_allocator as tune_cpu_allocator
 
 def private_mb():
     with open("/proc/self/status") as f:
@@ -211,7 +213,7 @@ def test_cpu_allocator_phases_keep_or_return_freed_memory():
     done, kept = _allocator_run(["step", "load"])
     assert done == ["True", "True"] and kept <= 8, kept
     with pytest.raises(ValueError, match="phase must be 'load' or 'step', got 'train'"):
-        dist_env.tune_cpu_allocator("train")
+        cpu.tune_allocator("train")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
@@ -225,7 +227,7 @@ def test_build_strategy_loads_under_the_load_phase_then_sets_the_step_phase(monk
     from htr_dist.dist import strategy as strategy_mod
 
     calls = []
-    monkeypatch.setattr(strategy_mod, "tune_cpu_allocator", calls.append)
+    monkeypatch.setattr(cpu, "tune_allocator", calls.append)
     monkeypatch.setitem(strategy_mod.STRATEGIES, "ddp", lambda *args: calls.append("build") or "built")
     cfg = load_config(os.path.join(ROOT, "configs", "tiny_cpu.yaml"), ["dist.strategy=ddp"])
     env = dist_env.init_distributed()
@@ -249,10 +251,10 @@ def test_cpu_threads_per_rank_splits_the_cores_unless_the_user_chose(monkeypatch
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
-    assert dist_env.cpu_threads_per_rank(2) == 8 and dist_env.cpu_threads_per_rank(32) == 1
+    assert cpu.threads_per_rank(2) == 8 and cpu.threads_per_rank(32) == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert dist_env.cpu_threads_per_rank(2) is None  # set by the user (no torchrun)
+    assert cpu.threads_per_rank(2) is None  # set by the user (no torchrun)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
-    assert dist_env.cpu_threads_per_rank(4) == 4  # torchrun's default
+    assert cpu.threads_per_rank(4) == 4  # torchrun's default
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert dist_env.cpu_threads_per_rank(4) is None
+    assert cpu.threads_per_rank(4) is None

@@ -9,8 +9,8 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as tmp
 
+from htr_dist.dist.cpu.shm_gather import ShmAllGather
 from htr_dist.dist.env import free_port, ranks_share_memory
-from htr_dist.dist.shm_gather import ShmAllGather
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
 
@@ -57,3 +57,44 @@ def test_ranks_share_memory_reads_both_launchers(monkeypatch):
     monkeypatch.delenv("LOCAL_SIZE")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # torchrun, 2 machines of 1 rank
     assert not ranks_share_memory()
+
+
+def test_the_private_apis_it_wraps_have_not_changed():
+    """FSDP2's AllGather interface and DeepSpeed's backend all-gather, as shm_gather calls them: a torch or DeepSpeed
+    that renames them or their parameters fails here by name instead of losing the shared-memory path quietly."""
+    import inspect
+
+    from htr_dist.dist.cpu import shm_gather
+
+    interface = shm_gather.fsdp_all_gather_interface()
+    if shm_gather.torch_version() >= shm_gather.FSDP_CUSTOM_ALL_GATHER:
+        assert interface is not None and issubclass(shm_gather.FSDPShmAllGather, interface)
+        assert list(inspect.signature(interface.allocate).parameters) == ["self", "size", "dtype", "device"]
+        assert list(inspect.signature(interface.__call__).parameters)[:5] == \
+            ["self", "output_tensor", "input_tensor", "group", "async_op"]
+        from torch.distributed.fsdp import FSDPModule
+
+        assert hasattr(FSDPModule, "set_custom_all_gather")
+    pytest.importorskip("deepspeed")
+    import deepspeed.comm.comm as ds_comm
+
+    # DeepSpeed decorates its backend's methods (no signature to read): check the call that the wrapper stands in for
+    assert hasattr(ds_comm, "cdb")
+    assert "cdb.all_gather_into_tensor(output_tensor=output_tensor, input_tensor=tensor, group=group, " \
+           "async_op=async_op)" in inspect.getsource(ds_comm)
+
+
+def test_a_gpu_run_never_imports_the_cpu_settings():
+    """The switch returns None for an accelerator, and nothing a run imports pulls the CPU module in by itself."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "import htr_dist.cli.train, htr_dist.cli.evaluate, htr_dist.cli.recognize, htr_dist.dist.strategy, "
+            "htr_dist.train.loop, htr_dist.inference, htr_dist.evaluate, htr_dist.models.llm\n"
+            "from htr_dist.dist.env import cpu_settings\n"
+            "assert cpu_settings(torch.device('cuda', 0)) is None\n"
+            "print(sorted(m for m in sys.modules if m.startswith('htr_dist.dist.cpu')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -20,7 +20,7 @@ import torch
 
 from htr_dist.config import CHOICES, int_at_least
 from htr_dist.decode import DECODE_MODES
-from htr_dist.dist.env import tune_cpu_allocator
+from htr_dist.dist.env import cpu_settings
 from htr_dist.errors import InputError
 from htr_dist.inference import InferenceError, Recognizer
 
@@ -87,8 +87,9 @@ def main(argv=None) -> int:
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    if device.type == "cpu":
-        tune_cpu_allocator("step")  # set-up is over: the batches' activations reuse heap memory from here on
+    cpu = cpu_settings(device)
+    if cpu is not None:
+        cpu.tune_allocator("step")  # set-up is over: the batches' activations reuse heap memory from here on
     failed = 0
     for start in range(0, len(paths), args.batch_size * 8):  # a few batches at a time: output flows, memory bounded
         readable = []

@@ -7,7 +7,6 @@ one plain process. Device, dtype and backend are decided here once and passed do
 
 from __future__ import annotations
 
-import ctypes
 import datetime
 import gc
 import logging
@@ -100,6 +99,16 @@ def pick_device(local_rank: int, wanted: str = "auto", world: int = 1) -> torch.
     if index >= torch.cuda.device_count():
         raise ConfigError(f"dist.device={wanted}: this machine has {torch.cuda.device_count()} GPU(s)")
     return torch.device("cuda", index)
+
+
+def cpu_settings(device: torch.device):
+    """The one switch of the CPU-only settings: :mod:`htr_dist.dist.cpu` for a run on the CPU, None on an accelerator.
+    It is the only importer of that module, so a GPU run never imports or patches any of it."""
+    if device.type != "cpu":
+        return None
+    from htr_dist.dist import cpu
+
+    return cpu
 
 
 def pick_backend(device: torch.device) -> str:
@@ -222,20 +231,6 @@ def _restart_store(world: int, timeout: datetime.timedelta):
     return tdist.PrefixStore(f"htr_dist/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", base)
 
 
-def cpu_threads_per_rank(local_world: int) -> Optional[int]:
-    """Threads for each of ``local_world`` CPU ranks on this machine: its share of the cores this process may run on
-    (SLURM's cpus-per-task, taskset), or None where the user chose with OMP_NUM_THREADS.
-
-    torchrun puts OMP_NUM_THREADS=1 into every rank's environment unless the user set it: that is its default, not a
-    choice, and it would leave a 16-core machine with one thread per rank, so under torchrun 1 counts as unset.
-    """
-    chosen = os.environ.get("OMP_NUM_THREADS")
-    if chosen is not None and not (chosen == "1" and "TORCHELASTIC_RUN_ID" in os.environ):
-        return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // max(1, local_world))
-
-
 def init_distributed(timeout_s: int = 1800, use_deepspeed: bool = False, precision: str = "auto",
                      llm_precision: str = "auto", memory_format: str = "auto", device: str = "auto") -> DistEnv:
     """Initialise the process group when launched with several processes; return the resolved environment.
@@ -245,6 +240,7 @@ def init_distributed(timeout_s: int = 1800, use_deepspeed: bool = False, precisi
     rank, world, local_rank = env_rank(), env_world_size(), env_local_rank()
     device = pick_device(local_rank, device, world)
     backend = pick_backend(device)
+    cpu = cpu_settings(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if (world > 1 or use_deepspeed) and not tdist.is_initialized():
@@ -262,11 +258,11 @@ def init_distributed(timeout_s: int = 1800, use_deepspeed: bool = False, precisi
             import deepspeed
 
             deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # adopts an existing process group
-            if device.type == "cpu":
-                unlink_deepspeed_shm(rank)
+            if cpu is not None:
+                cpu.unlink_deepspeed_shm(rank)
         elif store is None:
             tdist.init_process_group(backend=backend, timeout=timeout)
-    threads = cpu_threads_per_rank(env_local_world_size() or world) if device.type == "cpu" and world > 1 else None
+    threads = cpu.threads_per_rank(env_local_world_size() or world) if cpu is not None and world > 1 else None
     if threads is not None:
         torch.set_num_threads(threads)
     dtype = pick_dtype(device, precision)
@@ -276,69 +272,6 @@ def init_distributed(timeout_s: int = 1800, use_deepspeed: bool = False, precisi
              rank, world, local_rank, device, backend, env.dtype, env.llm_dtype,
              "channels_last" if env.channels_last else "contiguous", torch.get_num_threads())
     return env
-
-
-_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
-
-
-def tune_cpu_allocator(phase: str = "step") -> bool:
-    """Set glibc's malloc for what comes next on the CPU: ``"load"`` (weights being read) or ``"step"`` (training).
-
-    By default glibc serves allocations above an adaptive threshold (at most 32 MB) with their own mmap, unmapped when
-    freed, and keeps smaller freed blocks in its heap.
-
-    - ``"step"`` raises the mmap and trim thresholds to 2 GB, so the heap keeps every step's large activations and
-      reuses them; otherwise each step gets them as fresh pages that the kernel must zero-fill on first touch.
-      benchmarks/step_time.py on a 2-core CPU, batch 16 at 128 x 1024, two alternating pairs of runs: 3.40 / 3.16 s
-      a step instead of 3.77 / 3.69 s without the LLM, 4.01 / 3.97 s instead of 4.50 / 4.61 s with SmolLM2 on 2
-      lines. Memory freed by a step stays with the process (its RSS stays at the peak).
-    - ``"load"`` maps every block above 128 KiB on its own and releases what the heap holds free, so the
-      temporaries of an LLM's load (each weight whole before ZeRO-3 partitions it, gathered layers, converted copies)
-      go back to the system as they are freed instead of fragmenting the heap and staying for the whole run.
-      benchmarks/llm_memory.py, SmolLM2 (538 MB) under ZeRO-3 at 2 ranks: building the strategy raised a rank's
-      private memory by 516-517 MB under ``"load"``, by 704-842 MB under ``"step"`` (glibc's defaults keep about as
-      much).
-
-    ``build_strategy`` sets ``"load"`` before it builds the strategy and ``"step"`` after. Setting any of glibc's own
-    MALLOC_* variables or GLIBC_TUNABLES leaves the allocator as configured there. Returns whether it was set.
-    """
-    if phase not in ("load", "step"):
-        raise ValueError(f"tune_cpu_allocator: phase must be 'load' or 'step', got {phase!r}")
-    if not sys.platform.startswith("linux") or any(name in os.environ for name in _MALLOC_ENV):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    threshold = (1 << 31) - 1 if phase == "step" else 128 << 10
-    done = mallopt(m_mmap_threshold, threshold) == 1 and mallopt(m_trim_threshold, threshold) == 1
-    if phase == "load":
-        malloc_trim(0)
-    if done:
-        log.debug("glibc malloc set for the %s phase", phase)
-    return done
-
-
-def unlink_deepspeed_shm(rank: int) -> None:
-    """Remove the name of the shared-memory file DeepSpeed's CPU backend made for this rank.
-
-    When the launcher says that every rank is local, DeepSpeed maps a 69 MB file per rank in /dev/shm (for an
-    all-reduce that htr-dist does not use) and never removes it: every run left 2 x 69 MB of RAM behind (9.8 GB after
-    a day of tests here). Once every rank has mapped every file (DeepSpeed maps its peers' before it returns, hence
-    the barrier), each rank unlinks its own; the memory is freed when the processes end. At one rank DeepSpeed makes
-    its process group (and the file) itself, later: the DeepSpeed strategy calls this again once its engines exist.
-    """
-    if not tdist.is_initialized():
-        return
-    tdist.barrier()
-    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(os.getuid(), os.environ.get("MASTER_ADDR", ""),
-                                                          os.environ.get("MASTER_PORT", ""), rank)
-    try:
-        os.unlink(os.path.join("/dev/shm", name))
-    except FileNotFoundError:  # not all ranks local, or a DeepSpeed that does not make it
-        pass
 
 
 def is_initialized() -> bool:
@@ -407,7 +340,7 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-_ran_distributed = False  # set once a process group existed in this process: exit_process() then skips finalization
+_ran_gloo = False  # set once a gloo process group existed in this process: exit_process() then skips finalization
 
 
 def destroy() -> None:
@@ -418,33 +351,21 @@ def destroy() -> None:
     ``deepspeed.utils.groups`` do), hence exit_process(). No barrier: after an error on one rank, the others may be
     waiting in a collective that will never complete.
     """
-    global _ran_distributed
+    global _ran_gloo
     if is_initialized():
-        _ran_distributed = True
+        _ran_gloo = _ran_gloo or tdist.get_backend() == "gloo"
         gc.collect()
         tdist.destroy_process_group()
 
 
 def exit_process(code: int = 0) -> None:
-    """End the process with ``code``; a process that ran distributed ends without interpreter finalization.
+    """End the process with ``code``. A process that ran a gloo group ends without interpreter finalization
+    (:func:`htr_dist.dist.cpu.exit_without_finalizing` says why); any other exits normally."""
+    if _ran_gloo:
+        from htr_dist.dist import cpu
 
-    Gloo's worker threads outlive a group that DeepSpeed still references, and one of them may still be freeing a
-    finished collective's tensors, which takes the GIL. If the interpreter is finalizing by then, that thread exits
-    inside a C++ destructor and the process aborts ("terminate called without an active exception", exit code 250
-    or SIGABRT): 1 run in about 20 of the 2-rank DeepSpeed test on CPU. gdb on the core: ProcessGroupGloo::runLoop ->
-    ~AsyncAllgatherWork -> THPVariable_dealloc -> take_gil -> PyThread_exit_thread -> std::terminate. So such a
-    process flushes its logs and streams (callers close their files, TensorBoard writers and progress bars first)
-    and leaves with os._exit. One process, or one whose group never existed, exits normally.
-    """
-    if not _ran_distributed:
-        sys.exit(code)
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # closed or broken pipe: nothing more can be written anyway
-            pass
-    os._exit(code)
+        cpu.exit_without_finalizing(code)
+    sys.exit(code)
 
 
 def setup_logging(rank: Optional[int] = None, level: int = logging.INFO) -> None:

@@ -13,7 +13,7 @@ The trainable part (backbone, heads, connector) and the frozen LLM teacher are w
                  gather/release hooks live on the module, so gradients still reach the connector.
 
 With ``fsdp`` and ``deepspeed``, CPU ranks that all run on one machine gather the LLM's parameters through shared memory
-(``dist.shm_allgather``, htr_dist.dist.shm_gather) instead of gloo's loopback TCP.
+(``dist.shm_allgather``, htr_dist.dist.cpu.shm_gather) instead of gloo's loopback TCP.
 
 Every strategy exposes the same small API to the training loop: ``model``, ``teacher``, ``backward``, ``step``,
 ``lr``, ``save`` / ``load`` and ``module`` (the unwrapped trainable model).
@@ -33,9 +33,7 @@ import torch
 import torch.nn as nn
 
 from htr_dist.config import ConfigError
-from htr_dist.dist.env import (DistEnv, attn_implementation, env_local_world_size, ranks_share_memory,
-                               tune_cpu_allocator, unlink_deepspeed_shm)
-from htr_dist.dist.shm_gather import install_for_deepspeed, install_for_fsdp
+from htr_dist.dist.env import DistEnv, attn_implementation, cpu_settings, env_local_world_size, ranks_share_memory
 from htr_dist.models.htr import HTRModel
 from htr_dist.train.checkpoint import safe_load
 from htr_dist.models.llm import PrefixLM, build_empty_causal_lm, checkpoint_slices, load_causal_lm, \
@@ -222,8 +220,9 @@ class FSDPStrategy(Strategy):
         if slices is not None:
             self._fill_shards(teacher, slices)
             self.llm_load = "sharded"
-        if self.cfg.dist.shm_allgather and self.env.device.type == "cpu" and ranks_share_memory():
-            self.shm_gather = install_for_fsdp([*lm.base_model.layers, teacher], mesh.get_group())
+        cpu = cpu_settings(self.env.device)
+        if self.cfg.dist.shm_allgather and cpu is not None and ranks_share_memory():
+            self.shm_gather = cpu.shm_allgather_for_fsdp([*lm.base_model.layers, teacher], mesh.get_group())
         return teacher
 
     def _fill_shards(self, teacher: PrefixLM, slices) -> None:
@@ -267,8 +266,9 @@ class DeepSpeedStrategy(Strategy):
         self.cfg, self.env = cfg, env
         # DeepSpeed broadcasts parameters as byte views, which needs them contiguous (not channels_last).
         self.module = model.to(env.device, memory_format=torch.contiguous_format)
-        if cfg.dist.shm_allgather and env.device.type == "cpu" and ranks_share_memory():
-            install_for_deepspeed()
+        cpu = cpu_settings(env.device)
+        if cfg.dist.shm_allgather and cpu is not None and ranks_share_memory():
+            cpu.shm_allgather_for_deepspeed()
         self.teacher = self.build_teacher() if cfg.train.use_llm else None
         optimizer = build_optimizer(self.module, cfg.train)
         scheduler = build_scheduler(optimizer, cfg.train, total_steps)
@@ -276,8 +276,8 @@ class DeepSpeedStrategy(Strategy):
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
             model_parameters=[p for p in self.module.parameters() if p.requires_grad])
-        if env.device.type == "cpu":
-            unlink_deepspeed_shm(env.rank)  # at one rank, DeepSpeed has only now made its /dev/shm file
+        if cpu is not None:
+            cpu.unlink_deepspeed_shm(env.rank)  # at one rank, DeepSpeed has only now made its /dev/shm file
 
     def _read(self, path: str) -> dict:
         try:
@@ -413,12 +413,12 @@ def build_strategy(cfg, env: DistEnv, model: HTRModel, total_steps: int) -> Stra
         cls = STRATEGIES[cfg.dist.strategy]
     except KeyError:
         raise ConfigError(f"dist.strategy: {cfg.dist.strategy!r} is not one of {sorted(STRATEGIES)}") from None
-    cpu = env.device.type == "cpu"
-    if cpu:
-        tune_cpu_allocator("load")
+    cpu = cpu_settings(env.device)
+    if cpu is not None:
+        cpu.tune_allocator("load")
     strategy = cls(cfg, env, model, total_steps)
-    if cpu:
-        tune_cpu_allocator("step")
+    if cpu is not None:
+        cpu.tune_allocator("step")
     return strategy
 
 

@@ -7,7 +7,6 @@ Device, dtype and attention implementation are chosen by the caller (``htr_dist.
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import importlib.util
 import json
@@ -290,37 +289,21 @@ def load_causal_lm(name_or_path: str, cache_dir: str, dtype: torch.dtype = torch
     return freeze(model.to(device)), load_tokenizer(name_or_path, cache_dir)
 
 
-@contextlib.contextmanager
-def parameters_on_meta():
-    """Modules built inside get their parameters on the meta device (no memory) and their buffers for real.
-
-    Buffers are computed at construction (a Llama's rotary ``inv_freq``) and often left out of checkpoints, so they
-    must be real; parameters are filled afterwards from the checkpoint. Each parameter is first made by its module as
-    an uninitialised tensor that is never written, then replaced: only one is alive at a time.
-    """
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module, name, param):
-        register(module, name, param)
-        if param is not None and param.device.type != "meta":
-            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-
-
 def build_empty_causal_lm(name_or_path: str, cache_dir: str, dtype: torch.dtype = torch.float32,
                           attn_implementation: str = "sdpa") -> nn.Module:
     """The causal LM of ``name_or_path`` with its parameters on the meta device and its buffers on the CPU, frozen:
-    the skeleton that :func:`checkpoint_slices` fills, one rank's rows at a time."""
+    the skeleton that :func:`checkpoint_slices` fills, one rank's rows at a time.
+
+    Buffers are computed at construction (a Llama's rotary ``inv_freq``) and often left out of checkpoints, so they
+    must be real, which ``torch.device("meta")`` would not give; accelerate's empty-weights context puts only the
+    parameters on the meta device."""
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     config = load_llm_config(name_or_path, cache_dir)
-    with parameters_on_meta():
+    with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    model.tie_weights()  # inside the context, tying re-registers the shared weight as a new meta parameter
     return freeze(model)
 
 

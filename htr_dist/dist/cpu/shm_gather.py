@@ -30,10 +30,33 @@ import torch.distributed as tdist
 
 log = logging.getLogger(__name__)
 
-try:  # FSDP2's interface for a custom all-gather (torch >= 2.9); older torch gathers through the process group
-    from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather as _FSDPAllGather
-except ImportError:  # pragma: no cover - depends on the installed torch
-    _FSDPAllGather = None
+FSDP_CUSTOM_ALL_GATHER = (2, 9)
+"""The first torch whose FSDP2 takes a custom all-gather (``FSDPModule.set_custom_all_gather``)."""
+
+
+def torch_version() -> tuple:
+    return tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def fsdp_all_gather_interface():
+    """FSDP2's private ``AllGather`` interface (``allocate`` and ``__call__``), the one private torch API used here, or
+    None on a torch older than :data:`FSDP_CUSTOM_ALL_GATHER` (FSDP then gathers through the process group). On a
+    newer torch a missing interface raises: tests/test_shm_gather.py checks its methods, so a torch that changes it
+    fails there, loudly, rather than silently losing the fast path."""
+    if torch_version() < FSDP_CUSTOM_ALL_GATHER:
+        return None
+    from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather
+
+    return AllGather
+
+
+def deepspeed_backend():
+    """DeepSpeed's communication backend object (``deepspeed.comm.comm.cdb``), whose ``all_gather_into_tensor``
+    :func:`install_for_deepspeed` wraps; None before DeepSpeed set up its process group. The test of this module
+    checks the method's parameters, so a DeepSpeed that renames them fails there."""
+    from deepspeed import comm as ds_comm
+
+    return ds_comm.comm.cdb
 
 SHM_DIR = "/dev/shm"
 
@@ -112,9 +135,7 @@ def install_for_deepspeed() -> None:
     Wraps ``all_gather_into_tensor`` of DeepSpeed's communication backend; any call it cannot serve (another device,
     a non-contiguous tensor) falls through to the original. One ShmAllGather per process group, made at its first use.
     """
-    from deepspeed import comm as ds_comm
-
-    backend = ds_comm.comm.cdb
+    backend = deepspeed_backend()
     if backend is None or getattr(backend, "_htr_shm", None) is not None:
         return
     original = backend.all_gather_into_tensor
@@ -136,7 +157,7 @@ def install_for_deepspeed() -> None:
     log.info("DeepSpeed all-gathers of CPU tensors go through shared memory (%s)", SHM_DIR)
 
 
-class FSDPShmAllGather(_FSDPAllGather or object):
+class FSDPShmAllGather(fsdp_all_gather_interface() or object):
     """FSDP2's all-gather (``allocate`` the output, then gather into it) through a :class:`ShmAllGather`.
 
     The gather is complete when the call returns, so there is no work handle to wait on (FSDP accepts ``None``).
@@ -161,7 +182,7 @@ def install_for_fsdp(modules, group) -> Optional[FSDPShmAllGather]:
     """Make the FSDP2 modules (``fully_shard`` results on one mesh) gather through shared memory; returns the
     gatherer they share, or None (with a log line) where the installed torch has no custom all-gather hook."""
     modules = list(modules)
-    if _FSDPAllGather is None or not all(hasattr(m, "set_custom_all_gather") for m in modules):
+    if fsdp_all_gather_interface() is None or not all(hasattr(m, "set_custom_all_gather") for m in modules):
         log.info("this torch has no FSDPModule.set_custom_all_gather: FSDP gathers through %s",
                  tdist.get_backend(group))
         return None
