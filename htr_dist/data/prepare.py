@@ -350,8 +350,9 @@ def _write_staging(opt: ImportOptions, staging: str, found: Collected, pages: Di
     bar.close()
     alphabet = "".join(sorted(set("".join(texts["train"]))))
     source = f"{found.label}: {os.path.abspath(opt.source)}"
-    return write_manifest(staging, opt.name or os.path.basename(os.path.normpath(opt.out_dir)), source, entries,
-                          alphabet, problems.manifest(report.messages))  # last: a staging folder with a manifest is complete
+    name = opt.name or os.path.basename(os.path.normpath(opt.out_dir))
+    # last: a staging folder with a manifest is complete
+    return write_manifest(staging, name, source, entries, alphabet, problems.manifest(report.messages))
 
 
 _WRITTEN = {

@@ -14,9 +14,3 @@ FORMATS: Dict[str, Format] = {f.name: f for f in (iam.IAM, iam.IAM_LINES, lines.
                                                   page.PAGE)}
 """Format name -> its parser; ``htr-prepare --help`` lists them in this order."""
 
-
-def get_format(name: str) -> Format:
-    """The registered format ``name``; an unknown name raises KeyError listing the known ones."""
-    if name not in FORMATS:
-        raise KeyError(f"unknown format {name!r}; known: {', '.join(FORMATS)}")
-    return FORMATS[name]

@@ -51,7 +51,7 @@ def find_page_image(xml_path: str, name: str) -> Optional[str]:
         for base in (folder, os.path.dirname(folder)):
             for candidate in (os.path.join(base, name), os.path.join(base, os.path.basename(name))):
                 if os.path.isfile(candidate):
-                    return candidate
+                    return os.path.normpath(candidate)
     return image_beside(os.path.splitext(xml_path)[0])
 
 
@@ -100,7 +100,11 @@ def _page(path: str, root: ET.Element, opt: ImportOptions, rep: Report, keys: li
     name = page_el.get("imageFilename", "")
     image = find_page_image(path, name)
     lines = []
-    for el in page_el.iter("{*}TextLine"):
+    elements = page_el.findall(".//{*}TextLine")
+    if not elements:
+        rep.problems.forms["page_without_lines"] += 1
+        rep.say(f"{path}: no TextLine; nothing to write")
+    for el in elements:
         lid = el.get("id", "")
         where = f"{path}: TextLine {lid or '(no id)'}"
         key = safe_key(f"{pid}_{lid}")

@@ -74,5 +74,5 @@ def collect(opt: ImportOptions, rep: Report) -> Collected:
     return Collected(pages, "reference", split_given=not opt.splits_dir, unit="line")
 
 
-REFERENCE = Format("reference", "{train,val,test}/gt.txt (\"<name> <text>\" a line) + <name>.png: the reference "
-                                "system's prepare_iam.py output", collect)
+REFERENCE = Format("reference", "{train,val,test}/gt.txt (\"<name> <text>\" a line) + <name>.png, as the reference's "
+                                "prepare_iam.py writes", collect)
