@@ -269,6 +269,43 @@ def test_page_split_lists_margin_and_missing_image(page_dir, tmp_path):
     assert (crop[:3] == 255).all() and (crop[:, -3:] == 255).all() and (crop[3:-3, 3:-3] == 50).all()
 
 
+def alto_xml(image_name, lines):
+    """An ALTO v4 document; lines: [(id, (x, y, w, h), [words], polygon points or None)]."""
+    out = ['<?xml version="1.0" encoding="UTF-8"?>', '<alto xmlns="http://www.loc.gov/standards/alto/ns-v4#">',
+           "<Description><MeasurementUnit>pixel</MeasurementUnit><sourceImageInformation>"
+           f"<fileName>{image_name}</fileName></sourceImageInformation></Description>",
+           '<Layout><Page ID="p" WIDTH="400" HEIGHT="200"><PrintSpace><TextBlock ID="b">']
+    for lid, (x, y, w, h), words, polygon in lines:
+        out.append(f'<TextLine ID="{lid}" HPOS="{x}" VPOS="{y}" WIDTH="{w}" HEIGHT="{h}">')
+        if polygon:
+            out.append(f'<Shape><Polygon POINTS="{" ".join(f"{a},{b}" for a, b in polygon)}"/></Shape>')
+        for i, word in enumerate(words):
+            out.append(("<SP/>" if i else "") + f'<String CONTENT="{word}"/>')
+        out.append("</TextLine>")
+    out += ["</TextBlock></PrintSpace></Page></Layout>", "</alto>"]
+    return "\n".join(out)
+
+
+def test_alto_format(tmp_path):
+    root = tmp_path / "alto"
+    os.makedirs(root)
+    for n in range(3):
+        page = np.full((200, 400), 50, np.uint8)
+        page[20:50, 30:130] = 100 + n  # the line's box, in a grey of its own
+        Image.fromarray(page).save(root / f"s{n}.png")
+        lines = [("L1", (30, 20, 100, 30), ["line", str(n)], TRIANGLE if n == 0 else None)]
+        if n == 1:
+            lines.append(("L2", (30, 80, 100, 30), [], None))  # no String: empty transcription
+        write(str(root / f"s{n}.xml"), alto_xml(f"s{n}.png", lines))
+    manifest = run("alto", root, tmp_path / "out")
+    assert manifest["problems"]["counts"] == {"empty_transcription": 1}
+    _, found = read_back(tmp_path / "out")
+    lines = {k: v for split in found.values() for k, v in split.items()}
+    assert {k: v[0] for k, v in lines.items()} == {"s0_L1": "line 0", "s1_L1": "line 1", "s2_L1": "line 2"}
+    assert (lines["s1_L1"][2] == 101).all() and lines["s1_L1"][2].shape == (30, 100)  # the box, no margin
+    assert lines["s0_L1"][2].shape == (31, 101) and lines["s0_L1"][2][25, 5] == 255  # the polygon, masked
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # iam: the seed's positional form with forms/ holding the PNGs; a split by writer without split lists
 # ------------------------------------------------------------------------------------------------------------------
@@ -336,4 +373,4 @@ def test_cli_help_lists_formats_and_errors_are_one_line(page_dir, tmp_path, caps
     assert err.strip() == f"error: line image folder not found: {tmp_path / 'nope'}"
     with pytest.raises(SystemExit):
         cli.main(["tiff", str(page_dir), "--out", str(tmp_path / "o3")])
-    assert "unknown format 'tiff'; choose one of: iam, iam-lines, lines, reference, page" in capsys.readouterr().err
+    assert "unknown format 'tiff'; choose one of: iam, iam-lines, lines, reference, page, alto" in capsys.readouterr().err

@@ -7,10 +7,10 @@ and its line in :data:`FORMATS`.
 
 from typing import Dict
 
-from htr_dist.data.formats import iam, lines, page, reference
+from htr_dist.data.formats import alto, iam, lines, page, reference
 from htr_dist.data.formats.base import Format
 
 FORMATS: Dict[str, Format] = {f.name: f for f in (iam.IAM, iam.IAM_LINES, lines.LINES, reference.REFERENCE,
-                                                  page.PAGE)}
+                                                  page.PAGE, alto.ALTO)}
 """Format name -> its parser; ``htr-prepare --help`` lists them in this order."""
 

@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import os
 import xml.etree.ElementTree as ET
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from htr_dist.data.formats.base import (Collected, Format, ImportOptions, Line, Page, Report, check_unique,
                                         image_beside, safe_key)
-
-PAGE_NS = "http://schema.primaresearch.org/PAGE/gts/pagecontent/"
-
 
 def xml_files(source: str) -> List[str]:
     """SOURCE itself when it is a file, else every ``*.xml`` under it (recursive, sorted, hidden folders skipped)."""
@@ -53,6 +50,36 @@ def find_page_image(xml_path: str, name: str) -> Optional[str]:
                 if os.path.isfile(candidate):
                     return os.path.normpath(candidate)
     return image_beside(os.path.splitext(xml_path)[0])
+
+
+def locate_image(xml_path: str, name: str) -> Tuple[Optional[str], Optional[Tuple[str, str]]]:
+    """(the page image, None), or (None, the (kind, why) of :attr:`Page.missing`) when it is not found."""
+    image = find_page_image(xml_path, name)
+    if image is not None:
+        return image, None
+    stem = os.path.splitext(os.path.basename(xml_path))[0]
+    return None, ("missing_page_image", f"{xml_path}: page image {name or '(none named)'} not found beside it, nor "
+                                        f"{stem}.png/.jpg/.tif")
+
+
+def collect_xml(opt: ImportOptions, rep: Report, label: str, root_name: str,
+                read_page: Callable[[str, ET.Element, ImportOptions, Report, list], Optional[Page]]) -> Collected:
+    """The pages of every XML file under SOURCE whose root element is ``root_name`` (any namespace), read by
+    ``read_page``; other XML files and malformed ones are reported. A line key met twice is an error."""
+    pages, keys = [], []
+    for path in xml_files(opt.source):
+        root = parse_xml(path, rep)
+        if root is None:
+            continue
+        if root.tag.rpartition("}")[2] != root_name:
+            rep.problems.forms[f"not_{label}"] += 1
+            rep.say(f"{path}: root element {root.tag} is not {root_name} ({label}); skipped")
+            continue
+        page = read_page(path, root, opt, rep, keys)
+        if page is not None:
+            pages.append(page)
+    check_unique(keys)
+    return Collected(pages, label, unit="page")
 
 
 def parse_points(coords: ET.Element) -> Optional[List[Tuple[int, int]]]:
@@ -97,8 +124,6 @@ def _page(path: str, root: ET.Element, opt: ImportOptions, rep: Report, keys: li
         rep.say(f"{path}: PAGE-XML without a <Page> element; skipped")
         return None
     pid = page_id(path, opt.source)
-    name = page_el.get("imageFilename", "")
-    image = find_page_image(path, name)
     lines = []
     elements = page_el.findall(".//{*}TextLine")
     if not elements:
@@ -127,28 +152,11 @@ def _page(path: str, root: ET.Element, opt: ImportOptions, rep: Report, keys: li
         lines.append(Line(key, " ".join(text.split()), pid, meta, bbox=bbox, polygon=points))
     if not lines:
         return None
-    missing = None
-    if image is None:
-        missing = ("missing_page_image", f"{path}: page image {name or '(no imageFilename)'} not found beside it, "
-                                         f"nor {os.path.splitext(os.path.basename(path))[0]}.png/.jpg/.tif")
-    return Page(pid, lines, image, missing)
+    return Page(pid, lines, *locate_image(path, page_el.get("imageFilename", "")))
 
 
 def collect(opt: ImportOptions, rep: Report) -> Collected:
-    pages, keys = [], []
-    for path in xml_files(opt.source):
-        root = parse_xml(path, rep)
-        if root is None:
-            continue
-        if not (root.tag.startswith("{" + PAGE_NS) and root.tag.endswith("}PcGts")):
-            rep.problems.forms["not_page_xml"] += 1
-            rep.say(f"{path}: root element {root.tag} is not PAGE-XML's PcGts; skipped")
-            continue
-        page = _page(path, root, opt, rep, keys)
-        if page is not None:
-            pages.append(page)
-    check_unique(keys)
-    return Collected(pages, "page", unit="page")
+    return collect_xml(opt, rep, "page", "PcGts", _page)
 
 
 PAGE = Format("page", "PAGE-XML (2010-2019) + page images: each TextLine polygon cut out as a masked crop", collect)
