@@ -373,4 +373,5 @@ def test_cli_help_lists_formats_and_errors_are_one_line(page_dir, tmp_path, caps
     assert err.strip() == f"error: line image folder not found: {tmp_path / 'nope'}"
     with pytest.raises(SystemExit):
         cli.main(["tiff", str(page_dir), "--out", str(tmp_path / "o3")])
-    assert "unknown format 'tiff'; choose one of: iam, iam-lines, lines, reference, page, alto" in capsys.readouterr().err
+    known = ", ".join(FORMATS)
+    assert f"unknown format 'tiff'; choose one of: {known}" in capsys.readouterr().err

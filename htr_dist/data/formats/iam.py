@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Set, Tuple
 
 from htr_dist.data import iam
@@ -209,9 +209,9 @@ def _check_inputs(opt: ImportOptions) -> None:
 
 
 def _with_defaults(opt: ImportOptions, kind: str) -> ImportOptions:
-    """``opt`` with IAM's default places filled in: SOURCE/xml, SOURCE/ascii/lines.txt (or beside a SOURCE that is
-    the forms/ folder itself), SOURCE/splits when it exists."""
-    opt.source_kind = kind
+    """A copy of ``opt`` with IAM's default places filled in: SOURCE/xml, SOURCE/ascii/lines.txt, and SOURCE/splits
+    when it exists."""
+    opt = replace(opt, source_kind=kind)
     if opt.xml_dir is None:
         opt.xml_dir = os.path.join(opt.source, "xml")
     if opt.lines_txt is None:
