@@ -41,3 +41,8 @@ def first_line(err: BaseException, limit: int = 200) -> str:
 class TrainingDiverged(InputError):
     """Training cannot go on: the loss, gradients or weights stopped being finite. The message says at which step and
     what was kept; it is the settings (learning rate, data), not a bug in htr-dist."""
+
+
+class DataFormatError(InputError, ValueError):
+    """A data file to import (IAM's XML or lists, a PAGE-XML page, a gt.txt, a split list) does not have the expected
+    format, or names an id twice; the message names the file (and line or id)."""

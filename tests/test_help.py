@@ -14,6 +14,7 @@ SCRIPTS = {
                            "--memory-format", "--tune", "--lm-split", "beam+llm"],
     "launch/recognize.py": ["--checkpoint", "IMAGE", "--decode", "--memory-format", "beam+lm"],
     "launch/prepare_iam.py": ["--iam", "--out", "--scale", "--workers"],
+    "launch/prepare.py": ["FORMAT", "SOURCE", "--out", "--splits", "--val-fraction", "--seed", "iam-lines", "page"],
     "launch/synth_iam.py": ["--forms", "--seed", "--fonts", "--font-list"],
     "launch/fetch_fonts.py": ["--list", "--split", "--check"],
     "benchmarks/unseen_styles.py": ["--config", "--steps", "--minutes", "--seeds", "--plot"],

@@ -1,6 +1,7 @@
 """IAM Handwriting Database, exactly as distributed.
 
-- form images: ``formsA-D/``, ``formsE-H/``, ``formsI-Z/`` (or one ``forms/`` folder), ``<form id>.png``
+- form images: ``formsA-D/``, ``formsE-H/``, ``formsI-Z/`` (or one ``forms/`` folder), ``<form id>.png``; the
+  folder of form images itself is accepted where the IAM root is expected
 - ``xml/<form id>.xml`` (declared ISO-8859-1): ``form`` (id, writer-id) / ``handwritten-part`` / ``line`` (id, text,
   segmentation) / ``word`` (id, text) / ``cmp`` (x, y, width, height). The ``text`` attributes are escaped twice: a
   ``"`` is ``&amp;quot;`` in the file, which an XML parser reads as ``&quot;`` (:func:`decode_entities` decodes the
@@ -29,9 +30,11 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from htr_dist.errors import InputError
+from htr_dist.errors import DataFormatError
 
 FORM_FOLDERS = ("formsA-D", "formsE-H", "formsI-Z", "forms")
+"""The folders of form images under the IAM root; a folder holding the form images directly is read as well."""
+FORM_EXTENSIONS = (".png", ".jpg", ".tif")
 DEFAULT_MARGIN = 8
 """Pixels of paper kept around the union of a line's cmp boxes (at the form's full resolution, before scaling)."""
 _XML_ENTITIES = {"&quot;": '"', "&apos;": "'"}  # plus &amp; &lt; &gt;, which unescape() always decodes
@@ -44,8 +47,9 @@ TASK_LISTS = ("trainset.txt", "validationset1.txt", "validationset2.txt", "tests
 """IAM's line recognition task lists (line ids), read beside ``*.uttlist`` files; other ``*.txt`` files are not."""
 
 
-class IAMFormatError(InputError, ValueError):
-    """An IAM file does not have the expected format; the message names the file (and line id)."""
+IAMFormatError = DataFormatError
+"""An IAM file does not have the expected format; the message names the file (and line id). The same class as every
+format's error, so a caller catches one class whichever format it reads."""
 
 
 @dataclass
@@ -220,18 +224,28 @@ def read_split_lists(split_dir: str) -> Dict[str, str]:
     return out
 
 
+def _holds_images(folder: str) -> bool:
+    """Whether ``folder`` directly holds form images (``*.png``, ``*.jpg``, ``*.tif``)."""
+    return any(glob.glob(os.path.join(glob.escape(folder), "*" + ext)) for ext in FORM_EXTENSIONS)
+
+
 def form_folders(root: str) -> List[str]:
-    """The form image folders (``formsA-D`` ... or ``forms``) present under ``root``; an error names what is missing."""
+    """The form image folders (``formsA-D`` ... or ``forms``) present under ``root``, or ``root`` itself when it
+    holds the form images directly (the reference's ``prepare_iam.py IAM/forms/ ...``); an error names what is
+    missing."""
     found = [os.path.join(root, f) for f in FORM_FOLDERS if os.path.isdir(os.path.join(root, f))]
+    if not found and os.path.isdir(root) and _holds_images(root):
+        found = [root]
     if not found:
-        raise FileNotFoundError(f"form image folder not found: {root} holds none of {', '.join(FORM_FOLDERS)}")
+        raise FileNotFoundError(f"form image folder not found: {root} holds none of {', '.join(FORM_FOLDERS)}, nor "
+                                f"form images ({', '.join('*' + e for e in FORM_EXTENSIONS)}) itself")
     return found
 
 
 def find_form_image(root: str, form_id: str) -> Optional[str]:
-    """Path of ``form_id``'s image under ``root`` (any of :data:`FORM_FOLDERS`), or None."""
-    for folder in FORM_FOLDERS:
-        for ext in (".png", ".jpg", ".tif"):
+    """Path of ``form_id``'s image under ``root`` (any of :data:`FORM_FOLDERS`, or ``root`` itself), or None."""
+    for folder in FORM_FOLDERS + ("",):
+        for ext in FORM_EXTENSIONS:
             path = os.path.join(root, folder, form_id + ext)
             if os.path.isfile(path):
                 return path
