@@ -33,6 +33,7 @@ setup(
     ],
     entry_points={"console_scripts": [
         "htr-train = htr_dist.cli.train:run",
+        "htr-prepare = htr_dist.cli.prepare:main",
         "htr-eval = htr_dist.cli.evaluate:run",
         "htr-recognize = htr_dist.cli.recognize:main",
         "htr-synth = htr_dist.cli.synth:main",

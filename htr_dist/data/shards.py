@@ -118,9 +118,9 @@ def load_manifest(folder: str, check_sizes: bool = True) -> dict:
     carries ``_folder``."""
     path = os.path.join(folder, MANIFEST)
     if not os.path.isdir(folder):
-        raise ManifestError(f"shard folder not found: {folder} (make it with launch/prepare_iam.py)")
+        raise ManifestError(f"shard folder not found: {folder} (make it with htr-prepare)")
     if not os.path.isfile(path):
-        raise ManifestError(f"{path}: missing (make the shards with launch/prepare_iam.py)")
+        raise ManifestError(f"{path}: missing (make the shards with htr-prepare)")
     try:
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
@@ -155,7 +155,7 @@ def load_manifest(folder: str, check_sizes: bool = True) -> dict:
             size = entry.get("bytes")
             if check_sizes and size is not None and os.path.getsize(shard) != size:  # the cheap check; --verify reads every byte
                 raise ManifestError(f"{shard}: {os.path.getsize(shard)} bytes, but the manifest says {size}: the shard "
-                                    "was cut or changed after it was written (prepare_iam.py --verify checks them all)")
+                                    "was cut or changed after it was written (htr-prepare --verify checks them all)")
         total = sum(e["count"] for e in info["shards"])
         if info.get("lines", total) != total:
             raise ManifestError(f"{path}: split {split!r} says {info['lines']} lines but its shards hold {total}")
