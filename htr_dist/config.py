@@ -21,6 +21,7 @@ from typing import Any, List, Optional, Union
 
 import yaml
 
+from htr_dist import registry
 from htr_dist.errors import InputError
 from htr_dist.io_utils import atomic_write_text
 
@@ -143,10 +144,9 @@ class LLMConfig:
     one more forward pass of the teacher. Works under ddp, FSDP2 and ZeRO-3."""
     attn_implementation: str = "auto"
     """The LLM's attention: ``auto`` (``flash_attention_2`` on CUDA where flash-attn is installed, else ``sdpa``),
-    ``sdpa``, ``eager`` or ``flash_attention_2``. On the CPU, at the ~80-token sequences of a line, ``eager`` ran
-    SmolLM2's forward and backward in bf16 in 0.19 s against 0.24 s for ``sdpa`` on an AVX-512 EPYC, and with the
-    connector 0.31 s against 0.36 s on an AMX Xeon; in fp32, 0.51 s against 0.54 s on the EPYC and even on the Xeon.
-    The demo sets it for its bf16 teacher."""
+    ``sdpa``, ``eager`` or ``flash_attention_2``. On the CPU, at the ~80-token sequences of a line, ``eager`` is the
+    faster for a bf16 teacher (SDPA's CPU flash kernel is mostly overhead there) and the two are even in fp32; the
+    demo sets it (docs/benchmarks.md, CPU-only settings)."""
 
 
 @dataclass
@@ -243,20 +243,17 @@ class DistConfig:
     """``auto`` (bf16 on CUDA, fp32 on CPU), ``fp32``, ``bf16``, or ``bf16_native``: bf16 where the device computes it
     natively (CUDA from Ampere, a CPU with avx512_bf16 or AMX), else fp32. It sets the trainable part's autocast
     (weights, optimizer and the BiLSTM recurrence stay fp32, CTC is computed in fp32) and, unless ``llm_precision``
-    says otherwise, the frozen LLM's weights. On an AMD EPYC with avx512_bf16, steps of the 128 x 1024 models took
-    0.56-0.66x as long in bf16; emulated bf16 (AVX2-only CPUs) is slower than fp32."""
+    says otherwise, the frozen LLM's weights. Emulated bf16 (a CPU with AVX2 only, a GPU before Ampere) is slower
+    than fp32."""
     llm_precision: str = "auto"
     """The frozen LLM's weights and compute: ``auto`` (= ``precision``), ``fp32``, ``bf16``, or ``bf16_native``: bf16
     where the device computes it natively (CUDA, or a CPU with avx512_bf16 or AMX), else fp32. bf16 halves the bytes
-    that ZeRO-3/FSDP gather every step, and where bf16 is native it speeds the teacher up: on an AMX Xeon its path
-    (connector + SmolLM2 on 2 lines, forward and backward) took 0.31 s in bf16 (eager attention) against 0.51 s in
-    fp32. Emulated bf16 compute costs more than it saves (the demo's step on an AVX2 CPU: 6.3 s with a bf16 LLM, 2.1 s
-    with fp32)."""
+    that ZeRO-3/FSDP gather every step, and where bf16 is native it speeds the teacher up; emulated bf16 compute costs
+    more than it saves."""
     memory_format: str = "auto"
     """Layout of the backbone's feature maps and conv weights: ``channels_last`` (NHWC), ``contiguous`` (NCHW), or
     ``auto``: channels_last on CUDA and on CPUs with AVX-512, contiguous on other CPUs, where oneDNN's NHWC
-    weight-gradient kernel is about 3.5x slower than its blocked one (training steps 1.1-1.3x slower on an AVX2 EPYC).
-    Evaluation and recognition follow the run's setting, with ``auto`` channels_last (NHWC's forward is faster there
+    weight-gradient kernel is several times slower than its blocked one. Evaluation and recognition follow the run's setting, with ``auto`` channels_last (NHWC's forward is faster there
     too)."""
     shm_allgather: bool = True
     """Strategies ``fsdp`` and ``deepspeed`` with CPU ranks that all run on one machine: FSDP2 and ZeRO-3 gather the
@@ -287,16 +284,17 @@ class Config:
 # Validation of values (types are checked generically below)
 # --------------------------------------------------------------------------------------------------------------------
 
-# The one list of allowed values per key; htr_dist.dist.env and htr_dist.models.htr check theirs against it too.
+# The one list of allowed values per key; htr_dist.dist.env and htr_dist.models.htr check theirs against it too. The
+# names that code resolves (strategies, precisions) come from htr_dist.registry.
 CHOICES = {
     "arch.head_type": ("both", "rnn", "cnn"),
     "arch.rnn_type": ("lstm", "gru"),
     "train.schedule": ("multistep", "cosine"),
     "train.ctc_reduction": ("line", "char"),
     "llm.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
-    "dist.precision": ("auto", "fp32", "bf16", "bf16_native"),
-    "dist.llm_precision": ("auto", "fp32", "bf16", "bf16_native"),
-    "dist.strategy": ("ddp", "fsdp", "deepspeed"),
+    "dist.precision": tuple(registry.PRECISIONS),
+    "dist.llm_precision": tuple(registry.PRECISIONS),
+    "dist.strategy": tuple(registry.STRATEGIES),
     "dist.memory_format": ("auto", "channels_last", "contiguous"),
 }
 _POSITIVE = (

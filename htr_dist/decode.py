@@ -24,11 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from htr_dist import registry
 from htr_dist.errors import InputError
 from htr_dist.io_utils import atomic_write_json
 
-DECODE_MODES = ("greedy", "beam", "beam+lm", "beam+llm")
-"""Every decoding mode; command-line choices and checks derive from this tuple."""
+DECODE_MODES = tuple(registry.DECODE_MODES)
+"""Every decoding mode (:data:`htr_dist.registry.DECODE_MODES`); command-line choices and checks derive from it."""
 
 BEAM_CUT = 1e-3
 """A beam search does not extend a prefix by a class whose probability in the frame is below this. A trained model

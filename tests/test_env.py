@@ -228,7 +228,7 @@ def test_build_strategy_loads_under_the_load_phase_then_sets_the_step_phase(monk
 
     calls = []
     monkeypatch.setattr(cpu, "tune_allocator", calls.append)
-    monkeypatch.setitem(strategy_mod.STRATEGIES, "ddp", lambda *args: calls.append("build") or "built")
+    monkeypatch.setattr(strategy_mod.registry, "resolve", lambda spec: lambda *args: calls.append("build") or "built")
     cfg = load_config(os.path.join(ROOT, "configs", "tiny_cpu.yaml"), ["dist.strategy=ddp"])
     env = dist_env.init_distributed()
     assert strategy_mod.build_strategy(cfg, env, None, 10) == "built"

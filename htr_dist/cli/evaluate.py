@@ -11,6 +11,7 @@ import logging
 import sys
 
 from htr_dist.config import CHOICES, ConfigError, int_at_least, load_config
+from htr_dist import registry
 from htr_dist.decode import DECODE_MODES
 from htr_dist.dist import env as dist_env
 from htr_dist.errors import InputError
@@ -25,9 +26,7 @@ def parse_args(argv=None):
     p.add_argument("--data", help="shard folder with manifest.json, e.g. shards/iam")
     p.add_argument("--split", default=None, help="split to evaluate: train, val, test, or a synthetic set's val_seen/test_seen (default: test; val with --tune)")
     p.add_argument("--decode", choices=DECODE_MODES, default="greedy",
-                   help="greedy; beam (CTC prefix beam search); beam+lm (with a character n-gram LM of the training "
-                        "text); beam+llm (n-best rescored by the trained connector and the teacher LLM) "
-                        "(default: greedy)")
+                   help=f"{registry.describe(registry.DECODE_MODES)} (default: greedy)")
     p.add_argument("--teacher", default=None, metavar="NAME_OR_PATH",
                    help="the LLM for --decode beam+llm (default: the one the export names, as its run loaded it)")
     p.add_argument("--beam-width", type=int_at_least(1), default=None,

@@ -19,6 +19,7 @@ import sys
 import torch
 
 from htr_dist.config import CHOICES, int_at_least
+from htr_dist import registry
 from htr_dist.decode import DECODE_MODES
 from htr_dist.dist.env import cpu_settings
 from htr_dist.errors import InputError
@@ -38,8 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     p.add_argument("--decode", choices=DECODE_MODES, default="greedy",
-                   help="greedy; beam; beam+lm and beam+llm with the weights launch/evaluate.py --tune stored "
-                        "beside the model (default: greedy)")
+                   help=f"{registry.describe(registry.DECODE_MODES)}; beam+lm and beam+llm use the weights that "
+                        "htr-eval --tune stored beside the model (default: greedy)")
     p.add_argument("--teacher", default=None, metavar="NAME_OR_PATH",
                    help="the LLM for --decode beam+llm (default: the one the export names, as its run loaded it)")
     p.add_argument("--beam-width", type=int_at_least(1), default=None,

@@ -5,9 +5,9 @@ Per sample: ``__key__`` (the IAM line id), ``png`` (8-bit grayscale), ``txt`` (U
 so an interrupted run never leaves a half-written ``*.tar`` that a loader would read.
 
 Reading: :func:`tar_samples` groups a shard's members into samples as ``webdataset.tarfile_to_samples`` does (a key is
-the member name up to the first dot of its base name, the rest is the extension), with its own header parser:
-through Python's ``tarfile`` a sample took 0.18 ms, through this parser 0.05 ms, which is what made the streamed
-pipeline slower than a dataset reading one PNG file per line, and now no longer.
+the member name up to the first dot of its base name, the rest is the extension), with its own header parser, a
+fraction of the cost of Python's ``tarfile``, which had made the streamed pipeline slower than a dataset reading one
+PNG file per line (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def write_split(samples: Iterable[dict], out_dir: str, split: str, max_count: in
     try:
         # A fixed mtime makes the shards byte-for-byte reproducible (the manifest sha256 then identifies the content).
         # It must be an int: tarfile writes a float mtime as an extra PAX header block before EVERY member, which
-        # doubles the headers a reader parses in Python (0.14 instead of 0.08 ms per sample) and the shard size.
+        # doubles the headers a reader parses in Python and the shard size.
         with wds.ShardWriter(pattern, maxcount=max_count, verbose=0, mtime=0) as writer:
             for s in samples:
                 if "." in s["key"] or "/" in s["key"]:

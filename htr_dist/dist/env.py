@@ -151,10 +151,9 @@ def pick_channels_last(device: torch.device, memory_format: str = "auto", backwa
 
     ``auto``: yes on CUDA (cuDNN's NHWC kernels), on CPUs with AVX-512, where oneDNN has NHWC kernels for every pass,
     and wherever no backward pass runs (``backward=False``: evaluation, recognition); no when training on other CPUs.
-    On an AVX2-only CPU oneDNN computes a 3x3 convolution's weight gradient from an NHWC map with a kernel about 3.5x
-    slower than from its blocked NCHW layout (807 vs 232 ms for 64 channels at 32 x 512, batch 16), which made whole
-    training steps 1.1-1.3x slower; its NHWC forward is the faster one there (the default hybrid at batch 16, eval:
-    1.95 s NHWC vs 2.17 s NCHW, per round 1.11x).
+    On an AVX2-only CPU oneDNN computes a 3x3 convolution's weight gradient from an NHWC map with a kernel several
+    times slower than from its blocked NCHW layout, enough to slow whole training steps; its NHWC forward is the
+    faster one there too (docs/benchmarks.md, CPU-only settings).
     """
     if memory_format not in CHOICES["dist.memory_format"]:
         raise ConfigError(not_one_of("dist.memory_format", memory_format))

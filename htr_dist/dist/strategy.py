@@ -32,7 +32,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from htr_dist.config import ConfigError
+from htr_dist import registry
+from htr_dist.config import ConfigError, not_one_of
 from htr_dist.dist.env import DistEnv, attn_implementation, cpu_settings, env_local_world_size, ranks_share_memory
 from htr_dist.models.htr import HTRModel
 from htr_dist.train.checkpoint import safe_load
@@ -405,14 +406,13 @@ class DeepSpeedStrategy(Strategy):
         return client_state
 
 
-STRATEGIES = {"ddp": Strategy, "fsdp": FSDPStrategy, "deepspeed": DeepSpeedStrategy}
-
-
 def build_strategy(cfg, env: DistEnv, model: HTRModel, total_steps: int) -> Strategy:
+    """The strategy ``dist.strategy`` names in :data:`htr_dist.registry.STRATEGIES`, built between the CPU
+    allocator's load and step phases."""
     try:
-        cls = STRATEGIES[cfg.dist.strategy]
+        cls = registry.resolve(registry.STRATEGIES[cfg.dist.strategy])
     except KeyError:
-        raise ConfigError(f"dist.strategy: {cfg.dist.strategy!r} is not one of {sorted(STRATEGIES)}") from None
+        raise ConfigError(not_one_of("dist.strategy", cfg.dist.strategy)) from None
     cpu = cpu_settings(env.device)
     if cpu is not None:
         cpu.tune_allocator("load")

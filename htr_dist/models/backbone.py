@@ -33,7 +33,7 @@ class BasicBlock(nn.Module):
         out = self.bn2(self.conv2(out))
         shortcut = self.shortcut(x)
         # In place: batch norm's backward needs its input, not its output, so the sum may overwrite it; a fresh
-        # (B, C, H, W) tensor per block cost 2-3% of a block's forward and backward on a 2-core EPYC. Out of place
+        # (B, C, H, W) tensor per block would cost a few percent of a block's forward and backward. Out of place
         # when autocast left the summands in two dtypes, where the sum takes the wider one.
         out = out.add_(shortcut) if out.dtype == shortcut.dtype else out + shortcut
         return F.relu(out, inplace=True)

@@ -54,7 +54,7 @@ def convert_gguf(gguf_path: str, out_dir: str) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if os.path.isfile(os.path.join(out_dir, "config.json")):
-        _drop_gguf_quantization(out_dir)  # folders converted before 2026-12-01 still carry it
+        _drop_gguf_quantization(out_dir)  # folders converted by earlier versions still carry it
         return out_dir
     log.info("converting %s into %s (de-quantising takes about 30 s, once)", gguf_path, out_dir)
     start = time.time()

@@ -11,8 +11,7 @@ import torch
 def build_optimizer(model: torch.nn.Module, train_cfg) -> torch.optim.Optimizer:
     """AdamW on parameters that require grad; no weight decay on biases and norm weights (1-D tensors).
 
-    The fused kernel (CPU and CUDA) updates 10 M parameters in 7 ms on the 2-core test CPU, the default for-each
-    version in 35 ms.
+    Uses the fused kernel (CPU and CUDA), several times faster than the default for-each version.
     """
     decay, no_decay = [], []
     for p in model.parameters():

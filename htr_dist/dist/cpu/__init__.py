@@ -45,18 +45,14 @@ def tune_allocator(phase: str = "step") -> bool:
     freed, and keeps smaller freed blocks in its heap.
 
     - ``"step"`` raises the mmap and trim thresholds to 2 GB, so the heap keeps every step's large activations and
-      reuses them; otherwise each step gets them as fresh pages that the kernel must zero-fill on first touch.
-      benchmarks/step_time.py on a 2-core CPU, batch 16 at 128 x 1024, two alternating pairs of runs: 3.40 / 3.16 s
-      a step instead of 3.77 / 3.69 s without the LLM, 4.01 / 3.97 s instead of 4.50 / 4.61 s with SmolLM2 on 2
-      lines. Memory freed by a step stays with the process (its RSS stays at the peak).
+      reuses them; otherwise each step gets them as fresh pages that the kernel must zero-fill on first touch. Memory
+      freed by a step stays with the process (its RSS stays at the peak).
     - ``"load"`` maps every block above 128 KiB on its own and releases what the heap holds free, so the
       temporaries of an LLM's load (each weight whole before ZeRO-3 partitions it, gathered layers, converted copies)
       go back to the system as they are freed instead of fragmenting the heap and staying for the whole run.
-      benchmarks/llm_memory.py, SmolLM2 (538 MB) under ZeRO-3 at 2 ranks: building the strategy raised a rank's
-      private memory by 516-517 MB under ``"load"``, by 704-842 MB under ``"step"`` (glibc's defaults keep about as
-      much).
 
-    ``build_strategy`` sets ``"load"`` before it builds the strategy and ``"step"`` after. Setting any of glibc's own
+    ``build_strategy`` sets ``"load"`` before it builds the strategy and ``"step"`` after
+    (``benchmarks/step_time.py`` and ``benchmarks/llm_memory.py`` measure both; docs/benchmarks.md). Setting any of glibc's own
     MALLOC_* variables or GLIBC_TUNABLES leaves the allocator as configured there. Returns whether it was set.
     """
     if phase not in ("load", "step"):
