@@ -6,9 +6,9 @@ The graph is what greedy decoding reads: ``images`` (B, 1, H, W) float32 in [0, 
 
 W must be a multiple of :func:`width_multiple`: at such widths every pooling halves the map exactly and every
 MobileViT block sees whole patches, the one case the graph holds (PyTorch pads a partial patch and masks it out, a
-branch on the shape that a traced graph cannot keep). The exporter is TorchScript's (``dynamo=False``): on this model
-it keeps the LSTMs as ONNX LSTM nodes with dynamic batch and width and exports in seconds, where torch.export's
-exporter needs minutes.
+branch on the shape that a traced graph cannot keep). The exporter is TorchScript's (``dynamo=False``): it keeps the
+LSTMs as ONNX LSTM nodes with dynamic batch and width, and traces far faster than torch.export's exporter, which gives
+the same graph numerically.
 
 onnx and onnxruntime are the optional extra ``htr-dist[onnx]``.
 """

@@ -24,8 +24,9 @@ RUNS = {"ddp": None, "deepspeed": "deepspeed", "fsdp": "torchrun"}
 
 @pytest.fixture(scope="session")
 def strategy_runs(shard_dir, tiny_llama, tmp_path_factory):
-    """One finished 2-step run per strategy (ddp in one process, deepspeed and fsdp on 2 ranks), trained side by
-    side; {strategy: run folder}."""
+    """One finished 2-step run per strategy (ddp in one process, deepspeed and fsdp on 2 ranks), and a 2-rank
+    checkpoint of the trainable part as a ZeRO-3 engine (tests/_zero3_save.py), all made side by side;
+    {strategy or "zero3": folder}."""
     root = tmp_path_factory.mktemp("export_runs")
     procs, runs = {}, {}
     start = time.time()
@@ -38,11 +39,26 @@ def strategy_runs(shard_dir, tiny_llama, tmp_path_factory):
         procs[strategy] = subprocess.Popen(prefix + ["launch/train.py"] + args, cwd=ROOT, stdout=subprocess.PIPE,
                                            stderr=subprocess.STDOUT, text=True)
         runs[strategy] = run
+    runs["zero3"] = str(root / "zero3")
+    procs["zero3"] = subprocess.Popen(
+        launcher_command("deepspeed", 2) + ["tests/_zero3_save.py", runs["zero3"]] + TINY_ARCH + [
+            f"llm.name_or_path={tiny_llama}", "dist.strategy=deepspeed"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for strategy, proc in procs.items():
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out[-3000:]
-    print(f"trained {len(runs)} runs in {time.time() - start:.1f} s")
+    print(f"made {len(runs)} checkpoints in {time.time() - start:.1f} s")
     return runs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's forward passes in this process on one thread: two threads spin against each other on a busy
+    2-core machine, for nothing on a model this small."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def step_folder(run, step=2):
@@ -90,15 +106,29 @@ def test_a_checkpoint_of_every_strategy_exports_what_its_run_exported(strategy, 
             assert torch.equal(gathered[key], value), key
 
 
+def test_a_zero3_checkpoint_is_gathered_from_its_partitions(strategy_runs, tmp_path, capsys):
+    """At ZeRO-3 no file holds a whole weight: the export gathers the fp32 partitions of both ranks, and gives the
+    weights that the engine itself gathered."""
+    out = str(tmp_path / "out")
+    assert main([os.path.join(strategy_runs["zero3"], "step_0000001"), "--out", out]) == 0
+    assert "fp32 partitions of the optimizer states (ZeRO stage 3)" in capsys.readouterr().out
+    gathered = torch.load(os.path.join(strategy_runs["zero3"], "gathered.pt"), weights_only=True)
+    mine = read_export(os.path.join(out, "model.pt"))["state_dict"]
+    assert mine.keys() == gathered.keys()
+    for key, value in gathered.items():
+        assert torch.equal(mine[key], value), key
+
+
 def test_the_safetensors_pair_gives_the_logits_of_model_pt(strategy_runs, tmp_path):
     out = str(tmp_path / "out")
     assert main([step_folder(strategy_runs["ddp"]), "--out", out]) == 0
     pt = Recognizer.load(os.path.join(out, "model.pt"))
     images = torch.rand(3, 1, 32, 192, generator=torch.Generator().manual_seed(1))
+    want = pt.forward(images)["ctc_logits"]
     for path in ("model.safetensors", "model.json"):
         pair = Recognizer.load(os.path.join(out, path))
         assert pair.teacher_name == pt.teacher_name and pair.alphabet.chars == pt.alphabet.chars
-        assert torch.equal(pair.forward(images)["ctc_logits"], pt.forward(images)["ctc_logits"])
+        assert torch.equal(pair.forward(images)["ctc_logits"], want)
     os.remove(os.path.join(out, "model.pt"))  # a folder without model.pt loads its pair
     assert Recognizer.load(out).path.endswith("model.safetensors")
 

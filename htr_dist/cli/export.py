@@ -37,7 +37,7 @@ from htr_dist.errors import InputError
 from htr_dist.inference import SAFETENSORS_FILE, InferenceError, read_export
 from htr_dist.models.connector import llm_hidden_of
 from htr_dist.models.htr import HTRModel
-from htr_dist.train.checkpoint import (INTEGRITY, STEP_DIR, TRAINER_FILE, DEEPSPEED_MODEL_FILE, CheckpointManager,
+from htr_dist.train.checkpoint import (DEEPSPEED_MODEL_FILES, INTEGRITY, STEP_DIR, TRAINER_FILE, CheckpointManager,
                                        read_trainable, verify)
 from htr_dist.train.export import BEST_FILE, export_blob, export_model, write_safetensors_pair
 
@@ -116,7 +116,7 @@ def resolve(source: str, step: Optional[int], best: bool) -> tuple:
 
 def is_checkpoint(folder: str) -> bool:
     names = set(os.listdir(folder))
-    return bool(names & {INTEGRITY, TRAINER_FILE, DEEPSPEED_MODEL_FILE}) or bool(STEP_DIR.match(os.path.basename(
+    return bool(names & {INTEGRITY, TRAINER_FILE, *DEEPSPEED_MODEL_FILES}) or bool(STEP_DIR.match(os.path.basename(
         os.path.normpath(folder))))
 
 

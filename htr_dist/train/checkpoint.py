@@ -35,7 +35,8 @@ STEP_DIR = re.compile(r"^step_(\d{7})$")
 INTEGRITY = "integrity.json"
 META = "meta.json"
 TRAINER_FILE = "trainer.pt"  # ddp and fsdp: rank 0's one file (the trainable part is whole on every rank)
-DEEPSPEED_MODEL_FILE = "mp_rank_00_model_states.pt"  # deepspeed: the engine's module weights and client state
+# deepspeed: the engine's module weights and client state, at ZeRO 0-2; at ZeRO-3 each rank writes its own
+DEEPSPEED_MODEL_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 
 
 def rng_state(generator: Optional[torch.Generator] = None) -> dict:
@@ -278,9 +279,10 @@ def read_trainable(folder: str) -> Tuple[dict, dict, str]:
         if "model" not in state:
             raise InputError(f"{trainer}: holds no model weights (not written by htr-dist?)")
         return state["model"], {k: state[k] for k in CLIENT_KEYS if k in state}, TRAINER_FILE
-    ds_file = os.path.join(folder, DEEPSPEED_MODEL_FILE)
-    if not os.path.isfile(ds_file):
-        raise InputError(f"{folder}: not an htr-dist checkpoint (neither {TRAINER_FILE} nor {DEEPSPEED_MODEL_FILE})")
+    found = [os.path.join(folder, n) for n in DEEPSPEED_MODEL_FILES if os.path.isfile(os.path.join(folder, n))]
+    if not found:
+        raise InputError(f"{folder}: not an htr-dist checkpoint (neither {TRAINER_FILE} nor {DEEPSPEED_MODEL_FILES[0]})")
+    ds_file = found[0]
     state = safe_load(ds_file, allowed=deepspeed_safe_globals())
     client = {k: state[k] for k in CLIENT_KEYS if k in state}
     module = state.get("module") or {}
@@ -290,7 +292,7 @@ def read_trainable(folder: str) -> Tuple[dict, dict, str]:
         name in module and tuple(module[name].shape) == shape and module[name].dtype == torch.float32
         for name, shape in shapes.items())
     if whole:
-        return dict(module), client, f"{DEEPSPEED_MODEL_FILE} (ZeRO stage {stage}, fp32 module weights)"
+        return dict(module), client, f"{os.path.basename(ds_file)} (ZeRO stage {stage}, fp32 module weights)"
     return gather_zero_fp32(folder), client, f"fp32 partitions of the optimizer states (ZeRO stage {stage})"
 
 
