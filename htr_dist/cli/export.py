@@ -30,11 +30,11 @@ from typing import List, Optional, Tuple
 import torch
 from tqdm import tqdm
 
-from htr_dist.config import ConfigError, from_dict, int_at_least
+from htr_dist.config import Config, ConfigError, from_dict, int_at_least
 from htr_dist.data.alphabet import Alphabet
 from htr_dist.decode import DecodeSettings
-from htr_dist.errors import InputError
-from htr_dist.inference import SAFETENSORS_FILE, InferenceError, read_export
+from htr_dist.errors import InputError, first_line
+from htr_dist.inference import SAFETENSORS_FILE, read_export
 from htr_dist.models.connector import llm_hidden_of
 from htr_dist.models.htr import HTRModel
 from htr_dist.train.checkpoint import (DEEPSPEED_MODEL_FILES, INTEGRITY, STEP_DIR, TRAINER_FILE, CheckpointManager,
@@ -54,7 +54,7 @@ class Source:
     """A trained model read back, with where it came from."""
 
     model: HTRModel
-    cfg: object
+    cfg: Config
     alphabet: str
     describe: str
     record: dict
@@ -128,7 +128,7 @@ def rebuild(state_dict: dict, config: dict, alphabet: str, num_classes: Optional
                          cfg.data.img_width, llm_hidden_of(state_dict), channels_last=False)
         model.load_state_dict(state_dict)
     except (ConfigError, ValueError, RuntimeError, KeyError, TypeError) as err:
-        raise ExportError(f"{where}: cannot rebuild the model from it ({str(err).splitlines()[0]})") from None
+        raise ExportError(f"{where}: cannot rebuild the model from it ({first_line(err)})") from None
     bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise ExportError(f"{where}: {len(bad)} weight tensor(s) are not finite (e.g. {bad[0]}): the run diverged "
@@ -206,6 +206,9 @@ def write_all(src: Source, out: str, onnx: bool, check_images: List[str]) -> Tup
     finally:
         bar.close()
     shutil.rmtree(stage, ignore_errors=True)
+    if not onnx and os.path.isfile(os.path.join(out, ONNX_FILE)):
+        log.warning("%s is from an earlier export: it is not of these weights (pass --onnx to replace it)",
+                    os.path.join(out, ONNX_FILE))
     return [os.path.join(out, name) for name in staged], checked
 
 
@@ -243,7 +246,7 @@ def main(argv=None) -> int:
         if checked:
             print(checked)
         print("wrote " + ", ".join(files))
-    except (InputError, InferenceError) as err:
+    except InputError as err:  # a missing, damaged or foreign source; the message names it
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
