@@ -1,13 +1,15 @@
-"""Inference: load an exported ``model.pt``, read line images, decode, evaluate a split.
+"""Inference: load an exported model, read line images, decode, evaluate a split.
 
-The exported file (written by :mod:`htr_dist.train.export`) holds the backbone and CTC heads, the trained connector
-of a run that had a teacher, the alphabet and the preprocessing settings. Only ``--decode beam+llm`` loads the
+The exported ``model.pt`` (written by :mod:`htr_dist.train.export`; ``htr-export`` writes it from a checkpoint of any
+strategy, and also as the pair ``model.safetensors`` + ``model.json``) holds the backbone and CTC heads, the trained
+connector of a run that had a teacher, the alphabet and the preprocessing settings. Only ``--decode beam+llm`` loads the
 teacher LLM (named in the file); every other mode reads a line without it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -30,6 +32,7 @@ from htr_dist.train.metrics import edit_distance, greedy_decode
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "htr-dist-model/1"
+SAFETENSORS_FILE = "model.safetensors"
 
 
 class InferenceError(InputError, RuntimeError):
@@ -37,15 +40,63 @@ class InferenceError(InputError, RuntimeError):
 
 
 def resolve_model_file(path: str) -> str:
-    """A run folder means its exported ``model.pt``; a file is taken as it is."""
+    """A folder means its exported ``model.pt`` (or, without one, its ``model.safetensors``); a file is taken as is."""
     if os.path.isdir(path):
-        candidate = os.path.join(path, "model.pt")
-        if not os.path.isfile(candidate):
-            raise InferenceError(f"{path}: no exported model.pt in this run folder (is the run finished?)")
-        return candidate
+        for name in ("model.pt", SAFETENSORS_FILE):
+            candidate = os.path.join(path, name)
+            if os.path.isfile(candidate):
+                return candidate
+        raise InferenceError(f"{path}: no exported model.pt in this run folder (is the run finished?)")
     if not os.path.isfile(path):
         raise InferenceError(f"model file not found: {path}")
     return path
+
+
+def pair_paths(path: str) -> Tuple[str, str]:
+    """The (safetensors, JSON) files of the export pair that ``path`` (either of them) belongs to."""
+    stem = os.path.splitext(path)[0]
+    return stem + ".safetensors", stem + ".json"
+
+
+def read_export(path: str) -> dict:
+    """An export as one dict (format, state_dict, config, alphabet, sizes, teacher, validation), from ``model.pt`` or
+    from the pair ``model.safetensors`` + ``model.json`` (either path). Nothing in either kind of file can run code."""
+    if path.endswith((".safetensors", ".json")):
+        return _read_pair(path)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        # torch's own message ends in advice to load with weights_only=False, i.e. to run what is in the file
+        first = first_line(err)
+        if "weights_only" in first or "Weights only" in first:
+            first = "it holds more than tensors and plain values"
+        raise InferenceError(f"{path}: not a loadable htr-dist model ({first})") from None
+    if not isinstance(blob, dict) or blob.get("format") != EXPORT_FORMAT:
+        raise InferenceError(f"{path}: not an htr-dist exported model (expected format {EXPORT_FORMAT!r})")
+    return blob
+
+
+def _read_pair(path: str) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    tensors, meta = pair_paths(path)
+    for need in (tensors, meta):
+        if not os.path.isfile(need):
+            raise InferenceError(f"{need}: not found (an export in safetensors is the pair {os.path.basename(tensors)}"
+                                 f" + {os.path.basename(meta)})")
+    try:
+        with open(meta, encoding="utf-8") as f:
+            blob = json.load(f)
+    except (OSError, ValueError) as err:
+        raise InferenceError(f"{meta}: unreadable ({first_line(err)})") from None
+    if not isinstance(blob, dict) or blob.get("format") != EXPORT_FORMAT:
+        raise InferenceError(f"{meta}: not an htr-dist exported model (expected format {EXPORT_FORMAT!r})")
+    try:
+        blob["state_dict"] = load_file(tensors)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise InferenceError(f"{tensors}: not a readable safetensors file ({first_line(err)})") from None
+    return blob
 
 
 @dataclass
@@ -73,16 +124,7 @@ class Recognizer:
         resolved for ``device`` and a forward pass only (:func:`htr_dist.dist.env.pick_channels_last`)."""
         path = resolve_model_file(path)
         device = device or torch.device("cpu")
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-            # torch's own message ends in advice to load with weights_only=False, i.e. to run what is in the file
-            first = first_line(err)
-            if "weights_only" in first or "Weights only" in first:
-                first = "it holds more than tensors and plain values"
-            raise InferenceError(f"{path}: not a loadable htr-dist model ({first})") from None
-        if not isinstance(blob, dict) or blob.get("format") != EXPORT_FORMAT:
-            raise InferenceError(f"{path}: not an htr-dist exported model (expected format {EXPORT_FORMAT!r})")
+        blob = read_export(path)
         try:
             cfg = from_dict(blob["config"])
             channels_last = pick_channels_last(device, memory_format or cfg.dist.memory_format, backward=False)

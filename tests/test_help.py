@@ -28,6 +28,7 @@ SCRIPTS = {
     "benchmarks/llm_memory.py": ["--help"],
     "benchmarks/gpu_smoke.py": ["--gpus", "--steps", "--strategies"],
     "launch/plan.py": ["--config", "--gpus", "--gpu-mem", "--nodes"],
+    "launch/export.py": ["SOURCE", "--out", "--onnx", "--step", "--best", "--check-images"],
 }
 
 

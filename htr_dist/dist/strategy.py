@@ -36,7 +36,7 @@ from htr_dist import registry
 from htr_dist.config import ConfigError, not_one_of
 from htr_dist.dist.env import DistEnv, attn_implementation, cpu_settings, env_local_world_size, ranks_share_memory
 from htr_dist.models.htr import HTRModel
-from htr_dist.train.checkpoint import safe_load
+from htr_dist.train.checkpoint import deepspeed_safe_globals, safe_load
 from htr_dist.models.llm import PrefixLM, build_empty_causal_lm, checkpoint_slices, load_causal_lm, \
     load_tokenizer
 from htr_dist.train.optim import build_optimizer, build_scheduler
@@ -388,12 +388,7 @@ class DeepSpeedStrategy(Strategy):
         parent, tag = os.path.split(folder)
         # DeepSpeed reads every file of a checkpoint through its checkpoint engine, with weights_only=False: read
         # them with weights_only=True instead, so that nothing in them can run
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
-
-        # plain records in ZeRO's optimizer states
-        allowed = (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
+        allowed = deepspeed_safe_globals()  # plain records in ZeRO's optimizer states
         engine = self.model.checkpoint_engine
         engine.load = lambda path, map_location=None: safe_load(path, map_location or "cpu", allowed)
         try:

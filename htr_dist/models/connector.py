@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -79,3 +80,10 @@ class QFormerConnector(nn.Module):
         for block in self.blocks:
             q = block(q, frames)
         return self.proj(self.norm(q))  # (k, Q, llm_hidden)
+
+
+def llm_hidden_of(state_dict: dict, prefix: str = "connector.") -> Optional[int]:
+    """The LLM hidden size a saved connector projects to (the output rows of its second projection), or None when
+    ``state_dict`` holds no connector: what rebuilds a model from its weights without the LLM's config."""
+    key = f"{prefix}proj.2.weight"
+    return int(state_dict[key].shape[0]) if key in state_dict else None

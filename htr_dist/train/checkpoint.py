@@ -9,6 +9,8 @@ checkpoint holds loads with ``torch.load(weights_only=True)``: tensors and plain
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -17,6 +19,7 @@ import random
 import re
 import shutil
 from typing import List, Optional, Tuple
+from unittest import mock
 
 import numpy as np
 import torch
@@ -31,6 +34,9 @@ log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d{7})$")
 INTEGRITY = "integrity.json"
 META = "meta.json"
+TRAINER_FILE = "trainer.pt"  # ddp and fsdp: rank 0's one file (the trainable part is whole on every rank)
+# deepspeed: the engine's module weights and client state, at ZeRO 0-2; at ZeRO-3 each rank writes its own
+DEEPSPEED_MODEL_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 
 
 def rng_state(generator: Optional[torch.Generator] = None) -> dict:
@@ -73,6 +79,16 @@ def safe_load(path: str, map_location="cpu", allowed: tuple = ()):
                          "(weights_only loading); only resume from checkpoints htr-dist wrote") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise InputError(f"{path}: cannot be read as a PyTorch file ({first_line(err)})") from None
+
+
+def deepspeed_safe_globals() -> tuple:
+    """The plain record classes in DeepSpeed's checkpoint files (loss scalers, ZeRO stage, fragment addresses), for
+    :func:`safe_load`: DeepSpeed itself reads its files with ``weights_only=False``."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address
 
 
 def _fsync(path: str) -> None:
@@ -241,3 +257,60 @@ class CheckpointManager:
             log.info("checkpoint written: %s", final)
         dist_env.barrier()
         return final
+
+
+CLIENT_KEYS = ("position", "config", "alphabet", "llm")
+"""What the training loop puts in every checkpoint besides the weights (``loop._save``) that an export needs."""
+
+
+def read_trainable(folder: str) -> Tuple[dict, dict, str]:
+    """The trainable part's weights (backbone, heads, connector; never the LLM) and the checkpoint's client state
+    (config, alphabet, position, LLM name), read in this one CPU process whatever strategy and number of ranks wrote
+    it, and how the weights were found. Checks nothing: :func:`verify` the folder first.
+
+    ``ddp`` and ``fsdp`` keep the trainable part data-parallel (FSDP shards only the LLM), so rank 0's
+    ``trainer.pt`` holds it whole. ``deepspeed`` writes the engine's module whole into its model states file: at ZeRO
+    0/1/2 with fp32 weights (the strategy refuses half-precision engines) those are the trained weights themselves.
+    Where that file holds less (ZeRO-3 placeholders, a half-precision engine's rounded copies), the fp32 master
+    weights are gathered from every rank's optimizer partitions with DeepSpeed's ``zero_to_fp32``."""
+    trainer = os.path.join(folder, TRAINER_FILE)
+    if os.path.isfile(trainer):
+        state = safe_load(trainer)
+        if "model" not in state:
+            raise InputError(f"{trainer}: holds no model weights (not written by htr-dist?)")
+        return state["model"], {k: state[k] for k in CLIENT_KEYS if k in state}, TRAINER_FILE
+    found = [os.path.join(folder, n) for n in DEEPSPEED_MODEL_FILES if os.path.isfile(os.path.join(folder, n))]
+    if not found:
+        raise InputError(f"{folder}: not an htr-dist checkpoint (neither {TRAINER_FILE} nor {DEEPSPEED_MODEL_FILES[0]})")
+    ds_file = found[0]
+    state = safe_load(ds_file, allowed=deepspeed_safe_globals())
+    client = {k: state[k] for k in CLIENT_KEYS if k in state}
+    module = state.get("module") or {}
+    stage = (state.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0)
+    shapes = {name: tuple(shape) for group in state.get("param_shapes") or [] for name, shape in group.items()}
+    whole = stage < 3 and bool(shapes) and all(
+        name in module and tuple(module[name].shape) == shape and module[name].dtype == torch.float32
+        for name, shape in shapes.items())
+    if whole:
+        return dict(module), client, f"{os.path.basename(ds_file)} (ZeRO stage {stage}, fp32 module weights)"
+    return gather_zero_fp32(folder), client, f"fp32 partitions of the optimizer states (ZeRO stage {stage})"
+
+
+def gather_zero_fp32(folder: str) -> dict:
+    """A DeepSpeed checkpoint's fp32 master weights (and buffers), gathered from every rank's optimizer partition
+    with DeepSpeed's ``zero_to_fp32``, in this process, with every file read by :func:`safe_load`."""
+    from deepspeed.utils import zero_to_fp32
+
+    allowed = list(deepspeed_safe_globals())
+    torch_load = torch.load
+
+    def load(path, map_location=None, **_):  # zero_to_fp32 asks for weights_only=False: nothing in the files runs
+        with torch.serialization.safe_globals(allowed):
+            return torch_load(path, map_location=map_location or "cpu", weights_only=True)
+
+    parent, tag = os.path.split(os.path.abspath(folder))
+    try:
+        with mock.patch.object(torch, "load", load), contextlib.redirect_stdout(io.StringIO()):
+            return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(parent, tag)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as err:
+        raise InputError(f"{folder}: cannot gather the ZeRO partitions ({first_line(err)})") from None

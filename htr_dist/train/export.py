@@ -1,7 +1,9 @@
 """The inference exports of a run: ``run.dir/model.pt`` (the final weights) and ``run.dir/best_model.pt`` (the
 lowest validation CER so far). Backbone and CTC heads, the trained connector if the run had a teacher (with the
 teacher's name, for ``--decode beam+llm``), the alphabet and preprocessing settings; never the LLM's weights.
-Loadable with ``torch.load(weights_only=True)`` and usable without the LLM."""
+Loadable with ``torch.load(weights_only=True)`` and usable without the LLM. ``htr-export`` (htr_dist.cli.export)
+writes the same export from any checkpoint, and as a pair that needs no pickle: ``model.safetensors`` (the weights)
++ ``model.json`` (the rest)."""
 
 from __future__ import annotations
 
@@ -13,14 +15,14 @@ import torch
 
 from htr_dist.config import to_dict
 from htr_dist.inference import EXPORT_FORMAT
-from htr_dist.io_utils import atomic_path
+from htr_dist.io_utils import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
 BEST_FILE = "best_model.pt"
 
 
-def export_model(model, cfg, alphabet: str, path: str, validation: Optional[dict] = None) -> str:
-    """Write ``path`` whole or not at all; ``validation`` (step, split, cer, wer, lines) says how the weights scored."""
+def export_blob(model, cfg, alphabet: str, validation: Optional[dict] = None) -> dict:
+    """What an export holds: the weights (``state_dict``) and what rebuilds the model around them."""
     blob = {
         "format": EXPORT_FORMAT,
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.export_state_dict().items()},
@@ -34,9 +36,26 @@ def export_model(model, cfg, alphabet: str, path: str, validation: Optional[dict
         blob["teacher"] = {"name_or_path": cfg.llm.name_or_path, "hidden_size": model.llm_hidden}
     if validation is not None:
         blob["validation"] = dict(validation)
+    return blob
+
+
+def export_model(model, cfg, alphabet: str, path: str, validation: Optional[dict] = None) -> str:
+    """Write ``path`` whole or not at all; ``validation`` (step, split, cer, wer, lines) says how the weights scored."""
     with atomic_path(path, suffix=".pt.tmp") as tmp:
-        torch.save(blob, tmp)
+        torch.save(export_blob(model, cfg, alphabet, validation), tmp)
     return path
+
+
+def write_safetensors_pair(blob: dict, tensors_path: str, json_path: str) -> None:
+    """An export as a pair that needs no pickle to read: the weights in ``tensors_path`` (safetensors, each tensor
+    contiguous) and everything else of ``blob`` in ``json_path`` (:func:`htr_dist.inference.read_export` reads the
+    pair back into the same blob). Each file is written whole or not at all."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.contiguous() for k, v in blob["state_dict"].items()}
+    with atomic_path(tensors_path, suffix=".safetensors.tmp") as tmp:
+        save_file(tensors, tmp, metadata={"format": blob["format"]})
+    atomic_write_json(json_path, {k: v for k, v in blob.items() if k != "state_dict"})
 
 
 class BestModel:
