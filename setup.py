@@ -24,6 +24,7 @@ setup(
         # 4.56 named from_pretrained's dtype argument `dtype`; 4.55 rejects it (the tests pass on 4.56.2 and 5.24)
         "transformers>=4.56",
         "gguf",
+        "safetensors",  # exports (model.safetensors) and the LLM's sharded load
         "accelerate>=1.1",  # init_empty_weights: the LLM's parameters on the meta device for FSDP's sharded load
         "tensorboard",
         # compiled CTC decoders (htr_dist/decode.py): an exact prefix beam search, and a lexicon-free beam search
@@ -35,6 +36,7 @@ setup(
         "htr-train = htr_dist.cli.train:run",
         "htr-prepare = htr_dist.cli.prepare:main",
         "htr-eval = htr_dist.cli.evaluate:run",
+        "htr-export = htr_dist.cli.export:main",
         "htr-recognize = htr_dist.cli.recognize:main",
         "htr-synth = htr_dist.cli.synth:main",
         "htr-plan = htr_dist.cli.plan:main",
@@ -42,8 +44,8 @@ setup(
     extras_require={
         "deepspeed": ["deepspeed>=0.15", "ninja"],
         "flash": ["flash-attn>=2.5"],
-        "onnx": ["onnx", "onnxruntime"],
-        "dev": ["pytest>=7", "pytest-timeout", "psutil", "deepspeed>=0.15", "ninja", "matplotlib", "onnx",
-                "onnxruntime"],  # matplotlib: the plot of benchmarks/unseen_styles.py
+        "onnx": ["onnx>=1.14", "onnxruntime>=1.16"],  # htr-export --onnx
+        "dev": ["pytest>=7", "pytest-timeout", "psutil", "deepspeed>=0.15", "ninja", "matplotlib", "onnx>=1.14",
+                "onnxruntime>=1.16"],  # matplotlib: the plot of benchmarks/unseen_styles.py
     },
 )

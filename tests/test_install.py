@@ -36,7 +36,7 @@ def test_an_installed_wheel_runs_from_any_directory(tmp_path):
                            capture_output=True, text=True, cwd=elsewhere, env=env, timeout=120, check=True)
     shipped, deepspeed_json = where.stdout.split()
     assert shipped.startswith(str(target)) and os.path.isfile(deepspeed_json) and deepspeed_json.startswith(shipped)
-    for script in ("htr-train", "htr-prepare", "htr-eval", "htr-recognize", "htr-synth", "htr-plan"):
+    for script in ("htr-train", "htr-prepare", "htr-eval", "htr-export", "htr-recognize", "htr-synth", "htr-plan"):
         assert (target / "bin" / script).is_file(), script
 
 
