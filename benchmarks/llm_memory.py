@@ -86,9 +86,9 @@ def worker(rank, world, port, overrides, out):
     set_rank_env(rank, world, port)
     from htr_dist.config import load_config
     from htr_dist.dist import env as dist_env
-    from htr_dist.dist.strategy import (build_strategy, llm_hidden_size, llm_param_bytes_full,
-                                        llm_param_bytes_on_rank)
-    from htr_dist.models.htr import HTRModel, compute_losses
+    from htr_dist.dist.strategy import build_strategy, llm_param_bytes_full, llm_param_bytes_on_rank
+    from htr_dist.models.htr import HTRModel, LossSpec, compute_losses
+    from htr_dist.models.llm import llm_hidden_size
 
     cfg = load_config(os.path.join(ROOT, "configs", "tiny_cpu.yaml"), overrides)
     env = dist_env.init_distributed(120, use_deepspeed=cfg.dist.strategy == "deepspeed", precision=cfg.dist.precision,
@@ -111,7 +111,7 @@ def worker(rank, world, port, overrides, out):
     ids = [[chars.index(c) + 1 for c in t] for t in texts]
     batch = {"images": torch.rand(4, 1, 32, 256), "texts": texts, "targets": torch.tensor(sum(ids, [])),
              "target_lengths": torch.tensor([len(i) for i in ids])}
-    losses = compute_losses(strategy.model, teacher, batch, cfg.train, cfg.arch)
+    losses = compute_losses(strategy.model, teacher, batch, LossSpec.from_config(cfg))
     strategy.backward(losses["total"])
     strategy.step()
     for h in hooks:

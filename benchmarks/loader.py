@@ -6,7 +6,6 @@ Variants are measured round-robin in one run (each repeat times every variant on
 """
 
 import argparse
-import io
 import itertools
 import os
 import sys

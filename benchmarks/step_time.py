@@ -47,7 +47,7 @@ import torch
 from htr_dist.config import ArchConfig, ConnectorConfig, LLMConfig, TrainConfig
 from htr_dist.dist import env as dist_env
 from htr_dist.dist.env import launcher_command
-from htr_dist.models.htr import HTRModel, compute_losses, count_parameters, num_llm_samples
+from htr_dist.models.htr import HTRModel, LossSpec, compute_losses, count_parameters, num_llm_samples
 from htr_dist.train.optim import build_optimizer
 
 from _macs import forward_macs  # benchmarks/, first on sys.path when run as a script
@@ -117,13 +117,12 @@ class Case:
         self.opt = build_optimizer(self.model, self.train_cfg)  # what training uses
         self.generator = torch.Generator().manual_seed(0)
         self.times: list = []
-        self.max_tokens = LLMConfig().max_text_tokens
+        self.loss_spec = LossSpec(use_llm=teacher is not None, llm_sample_ratio=ratio)
 
     def step(self, batch: dict) -> float:
         start = time.perf_counter()
         with self.env.autocast():  # fp32 weights; the recurrence and CTC run in fp32
-            losses = compute_losses(self.model, self.teacher, batch, self.train_cfg, self.arch, self.generator,
-                                    self.max_tokens)
+            losses = compute_losses(self.model, self.teacher, batch, self.loss_spec, self.generator)
         self.opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         self.opt.step()

@@ -107,8 +107,6 @@ class ArchConfig:
     """Hidden size per direction of the recurrent head."""
     rnn_dropout: float = 0.2
     """Dropout between recurrent layers."""
-    shortcut_weight: float = 0.1
-    """Weight of the CTC-shortcut loss in ``L_ctc``."""
     llm_tap_layer: int = 1
     """Recurrent layer whose output feeds the connector (1 = after the first BiLSTM layer)."""
 
@@ -161,6 +159,8 @@ class TrainConfig:
     """The LLM loss on every k-th optimizer step only (1 = every step), to spend less time on the teacher: all ranks
     skip the same steps, so a sharded LLM's collectives stay matched; on the others the connector gets zero
     gradients."""
+    shortcut_weight: float = 0.1
+    """Weight of the CTC-shortcut head's loss: ``L_ctc = CTC(main head) + shortcut_weight * CTC(shortcut)``."""
     llm_loss_weight: float = 1.0
     """alpha in ``L = L_ctc + alpha * L_llm`` (``L_llm`` is the mean cross-entropy per transcription token)."""
     ctc_reduction: str = "line"
@@ -305,7 +305,7 @@ _POSITIVE = (
     "train.max_bad_steps",
 )
 _NON_NEGATIVE = (
-    "data.num_workers", "data.shuffle_buffer", "arch.mobilevit_dim", "arch.shortcut_weight", "train.lr",
+    "data.num_workers", "data.shuffle_buffer", "arch.mobilevit_dim", "train.shortcut_weight", "train.lr",
     "train.weight_decay", "train.max_steps", "train.grad_clip", "train.warmup_steps", "train.eval_every",
     "train.save_every", "train.llm_loss_weight", "train.stop_after", "train.max_minutes",
 )
@@ -431,6 +431,8 @@ def _merge(node: Any, data: dict, prefix: str = "") -> None:
             _merge(node, _nest(SEED_KEY_MAP[name], value))
             continue
         if name not in fields:
+            if key in RENAMED:
+                raise ConfigError(f"'{key}' is now '{RENAMED[key]}'")
             raise ConfigError(f"unknown config key '{key}'" + _closest(str(name), list(fields), prefix))
         current = getattr(node, name)
         if dataclasses.is_dataclass(current):
@@ -643,9 +645,19 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+RENAMED = {"arch.shortcut_weight": "train.shortcut_weight"}
+"""Keys that moved: a config file or override naming the old key gets an error naming the new one; a checkpoint or
+export written with the old key is read with it moved (:func:`from_dict`)."""
+
+
 def from_dict(data: dict) -> Config:
-    """Rebuild a Config from :func:`to_dict` output (e.g. from a checkpoint)."""
+    """Rebuild a Config from :func:`to_dict` output (e.g. from a checkpoint), moving :data:`RENAMED` keys."""
     cfg = Config()
+    data = {section: dict(values) if isinstance(values, dict) else values for section, values in data.items()}
+    for old, new in RENAMED.items():
+        (old_section, old_name), (new_section, new_name) = old.split("."), new.split(".")
+        if old_name in data.get(old_section, {}):
+            data.setdefault(new_section, {})[new_name] = data[old_section].pop(old_name)
     _merge(cfg, data)
     validate(cfg)
     return cfg

@@ -12,8 +12,9 @@ import torch
 
 from htr_dist.config import load_config
 from htr_dist.dist import env as dist_env
-from htr_dist.dist.strategy import build_strategy, llm_hidden_size, llm_param_bytes_full, llm_param_bytes_on_rank
-from htr_dist.models.htr import HTRModel, compute_losses
+from htr_dist.dist.strategy import build_strategy, llm_param_bytes_full, llm_param_bytes_on_rank
+from htr_dist.models.llm import llm_hidden_size
+from htr_dist.models.htr import HTRModel, LossSpec, compute_losses
 
 
 def flat(tensors):
@@ -59,7 +60,7 @@ def check(out_path, overrides):
         batch = {"images": torch.rand(batch_size, 1, 32, 256, generator=gen), "texts": texts,
                  "targets": torch.tensor([i for s in ids for i in s]),
                  "target_lengths": torch.tensor([len(s) for s in ids])}
-        losses = compute_losses(strategy.model, strategy.teacher, batch, cfg.train, cfg.arch, gen)
+        losses = compute_losses(strategy.model, strategy.teacher, batch, LossSpec.from_config(cfg), gen)
         llm_calls += 1
         strategy.backward(losses["total"])
         if cfg.dist.strategy != "deepspeed":  # ZeRO-2 keeps reduced gradients partitioned; weights are checked below

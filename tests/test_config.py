@@ -40,7 +40,8 @@ def test_yaml_then_overrides(tmp_path):
         ("train.llm_loss_weight=nan", "train.llm_loss_weight: expected a finite number, got 'nan'"),
         ("train.weight_decay=.nan", "train.weight_decay: expected a finite number, got nan"),
         ("train.grad_clip=.inf", "train.grad_clip: expected a finite number, got inf"),
-        ("arch.shortcut_weight=-.inf", "arch.shortcut_weight: expected a finite number, got -inf"),
+        ("train.shortcut_weight=-.inf", "train.shortcut_weight: expected a finite number, got -inf"),
+        ("arch.shortcut_weight=1", "'arch.shortcut_weight' is now 'train.shortcut_weight'"),
         ("train.lr=1e400", "train.lr: expected a finite number, got inf"),
         ("run.dir=[1, 2]", "run.dir: expected str, got list [1, 2]"),
     ],
@@ -55,11 +56,11 @@ def test_bad_overrides_name_the_key(override, message):
 def test_float_reads_alike_from_file_and_override(text, tmp_path):
     """PyYAML follows YAML 1.1, where 1e-3 (no dot) and 1.5e3 (no exponent sign) are strings, not floats."""
     path = tmp_path / "c.yaml"
-    path.write_text(f"train: {{lr: {text}}}\narch:\n  shortcut_weight: {text}\n")
+    path.write_text(f"train: {{lr: {text}, shortcut_weight: {text}}}\n")
     from_file = load_config(str(path))
-    from_override = load_config(None, [f"train.lr={text}", f"arch.shortcut_weight={text}"])
+    from_override = load_config(None, [f"train.lr={text}", f"train.shortcut_weight={text}"])
     assert from_file.train.lr == from_override.train.lr == float(text)
-    assert from_file.arch.shortcut_weight == from_override.arch.shortcut_weight == float(text)
+    assert from_file.train.shortcut_weight == from_override.train.shortcut_weight == float(text)
     assert type(from_file.train.lr) is float and type(from_override.train.lr) is float
 
 
@@ -212,3 +213,10 @@ def test_config_by_shipped_name_from_any_directory(tmp_path, monkeypatch):
     assert cfg.dist.deepspeed_config == "deepspeed/trainable_zero2.json"
     with pytest.raises(ConfigError, match="config file not found: nope .*shipped configs: demo"):
         load_config("nope")
+
+
+def test_a_checkpoint_written_with_a_moved_key_still_loads():
+    data = to_dict(Config())
+    del data["train"]["shortcut_weight"]
+    data["arch"]["shortcut_weight"] = 0.7  # as runs wrote it before the loss weights moved to train
+    assert from_dict(data).train.shortcut_weight == 0.7

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from htr_dist.config import ArchConfig, ConnectorConfig, TrainConfig
-from htr_dist.models.htr import HTRModel, HTRSystem, compute_losses, count_parameters, num_llm_samples, \
+from htr_dist.config import ArchConfig, Config, ConnectorConfig
+from htr_dist.models.htr import HTRModel, LossSpec, compute_losses, count_parameters, num_llm_samples, \
     sample_llm_index
 from htr_dist.train.metrics import cer, greedy_decode
 
@@ -127,13 +127,13 @@ def test_head_type_and_tap_layer_set_what_the_connector_reads(head_type):
 @pytest.mark.parametrize("batch_size", [1, 3, 8, 17])
 def test_compute_losses_calls_teacher_once_on_the_sampled_lines(batch_size):
     torch.manual_seed(0)
-    arch, train = tiny_arch(), TrainConfig(llm_sample_ratio=0.125, llm_loss_weight=0.5)
+    arch, spec = tiny_arch(), LossSpec(llm_sample_ratio=0.125, llm_weight=0.5)
     model = HTRModel(arch, TINY_CONNECTOR, len(CHARS) + 1, 32, 160, llm_hidden=CountingTeacher.hidden_size)
     backbone_calls = []
     model.backbone.register_forward_hook(lambda m, i, o: backbone_calls.append(i[0].shape[0]))
     teacher = CountingTeacher()
     texts = [f"line {chr(97 + i % 26)}" for i in range(batch_size)]
-    losses = compute_losses(model, teacher, batch_of(texts), train, arch, torch.Generator().manual_seed(3))
+    losses = compute_losses(model, teacher, batch_of(texts), spec, torch.Generator().manual_seed(3))
     k = num_llm_samples(batch_size, 0.125)
     assert teacher.calls == 1 and teacher.rows == [k]
     assert backbone_calls == [batch_size]  # one backbone pass: the LLM subset reuses its features
@@ -141,7 +141,7 @@ def test_compute_losses_calls_teacher_once_on_the_sampled_lines(batch_size):
     assert teacher.texts == [[texts[i] for i in index.tolist()]]
     for name in ("ctc", "ctc_shortcut", "llm", "total"):
         assert losses[name].dim() == 0 and torch.isfinite(losses[name])
-    expected = losses["ctc"] + arch.shortcut_weight * losses["ctc_shortcut"] + 0.5 * losses["llm"]
+    expected = losses["ctc"] + spec.shortcut_weight * losses["ctc_shortcut"] + 0.5 * losses["llm"]
     assert torch.allclose(losses["total"], expected) and losses["llm"] > 0
     # the LLM term trains the connector and everything below the tap, nothing above it
     model.zero_grad()
@@ -158,14 +158,13 @@ def test_compute_losses_without_llm():
     teacher = CountingTeacher()
     batch = batch_of(["abc", "de"])
     for t, use in ((None, True), (teacher, False)):
-        losses = compute_losses(model, t, batch, TrainConfig(use_llm=use), arch)
+        losses = compute_losses(model, t, batch, LossSpec(use_llm=use))
         assert losses["llm"].item() == 0.0
-        assert torch.allclose(losses["total"], losses["ctc"] + arch.shortcut_weight * losses["ctc_shortcut"])
+        assert torch.allclose(losses["total"], losses["ctc"] + 0.1 * losses["ctc_shortcut"])
     assert teacher.calls == 0
     # head 'rnn' has no shortcut: its loss is 0
     arch_rnn = tiny_arch(head_type="rnn")
-    losses = compute_losses(HTRModel(arch_rnn, TINY_CONNECTOR, len(CHARS) + 1, 32, 160), None, batch,
-                            TrainConfig(), arch_rnn)
+    losses = compute_losses(HTRModel(arch_rnn, TINY_CONNECTOR, len(CHARS) + 1, 32, 160), None, batch, LossSpec())
     assert losses["ctc_shortcut"].item() == 0.0 and losses["ctc"] > 0
 
 
@@ -175,9 +174,9 @@ def test_a_step_without_the_llm_keeps_the_connector_in_the_graph():
     arch = tiny_arch()
     model = HTRModel(arch, TINY_CONNECTOR, len(CHARS) + 1, 32, 160, llm_hidden=CountingTeacher.hidden_size)
     teacher = CountingTeacher()
-    losses = compute_losses(model, teacher, batch_of(["abc", "de"]), TrainConfig(), arch, llm_step=False)
+    losses = compute_losses(model, teacher, batch_of(["abc", "de"]), LossSpec(), llm_step=False)
     assert teacher.calls == 0 and losses["llm"].item() == 0.0
-    assert torch.allclose(losses["total"], losses["ctc"] + arch.shortcut_weight * losses["ctc_shortcut"])
+    assert torch.allclose(losses["total"], losses["ctc"] + 0.1 * losses["ctc_shortcut"])
     losses["total"].backward()
     grads = [p.grad for p in model.connector.parameters()]
     assert grads and all(g is not None and not g.any() for g in grads)
@@ -190,25 +189,25 @@ def test_a_training_step_under_bf16_autocast():
     arch = tiny_arch()
     model = HTRModel(arch, TINY_CONNECTOR, len(CHARS) + 1, 32, 160, llm_hidden=12)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        losses = compute_losses(model, CountingTeacher(), batch_of(["abc", "de"]), TrainConfig(use_llm=True), arch)
+        losses = compute_losses(model, CountingTeacher(), batch_of(["abc", "de"]), LossSpec(use_llm=True))
     losses["total"].backward()
     assert torch.isfinite(losses["total"]) and losses["llm"] > 0
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
 
 
-def test_system_forward_returns_named_losses():
+def test_losses_of_the_default_spec_are_named_and_weighted():
     arch = tiny_arch()
     teacher = CountingTeacher()
-    system = HTRSystem(HTRModel(arch, TINY_CONNECTOR, len(CHARS) + 1, 32, 160, 12), teacher, TrainConfig(), arch)
-    losses = system(batch_of(["abc", "de", "f"]))
+    model = HTRModel(arch, TINY_CONNECTOR, len(CHARS) + 1, 32, 160, 12)
+    losses = compute_losses(model, teacher, batch_of(["abc", "de", "f"]), LossSpec.from_config(Config()))
     assert {"ctc", "ctc_shortcut", "llm", "total"} <= set(losses) and teacher.calls == 1
     # the default weights: shortcut 0.1, LLM 1.0
     assert torch.allclose(losses["total"], losses["ctc"] + 0.1 * losses["ctc_shortcut"] + 1.0 * losses["llm"])
     assert losses["llm"] > 0
     losses["total"].backward()
-    counts = count_parameters(system)
-    assert counts["frozen"] == 6 and counts["trainable"] == count_parameters(system.model)["trainable"]
+    counts = count_parameters(torch.nn.ModuleList([model, teacher]))
+    assert counts["frozen"] == 6 and counts["trainable"] == count_parameters(model)["trainable"]
     assert count_parameters(None) == {"trainable": 0, "frozen": 0}
 
 
@@ -254,11 +253,12 @@ def test_overfit_four_rendered_lines(use_llm, request):
     arch = tiny_arch()
     model = HTRModel(arch, TINY_CONNECTOR, len(CHARS) + 1, 32, 160, teacher.hidden_size if use_llm else None)
     # ctc_reduction="char": the step-25 check below reads the CTC loss per character
-    system = HTRSystem(model, teacher, TrainConfig(use_llm=use_llm, llm_sample_ratio=0.5, ctc_reduction="char"), arch)
+    spec = LossSpec(use_llm=use_llm, llm_sample_ratio=0.5, ctc_reduction="char")
+    generator = torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     error, hyps = 1.0, []
     for step in range(1, 451):
-        losses = system(batch)
+        losses = compute_losses(model, teacher if use_llm else None, batch, spec, generator)
         opt.zero_grad()
         losses["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

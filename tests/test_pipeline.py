@@ -10,12 +10,11 @@ import pytest
 import torch
 import torch.distributed as tdist
 import torch.multiprocessing as tmp
-import webdataset as wds
 from PIL import Image, ImageFilter
 
 from htr_dist.config import load_config
 from htr_dist.data.alphabet import Alphabet
-from htr_dist.data.pipeline import StreamDataset, TooManySkipped, build_eval_loader, build_train_loader, \
+from htr_dist.data.pipeline import TooManySkipped, build_eval_loader, build_train_loader, \
     steps_per_epoch
 from htr_dist.data.shards import ManifestError, load_manifest, png_bytes, write_manifest, write_split
 from htr_dist.data.transforms import augment_preprocess, gray8, morph3, photometric_lut, preprocess

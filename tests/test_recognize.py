@@ -7,7 +7,6 @@ import subprocess
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from conftest import PY, ROOT

@@ -1,7 +1,6 @@
 """The shard reader (htr_dist.data.shards.tar_samples) against webdataset's and Python's own tar readers."""
 
 import io
-import os
 import tarfile
 
 import pytest

@@ -425,14 +425,3 @@ def device_memory_per_rank(device: torch.device) -> int:
     return ram // max(1, env_local_world_size())
 
 
-def llm_hidden_size(cfg) -> Optional[int]:
-    """The connector's output width, read from the LLM's config (no weights loaded)."""
-    if not cfg.train.use_llm:
-        return None
-    from htr_dist.models.llm import load_llm_config
-
-    return load_llm_config(cfg.llm.name_or_path, cfg.llm.cache_dir).hidden_size
-
-
-def tokenizer_for(cfg):
-    return load_tokenizer(cfg.llm.name_or_path, cfg.llm.cache_dir)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fractions
 import math
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -99,23 +100,42 @@ def ctc_loss(logits: torch.Tensor, targets: torch.Tensor, target_lengths: torch.
     return loss / b if reduction == "line" else loss
 
 
-def compute_losses(model, teacher, batch: dict, train_cfg, arch_cfg, generator: Optional[torch.Generator] = None,
-                   max_text_tokens: int = 48, llm_step: bool = True) -> dict:
+@dataclass(frozen=True)
+class LossSpec:
+    """What :func:`compute_losses` needs to know: the loss weights, the CTC reduction and the teacher's sampling."""
+
+    shortcut_weight: float = 0.1
+    llm_weight: float = 1.0
+    ctc_reduction: str = "line"
+    use_llm: bool = True
+    llm_sample_ratio: float = 0.125
+    max_text_tokens: int = 48
+
+    @classmethod
+    def from_config(cls, cfg) -> "LossSpec":
+        """The spec of a run's config (``train.*`` weights and sampling, ``llm.max_text_tokens``)."""
+        t = cfg.train
+        return cls(t.shortcut_weight, t.llm_loss_weight, t.ctc_reduction, t.use_llm, t.llm_sample_ratio,
+                   cfg.llm.max_text_tokens)
+
+
+def compute_losses(model, teacher, batch: dict, spec: LossSpec, generator: Optional[torch.Generator] = None,
+                   llm_step: bool = True) -> dict:
     """Named losses of one micro-batch: ``ctc``, ``ctc_shortcut``, ``llm``, ``total``; plus ``llm_s`` (seconds).
 
-    ``total = ctc + shortcut_weight * ctc_shortcut + llm_loss_weight * llm``. With a teacher and ``train.use_llm``,
+    ``total = ctc + shortcut_weight * ctc_shortcut + llm_weight * llm``. With a teacher and ``spec.use_llm``,
     the LLM is called exactly once, on ``num_llm_samples(B, ratio)`` lines whose tap features come from the same
     forward pass as the CTC logits; otherwise ``llm`` is a zero tensor. ``llm_step=False`` (``train.llm_every``)
     skips the LLM on this micro-batch; every rank must pass the same value, or a sharded LLM's collectives hang. The
     connector then runs on no line, so data-parallel wrappers still see each of its parameters used (zero gradient).
     """
     images = batch["images"]
-    use_llm = teacher is not None and train_cfg.use_llm and llm_step
-    index = sample_llm_index(images.shape[0], train_cfg.llm_sample_ratio, generator) if use_llm else None
-    if teacher is not None and train_cfg.use_llm and not llm_step:
+    use_llm = teacher is not None and spec.use_llm and llm_step
+    index = sample_llm_index(images.shape[0], spec.llm_sample_ratio, generator) if use_llm else None
+    if teacher is not None and spec.use_llm and not llm_step:
         index = torch.zeros(0, dtype=torch.long)
     out = model(images, index.to(images.device) if index is not None else None)
-    reduction = train_cfg.ctc_reduction
+    reduction = spec.ctc_reduction
     losses = {"ctc": ctc_loss(out["ctc_logits"], batch["targets"], batch["target_lengths"], reduction)}
     zero = losses["ctc"].new_zeros(())
     shortcut = out["shortcut_logits"]
@@ -125,33 +145,15 @@ def compute_losses(model, teacher, batch: dict, train_cfg, arch_cfg, generator: 
     if use_llm:
         start = time.perf_counter()
         texts = [batch["texts"][i] for i in index.tolist()]
-        input_ids, attention_mask = teacher.tokenize(texts, max_text_tokens)
+        input_ids, attention_mask = teacher.tokenize(texts, spec.max_text_tokens)
         device = out["visual_tokens"].device
         losses["llm"] = teacher(out["visual_tokens"], input_ids.to(device), attention_mask.to(device)).float()
         llm_s = time.perf_counter() - start
-    losses["total"] = (losses["ctc"] + arch_cfg.shortcut_weight * losses["ctc_shortcut"]
-                       + train_cfg.llm_loss_weight * losses["llm"])
+    losses["total"] = losses["ctc"] + spec.shortcut_weight * losses["ctc_shortcut"] + spec.llm_weight * losses["llm"]
     if not use_llm and out["visual_tokens"] is not None:  # the connector's empty pass: zero, but in the graph
         losses["total"] = losses["total"] + 0.0 * out["visual_tokens"].sum()
     losses["llm_s"] = llm_s
     return losses
-
-
-class HTRSystem(nn.Module):
-    """Model plus frozen teacher for single-process use: ``system(batch)`` returns the dict of named losses."""
-
-    def __init__(self, model: HTRModel, teacher: Optional[nn.Module], train_cfg, arch_cfg, max_text_tokens: int = 48,
-                 seed: int = 0):
-        super().__init__()
-        self.model = model
-        self.teacher = teacher
-        self.train_cfg, self.arch_cfg, self.max_text_tokens = train_cfg, arch_cfg, max_text_tokens
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def forward(self, batch: dict) -> dict:
-        teacher = self.teacher if self.train_cfg.use_llm else None
-        return compute_losses(self.model, teacher, batch, self.train_cfg, self.arch_cfg, self.generator,
-                              self.max_text_tokens)
 
 
 def count_parameters(module: Optional[nn.Module]) -> dict:

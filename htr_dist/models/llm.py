@@ -187,6 +187,14 @@ def shape_tokenizer(config_path: str, cache_dir: str):
     return tokenizer
 
 
+def llm_hidden_size(cfg) -> Optional[int]:
+    """The connector's output width for a run's config: the teacher's ``hidden_size``, read from its config (no
+    weights loaded), or None when the run trains without a teacher."""
+    if not cfg.train.use_llm:
+        return None
+    return load_llm_config(cfg.llm.name_or_path, cfg.llm.cache_dir).hidden_size
+
+
 def build_random_causal_lm(config_path: str, dtype: torch.dtype, attn_implementation: str) -> nn.Module:
     """The causal LM of a ``config.json`` with the random weights of :class:`RandomSlices`: the same numbers as an
     FSDP rank fills into its shard. Under a live DeepSpeed ZeRO-3 config transformers builds it inside ``zero.Init``,

@@ -19,9 +19,10 @@ from htr_dist.data.alphabet import Alphabet
 from htr_dist.data.pipeline import SkipStats, build_eval_loader, build_train_loader, shard_urls, steps_per_epoch
 from htr_dist.data.shards import load_manifest, split_lines
 from htr_dist.dist import env as dist_env
-from htr_dist.dist.strategy import build_strategy, llm_hidden_size, llm_param_bytes_on_rank
+from htr_dist.dist.strategy import build_strategy, llm_param_bytes_on_rank
 from htr_dist.errors import InputError, TrainingDiverged
-from htr_dist.models.htr import HTRModel, compute_losses, count_parameters
+from htr_dist.models.htr import HTRModel, LossSpec, compute_losses, count_parameters
+from htr_dist.models.llm import llm_hidden_size
 from htr_dist.train.checkpoint import CheckpointManager, check_same_model, rng_state, set_rng_state
 from htr_dist.train.export import BestModel, export_model
 from htr_dist.train.logger import flat_hparams, make_logger, memory_peak_bytes
@@ -145,6 +146,7 @@ def train(cfg, env) -> dict:
     strategy = build_strategy(cfg, env, model, steps)
     log_startup(cfg, env, strategy, model)
     sampler = torch.Generator().manual_seed(cfg.train.seed * 1000 + env.rank)  # LLM subset, per rank
+    loss_spec = LossSpec.from_config(cfg)
     ckpts = CheckpointManager(cfg.run.dir, cfg.train.keep_last)
     pos = Position()
     resume_from = ckpts.resolve(cfg.train.resume)
@@ -203,8 +205,7 @@ def train(cfg, env) -> dict:
             skip_stats.update(batch)
             batch["images"] = batch["images"].to(env.device, non_blocking=True)
             with strategy.no_sync(micro == accum - 1), env.autocast():
-                losses = compute_losses(strategy.model, strategy.teacher, batch, cfg.train, cfg.arch, sampler,
-                                        cfg.llm.max_text_tokens, llm_step=llm_step)
+                losses = compute_losses(strategy.model, strategy.teacher, batch, loss_spec, sampler, llm_step=llm_step)
             strategy.backward(losses["total"])
             for k in LOSS_KEYS:
                 window[k] += losses[k].item() / accum
