@@ -17,19 +17,16 @@ import json
 import math
 import os
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field, fields
-from typing import Dict, List, Sequence, Tuple
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from htr_dist import registry
 from htr_dist.errors import InputError
 from htr_dist.io_utils import atomic_write_json
-
-DECODE_MODES = tuple(registry.DECODE_MODES)
-"""Every decoding mode (:data:`htr_dist.registry.DECODE_MODES`); command-line choices and checks derive from it."""
+from htr_dist.train.metrics import greedy_decode
 
 BEAM_CUT = 1e-3
 """A beam search does not extend a prefix by a class whose probability in the frame is below this. A trained model
@@ -286,3 +283,47 @@ def teacher_log_probs(teacher, visual_tokens: torch.Tensor, texts: Sequence[str]
     input_ids, mask = teacher.tokenize(list(texts), max_tokens)
     prefix = visual_tokens.unsqueeze(0).expand(len(texts), *visual_tokens.shape)
     return teacher.sequence_log_probs(prefix, input_ids.to(prefix.device), mask.to(prefix.device)).tolist()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The decoding modes
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecodeMode:
+    """A ``--decode`` choice: what it does, and the function that turns a batch's CTC logits into label paths,
+    ``paths(recognizer, logits (T, B, C), beam_width) -> [[class, ...], ...]``. A mode that needs more than the
+    logits (``beam+llm``: the visual tokens) has none and is read by ``Recognizer.decode_outputs``."""
+
+    help: str
+    paths: Optional[Callable] = None
+
+
+def _greedy(rec, logits: torch.Tensor, beam_width: int) -> List[List[int]]:
+    return greedy_decode(logits)
+
+
+def _beam(rec, logits: torch.Tensor, beam_width: int) -> List[List[int]]:
+    return beam_paths(log_probs_of(logits), beam_width)
+
+
+def _beam_lm(rec, logits: torch.Tensor, beam_width: int) -> List[List[int]]:
+    rec.check_mode("beam+lm")
+    settings = replace(rec.settings, beam_width=beam_width)
+    return lm_paths(log_probs_of(logits), rec.char_lm(), rec.alphabet.chars, settings)
+
+
+DECODE_MODES: Dict[str, DecodeMode] = {
+    "greedy": DecodeMode("the best class of each frame", _greedy),
+    "beam": DecodeMode("CTC prefix beam search (compiled), exact sums over alignments", _beam),
+    "beam+lm": DecodeMode("beam search with a character n-gram LM of the training text", _beam_lm),
+    "beam+llm": DecodeMode("the beam's n best hypotheses rescored by the trained connector and the teacher LLM"),
+}
+"""Every decoding mode, the one list that command-line choices, help texts and checks read: a new mode is a
+function above and its entry here."""
+
+
+def describe_modes() -> str:
+    """``name: what it does; ...`` for a command's --help."""
+    return "; ".join(f"{name}: {mode.help}" for name, mode in DECODE_MODES.items())

@@ -8,7 +8,6 @@ teacher LLM (named in the file); every other mode reads a line without it.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -22,12 +21,12 @@ import torch
 from htr_dist.config import Config, from_dict
 from htr_dist.data.alphabet import Alphabet
 from htr_dist.data.transforms import gray8, preprocess
-from htr_dist.decode import (DECODE_MODES, CharNgramLM, DecodeError, DecodeSettings, beam_paths, lm_paths,
-                             log_probs_of, nbest_lists, pick, teacher_log_probs)
+from htr_dist.decode import (DECODE_MODES, CharNgramLM, DecodeError, DecodeSettings, log_probs_of, nbest_lists, pick,
+                             teacher_log_probs)
 from htr_dist.dist.env import attn_implementation, pick_channels_last, pick_dtype
 from htr_dist.errors import InputError, first_line
 from htr_dist.models.htr import HTRModel
-from htr_dist.train.metrics import edit_distance, greedy_decode
+from htr_dist.train.metrics import edit_distance
 
 log = logging.getLogger(__name__)
 
@@ -217,18 +216,12 @@ class Recognizer:
 
     def decode_logits(self, logits: torch.Tensor, decode: str = "greedy", beam_width: Optional[int] = None) -> List[str]:
         """(T, B, C) CTC logits of the main head -> transcriptions (every mode but ``beam+llm``)."""
-        width = beam_width or self.settings.beam_width
-        if decode == "greedy":
-            paths = greedy_decode(logits)
-        elif decode == "beam":
-            paths = beam_paths(log_probs_of(logits), width)
-        elif decode == "beam+lm":
-            self.check_mode(decode)
-            s = self.settings if beam_width is None else dataclasses.replace(self.settings, beam_width=beam_width)
-            paths = lm_paths(log_probs_of(logits), self.char_lm(), self.alphabet.chars, s)
-        else:
-            raise DecodeError(f"decode: {decode!r} is not one of {', '.join(m for m in DECODE_MODES if m != 'beam+llm')}"
-                              " (beam+llm needs the visual tokens: use predict or decode_outputs)")
+        mode = DECODE_MODES.get(decode)
+        if mode is None or mode.paths is None:
+            readable = ", ".join(name for name, m in DECODE_MODES.items() if m.paths is not None)
+            raise DecodeError(f"decode: {decode!r} is not one of {readable} (a mode that needs the visual tokens, "
+                              "such as beam+llm, is read by predict or decode_outputs)")
+        paths = mode.paths(self, logits, beam_width or self.settings.beam_width)
         return [self.alphabet.decode(p) for p in paths]
 
     def recognize(self, images: Sequence, decode: str = "greedy", batch_size: int = 16,

@@ -1,9 +1,10 @@
 """The named choices that the config, the command line and the code share, each defined once.
 
-A name here is what a user writes (``dist.strategy=fsdp``, ``--decode beam+lm``, ``dist.precision=bf16_native``);
-the value says where it is implemented. :data:`htr_dist.config.CHOICES` and the command-line choices are derived from
-these, and the code that resolves a name reads it here, so adding a strategy, a decode mode or a precision touches
-this file and the one that implements it. This module imports nothing heavy: the config reads it before torch loads.
+A name here is what a user writes in a config (``dist.strategy=fsdp``, ``dist.precision=bf16_native``); the value
+says where it is implemented. :data:`htr_dist.config.CHOICES` is derived from these, and the code that resolves a
+name reads it here, so adding a strategy or a precision touches this file and the one that implements it. This module
+imports nothing heavy: the config reads it before torch loads. (Decoding modes are not config keys: their registry is
+``htr_dist.decode.DECODE_MODES``, beside their code.)
 """
 
 from __future__ import annotations
@@ -25,20 +26,6 @@ PRECISIONS = {
                    "else fp32",
 }
 """``dist.precision`` and ``dist.llm_precision`` -> what each means; resolved by ``htr_dist.dist.env.pick_dtype``."""
-
-DECODE_MODES = {
-    "greedy": "the best class of each frame",
-    "beam": "CTC prefix beam search (compiled), exact sums over alignments",
-    "beam+lm": "beam search with a character n-gram LM of the training text",
-    "beam+llm": "the beam's n best hypotheses rescored by the trained connector and the teacher LLM",
-}
-"""``--decode`` -> what it does; implemented in ``htr_dist.decode`` (searches, LM, rescoring) and dispatched by
-``htr_dist.inference.Recognizer.decode_outputs``."""
-
-
-def describe(choices: dict) -> str:
-    """``name: meaning; ...``, for a command's --help."""
-    return "; ".join(f"{name}: {meaning}" for name, meaning in choices.items())
 
 
 def resolve(spec: str):

@@ -11,8 +11,7 @@ import logging
 import sys
 
 from htr_dist.config import CHOICES, ConfigError, int_at_least, load_config
-from htr_dist import registry
-from htr_dist.decode import DECODE_MODES
+from htr_dist.decode import DECODE_MODES, describe_modes
 from htr_dist.dist import env as dist_env
 from htr_dist.errors import InputError
 from htr_dist.evaluate import run_evaluation
@@ -26,7 +25,7 @@ def parse_args(argv=None):
     p.add_argument("--data", help="shard folder with manifest.json, e.g. shards/iam")
     p.add_argument("--split", default=None, help="split to evaluate: train, val, test, or a synthetic set's val_seen/test_seen (default: test; val with --tune)")
     p.add_argument("--decode", choices=DECODE_MODES, default="greedy",
-                   help=f"{registry.describe(registry.DECODE_MODES)} (default: greedy)")
+                   help=f"{describe_modes()} (default: greedy)")
     p.add_argument("--teacher", default=None, metavar="NAME_OR_PATH",
                    help="the LLM for --decode beam+llm (default: the one the export names, as its run loaded it)")
     p.add_argument("--beam-width", type=int_at_least(1), default=None,

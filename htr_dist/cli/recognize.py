@@ -19,8 +19,7 @@ import sys
 import torch
 
 from htr_dist.config import CHOICES, int_at_least
-from htr_dist import registry
-from htr_dist.decode import DECODE_MODES
+from htr_dist.decode import DECODE_MODES, describe_modes
 from htr_dist.dist.env import cpu_settings
 from htr_dist.errors import InputError
 from htr_dist.inference import InferenceError, Recognizer
@@ -39,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     p.add_argument("--decode", choices=DECODE_MODES, default="greedy",
-                   help=f"{registry.describe(registry.DECODE_MODES)}; beam+lm and beam+llm use the weights that "
+                   help=f"{describe_modes()}; beam+lm and beam+llm use the weights that "
                         "htr-eval --tune stored beside the model (default: greedy)")
     p.add_argument("--teacher", default=None, metavar="NAME_OR_PATH",
                    help="the LLM for --decode beam+llm (default: the one the export names, as its run loaded it)")
