@@ -5,9 +5,8 @@ Per sample: ``__key__`` (the IAM line id), ``png`` (8-bit grayscale), ``txt`` (U
 so an interrupted run never leaves a half-written ``*.tar`` that a loader would read.
 
 Reading: :func:`tar_samples` groups a shard's members into samples as ``webdataset.tarfile_to_samples`` does (a key is
-the member name up to the first dot of its base name, the rest is the extension), with its own header parser, a
-fraction of the cost of Python's ``tarfile``, which had made the streamed pipeline slower than a dataset reading one
-PNG file per line (docs/benchmarks.md).
+the member name up to the first dot of its base name, the rest is the extension) over webdataset's tar iterator, and
+wraps it with the manifest's checks: each shard must hold the samples the manifest counts.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import io
 import json
 import os
 import re
+import tarfile
 from typing import Callable, Iterable, Iterator, List
 
 import numpy as np
@@ -190,8 +190,6 @@ def split_lines(manifest: dict, split: str) -> int:
 
 # -- reading ------------------------------------------------------------------------------------------------------
 
-BLOCK = 512
-_REGULAR = (b"0", b"\0", b"7")
 _META = re.compile(r"__[^/]*__($|/)")  # names webdataset reserves (skipped, as it does)
 
 
@@ -199,66 +197,16 @@ class ShardReadError(InputError, ValueError):
     """A tar shard cannot be read on from some point (truncated, corrupt header, duplicate member)."""
 
 
-def _octal(field: bytes, url: str, offset: int, what: str) -> int:
-    if field[:1] and field[0] & 0x80:  # GNU base-256 for sizes of 8 GiB and more
-        return int.from_bytes(field[1:], "big")
-    try:
-        return int(field.strip(b" \0") or b"0", 8)
-    except ValueError:
-        raise ShardReadError(f"{url}: bad {what} field {field!r} in the tar header at byte {offset}") from None
-
-
-def _signed_checksum(header: bytes) -> int:
-    """The checksum as some old tar programs compute it, over signed bytes (``tarfile`` accepts it as well)."""
-    return sum(b - 256 if b > 127 else b for b in header[:148] + header[156:]) + 256
-
-
-def _pax(data: bytes) -> dict:
-    """PAX extended header records ``"<len> <key>=<value>\\n"`` -> {key: value}."""
-    out, pos = {}, 0
-    while pos < len(data):
-        length = int(data[pos : data.index(b" ", pos)])
-        key, _, value = data[data.index(b" ", pos) + 1 : pos + length - 1].partition(b"=")
-        out[key.decode("utf-8")] = value.decode("utf-8")
-        pos += length
-    return out
-
-
 def tar_members(f, url: str) -> Iterator[tuple]:
-    """(name, data) of each regular file in an uncompressed tar stream (ustar, GNU long names, PAX headers)."""
-    offset, long_name, pax = 0, None, {}
-    while True:
-        header = f.read(BLOCK)
-        if header == bytes(BLOCK):  # the end-of-archive blocks every tar writer puts last
-            return
-        if not header:  # a tar cut at a member boundary would otherwise read as complete
-            raise ShardReadError(f"{url}: ends at byte {offset} without the end-of-archive blocks (truncated?)")
-        if len(header) < BLOCK:
-            raise ShardReadError(f"{url}: truncated tar header at byte {offset}")
-        stored = _octal(header[148:156], url, offset, "checksum")
-        if stored != sum(header[:148]) + 256 + sum(header[156:]) and stored != _signed_checksum(header):
-            raise ShardReadError(f"{url}: tar header checksum mismatch at byte {offset} (corrupt shard?)")
-        size = _octal(header[124:136], url, offset, "size")
-        kind = header[156:157]
-        if "size" in pax:
-            size = int(pax["size"])
-        data = f.read(size)
-        if len(data) < size:
-            raise ShardReadError(f"{url}: truncated tar member at byte {offset}: {len(data)} of {size} bytes")
-        f.read(-size % BLOCK)
-        offset += BLOCK + size + (-size % BLOCK)
-        if kind == b"x":
-            pax = _pax(data)
-            continue
-        if kind == b"L":
-            long_name = data.split(b"\0", 1)[0].decode("utf-8")
-            continue
-        if kind in _REGULAR:
-            name = header[:100].split(b"\0", 1)[0].decode("utf-8")
-            if header[257:263] == b"ustar\0" and header[345]:  # POSIX ustar: a path prefix for long names
-                name = header[345:500].split(b"\0", 1)[0].decode("utf-8") + "/" + name
-            yield long_name or pax.get("path") or name, data
-        long_name, pax = None, {}
+    """(name, data) of each regular file of an uncompressed tar stream, read by webdataset's own tar iterator
+    (Python's ``tarfile`` underneath: ustar, GNU and PAX). Its errors become one :class:`ShardReadError` naming the
+    shard. ``tarfile`` takes a stream that stops at a member boundary, or at a header it cannot parse, for the end of
+    the archive: :func:`tar_samples` catches both with the manifest's sample count."""
+    try:
+        for member in wds.tariterators.tar_file_iterator(f, skip_meta=None):
+            yield member["fname"], member["data"]
+    except (tarfile.TarError, EOFError) as err:
+        raise ShardReadError(f"{url}: {str(err).split(' @ ')[0]} (truncated or corrupt shard?)") from None
 
 
 def tar_samples(sources: Iterable[dict], handler: Callable[[Exception], bool]) -> Iterator[dict]:
