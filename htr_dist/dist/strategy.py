@@ -43,6 +43,8 @@ from htr_dist.models.llm import PrefixLM, build_empty_causal_lm, checkpoint_slic
 from htr_dist.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
+TRAINER_FILE = "trainer.pt"
+"""The one file of a ddp or fsdp checkpoint: the trainable part's weights, optimizer, schedule and client state."""
 
 
 def llm_param_bytes_on_rank(teacher: Optional[nn.Module]) -> int:
@@ -158,10 +160,10 @@ class Strategy:
             os.makedirs(folder, exist_ok=True)
             state = dict(client_state, model=self.module.state_dict(), optimizer=self.optimizer.state_dict(),
                          scheduler=self.scheduler.state_dict())
-            torch.save(state, os.path.join(folder, "trainer.pt"))
+            torch.save(state, os.path.join(folder, TRAINER_FILE))
 
     def load(self, folder: str) -> dict:
-        path = os.path.join(folder, "trainer.pt")
+        path = os.path.join(folder, TRAINER_FILE)
         if not os.path.isfile(path):
             raise ConfigError(f"train.resume: {folder}: not a checkpoint of this strategy (no trainer.pt)")
         # on the CPU: the RNG states in it must stay CPU tensors; load_state_dict copies weights and optimizer
@@ -387,12 +389,7 @@ class DeepSpeedStrategy(Strategy):
         parent, tag = os.path.split(folder)
         # DeepSpeed reads every file of a checkpoint through its checkpoint engine, with weights_only=False: read
         # them with weights_only=True instead, so that nothing in them can run
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
-
-        # plain records in ZeRO's optimizer states
-        allowed = (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
+        allowed = deepspeed_checkpoint_classes()
         engine = self.model.checkpoint_engine
         engine.load = lambda path, map_location=None: safe_load(path, map_location or "cpu", allowed)
         try:
@@ -403,6 +400,20 @@ class DeepSpeedStrategy(Strategy):
         if client_state is None:
             raise ConfigError(f"train.resume: {folder}: not a DeepSpeed checkpoint")
         return client_state
+
+
+DEEPSPEED_MODEL_FILE = "mp_rank_00_model_states.pt"
+"""The file of a DeepSpeed checkpoint (ZeRO 0-2) that holds the whole module's weights and the client state."""
+
+
+def deepspeed_checkpoint_classes() -> tuple:
+    """The plain record classes (no code) that DeepSpeed's checkpoint files pickle beside tensors: ZeRO's loss
+    scalers, stage enum and fragment addresses. :func:`safe_load` allows these and nothing else."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
 
 
 STRATEGIES = {"ddp": Strategy, "fsdp": FSDPStrategy, "deepspeed": DeepSpeedStrategy}
