@@ -210,6 +210,17 @@ class TrainConfig:
     resume: str = ""
     """``auto`` = newest intact checkpoint in ``run.dir`` (a damaged or incomplete one is skipped, saying why); a path
     = that checkpoint; empty = start fresh."""
+    init_from: str = ""
+    """Fine-tune: start from the weights of a trained model, with step, optimizer and schedule fresh (not a resume).
+    A ``model.pt``/``best_model.pt``, a checkpoint folder of any strategy, or a run folder (its newest intact
+    checkpoint, else its ``model.pt``); empty = random init. The recogniser must have this config's architecture
+    except for the alphabet: characters the data adds get new CTC output rows (zero weights, a low bias), old ones
+    keep theirs. The connector is taken when both have one of the same shapes. If ``run.dir`` already holds a
+    checkpoint, the run resumes from it instead (as ``train.resume=auto``) and this is ignored."""
+    init_alphabet: str = "strict"
+    """With ``init_from``, a character the model knows but the data's alphabet lacks: ``strict`` = an error naming
+    them; ``merge`` = train with the union (the model's characters, then the data's new ones), which the run's
+    checkpoints and exports then hold."""
     max_bad_steps: int = 5
     """A step whose loss or gradient norm is not finite on any rank is skipped on every rank (no weight update, counted
     in ``train/skipped_steps``); after this many in a row the run stops with an error, leaving the last good
@@ -291,6 +302,7 @@ CHOICES = {
     "arch.rnn_type": ("lstm", "gru"),
     "train.schedule": ("multistep", "cosine"),
     "train.ctc_reduction": ("line", "char"),
+    "train.init_alphabet": ("strict", "merge"),
     "llm.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
     "dist.precision": tuple(registry.PRECISIONS),
     "dist.llm_precision": tuple(registry.PRECISIONS),

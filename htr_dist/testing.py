@@ -51,3 +51,30 @@ def make_tiny_llama(folder: str, hidden: int = 64, layers: int = 2, heads: int =
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def render_line(text: str, size: int = 22):
+    """A gray uint8 (h, w) image of ``text`` in dark ink on white paper, in Pillow's built-in font (no font files)."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=size)
+    left, top, right, bottom = font.getbbox(text)
+    img = Image.new("L", (right - left + 8, bottom - top + 8), 255)
+    ImageDraw.Draw(img).text((4 - left, 4 - top), text, font=font, fill=0)
+    return np.asarray(img)
+
+
+def write_text_shards(folder: str, splits: dict, alphabet: Optional[str] = None) -> str:
+    """A shard set of rendered lines (:func:`render_line`): ``splits`` maps a split to its texts; the manifest's
+    alphabet is ``alphabet`` or the texts' characters, sorted. Return ``folder``."""
+    from htr_dist.data.shards import png_bytes, write_manifest, write_split
+
+    entries = {}
+    for split, texts in splits.items():
+        samples = ({"key": f"{split}-{i:05d}", "png": png_bytes(render_line(t)), "text": t,
+                    "meta": {"form": f"{split}-{i // 8}", "writer": "w0"}} for i, t in enumerate(texts))
+        entries[split] = write_split(samples, folder, split)
+    chars = alphabet or "".join(sorted(set("".join(t for texts in splits.values() for t in texts))))
+    write_manifest(folder, "rendered", "htr_dist.testing.write_text_shards", entries, chars, {})
+    return folder

@@ -36,7 +36,7 @@ from htr_dist import registry
 from htr_dist.config import ConfigError, not_one_of
 from htr_dist.dist.env import DistEnv, attn_implementation, cpu_settings, env_local_world_size, ranks_share_memory
 from htr_dist.models.htr import HTRModel
-from htr_dist.train.checkpoint import deepspeed_safe_globals, safe_load
+from htr_dist.train.checkpoint import TRAINER_FILE, deepspeed_safe_globals, safe_load
 from htr_dist.models.llm import PrefixLM, build_empty_causal_lm, checkpoint_slices, load_causal_lm, \
     load_tokenizer
 from htr_dist.train.optim import build_optimizer, build_scheduler
@@ -157,10 +157,10 @@ class Strategy:
             os.makedirs(folder, exist_ok=True)
             state = dict(client_state, model=self.module.state_dict(), optimizer=self.optimizer.state_dict(),
                          scheduler=self.scheduler.state_dict())
-            torch.save(state, os.path.join(folder, "trainer.pt"))
+            torch.save(state, os.path.join(folder, TRAINER_FILE))
 
     def load(self, folder: str) -> dict:
-        path = os.path.join(folder, "trainer.pt")
+        path = os.path.join(folder, TRAINER_FILE)
         if not os.path.isfile(path):
             raise ConfigError(f"train.resume: {folder}: not a checkpoint of this strategy (no trainer.pt)")
         # on the CPU: the RNG states in it must stay CPU tensors; load_state_dict copies weights and optimizer

@@ -75,6 +75,16 @@ class CTCtopB(nn.Module):
         # Without a recurrent head the connector reads the pooled CNN sequence itself.
         self.tap_dim = self.rnn.tap_dim if self.rnn is not None else in_dim
 
+    def class_layers(self) -> dict:
+        """``{name: layer}`` of the layers whose output rows are the CTC classes (blank + alphabet): the recurrent
+        head's last Linear and the shortcut's convolution. Their weights' and biases' dim 0 is the class."""
+        layers = {}
+        if self.rnn is not None:
+            layers[f"rnn.out.{len(self.rnn.out) - 1}"] = self.rnn.out[-1]
+        if self.shortcut is not None:
+            layers["shortcut.conv"] = self.shortcut.conv
+        return layers
+
     def forward(self, seq: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
         short = self.shortcut(seq) if self.shortcut is not None else None
         if self.rnn is None:

@@ -56,6 +56,12 @@ class HTRModel(nn.Module):
             "visual_tokens": tokens,
         }
 
+    def class_row_keys(self) -> list:
+        """State-dict keys whose dim 0 indexes the CTC classes (blank + alphabet): the only weights whose shape
+        depends on the alphabet. The connector does not (it reads the tap feature and writes the LLM's width)."""
+        return [f"head.{name}.{p}" for name, layer in self.head.class_layers().items()
+                for p, _ in layer.named_parameters()]
+
     def export_state_dict(self) -> dict:
         """Backbone, heads and the trained connector (if any): never the LLM. Greedy and beam decoding use the
         first two only; ``beam+llm`` rescoring feeds the connector's visual tokens to the teacher."""

@@ -149,6 +149,15 @@ def check_same_model(folder: str, model_meta: dict) -> None:
                          f"{more}. Resume with the settings it was trained with, or start a new run.dir")
 
 
+def recorded_alphabet(folder: str) -> Optional[str]:
+    """The alphabet a checkpoint's run trained with, from its ``meta.json`` (None when it has none)."""
+    try:
+        with open(os.path.join(folder, META), encoding="utf-8") as f:
+            return json.load(f).get("alphabet")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def verify(folder: str) -> Optional[str]:
     """Why ``folder`` is not an intact checkpoint, or None if it is (or predates integrity records: then a warning)."""
     record = os.path.join(folder, INTEGRITY)

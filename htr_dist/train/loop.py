@@ -1,5 +1,5 @@
-"""The training loop. Reads top to bottom: data, model, wrapping, resume, steps (with logging, validation,
-checkpoints and a clean stop on SIGTERM), final checkpoint, export."""
+"""The training loop. Reads top to bottom: data, model (or the weights it fine-tunes, ``train.init_from``), wrapping,
+resume, steps (with logging, validation, checkpoints and a clean stop on SIGTERM), final checkpoint, export."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, replace
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -23,8 +24,10 @@ from htr_dist.dist.strategy import build_strategy, llm_param_bytes_on_rank
 from htr_dist.errors import InputError, TrainingDiverged
 from htr_dist.models.htr import HTRModel, LossSpec, compute_losses, count_parameters
 from htr_dist.models.llm import llm_hidden_size
-from htr_dist.train.checkpoint import CheckpointManager, check_same_model, rng_state, set_rng_state
+from htr_dist.train.checkpoint import (CheckpointManager, check_same_model, recorded_alphabet, rng_state,
+                                       set_rng_state)
 from htr_dist.train.export import BestModel, export_model
+from htr_dist.train.init_from import InitSource, finetune_alphabet, init_weights, read_init_source
 from htr_dist.train.logger import flat_hparams, make_logger, memory_peak_bytes
 from htr_dist.train.metrics import edit_distance, greedy_decode
 
@@ -120,6 +123,28 @@ def log_startup(cfg, env, strategy, model: HTRModel) -> None:
         log.info("LLM dtype %s, attention %s", env.llm_dtype, getattr(lm_config, "_attn_implementation", "?"))
 
 
+def run_alphabet(cfg, manifest: dict, resume_from: Optional[str]) -> Tuple[Alphabet, Optional[InitSource]]:
+    """The run's alphabet, and the weights to start from when fine-tuning (``train.init_from``) a fresh run.
+
+    Without ``init_from`` (or with it, in ``strict`` mode, on resume) the alphabet is the data's. A fine-tuning run
+    resumed in ``merge`` mode keeps the union it recorded in its checkpoint, without reading ``init_from`` again."""
+    data = manifest["alphabet"]
+    if not cfg.train.init_from:
+        return Alphabet(data), None
+    if resume_from:
+        log.info("train.init_from=%s is ignored: resuming from %s", cfg.train.init_from, resume_from)
+        recorded = recorded_alphabet(resume_from) if cfg.train.init_alphabet == "merge" else None
+        if recorded is None:
+            return Alphabet(data), None
+        lacking = "".join(c for c in data if c not in recorded)
+        if lacking:
+            raise InputError(f"train.resume: {resume_from} was trained with an alphabet that lacks {lacking!r} of "
+                             f"{cfg.data.path}: the data changed since; start a new run.dir")
+        return Alphabet(recorded), None
+    source = read_init_source(cfg.train.init_from)
+    return finetune_alphabet(source.alphabet, data, cfg.train.init_alphabet, source.path), source
+
+
 def _rescale_position(pos: Position, saved_world: int, world: int, micro_per_epoch: int) -> Position:
     """The data position of a checkpoint written by ``saved_world`` ranks, for ``world`` ranks: the same share of the
     epoch consumed (each micro-step takes ``world`` batches, one per rank), the next epoch if that share is all of it."""
@@ -136,20 +161,23 @@ def train(cfg, env) -> dict:
     manifest = load_manifest(cfg.data.path)
     for split in [cfg.data.val_split] + cfg.data.extra_val_splits:
         shard_urls(manifest, split)  # a misnamed split is an error now, not after the run has trained
-    alphabet = Alphabet(manifest["alphabet"])
     steps = total_steps(cfg, manifest, env.world_size)
     micro_per_epoch = steps_per_epoch(manifest, env.world_size, cfg.train.batch_size)
+    ckpts = CheckpointManager(cfg.run.dir, cfg.train.keep_last)
+    # a fine-tuning run that already wrote checkpoints goes on from them: init_from is only where it began
+    resume_from = ckpts.resolve(cfg.train.resume or ("auto" if cfg.train.init_from else ""))
+    alphabet, source = run_alphabet(cfg, manifest, resume_from)
     if env.is_main:
         save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
     model = HTRModel(cfg.arch, cfg.connector, alphabet.num_classes, cfg.data.img_height, cfg.data.img_width,
                      llm_hidden_size(cfg), env.channels_last)
+    if source is not None:  # into the plain model: the strategy wraps (and DeepSpeed broadcasts) loaded weights
+        init_weights(model, source, alphabet, cfg)
     strategy = build_strategy(cfg, env, model, steps)
     log_startup(cfg, env, strategy, model)
     sampler = torch.Generator().manual_seed(cfg.train.seed * 1000 + env.rank)  # LLM subset, per rank
     loss_spec = LossSpec.from_config(cfg)
-    ckpts = CheckpointManager(cfg.run.dir, cfg.train.keep_last)
     pos = Position()
-    resume_from = ckpts.resolve(cfg.train.resume)
     if resume_from:
         check_same_model(resume_from, model_meta(cfg, alphabet))
         state = strategy.load(resume_from)
