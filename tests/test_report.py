@@ -185,6 +185,8 @@ def test_report_of_one_rank_then_of_two(model, shard_dir, tmp_path):
     check_consistent(report, page, out, manifest["splits"]["test"]["lines"])
     assert report["decode"] == "greedy" and report["model"] == model and report["writers_note"] is None
     assert all(w["writer"] is not None for w in report["writers"])  # the synthetic set names every line's writer
+    (out / "lines" / "stale.png").write_bytes(b"")
+    assert evaluate(model, shard_dir, out)[0] == report and not (out / "lines" / "stale.png").exists()  # replaced
     two = tmp_path / "report2"
     proc = subprocess.run(launcher_command("torchrun", 2) + [
         "launch/evaluate.py", "--checkpoint", model, "--data", shard_dir, "--report", str(two), "--batch-size", "16"],
@@ -206,8 +208,6 @@ def test_report_in_every_decode_mode(mode, model, shard_dir, tiny_llama, tmp_pat
     report, page = evaluate(model, shard_dir, out, "--decode", mode, "--teacher", tiny_llama, "--split", "val")
     check_consistent(report, page, out, manifest["splits"]["val"]["lines"])
     assert report["decode"] == mode and report["split"] == "val"
-    report2, _ = evaluate(model, shard_dir, out, "--decode", mode, "--teacher", tiny_llama, "--split", "val")
-    assert report2 == report  # an earlier report is replaced
 
 
 def test_a_split_without_writer_ids_says_so_and_a_foreign_folder_is_refused(model, shard_dir, tmp_path):
@@ -224,6 +224,25 @@ def test_a_split_without_writer_ids_says_so_and_a_foreign_folder_is_refused(mode
     (foreign / "notes.txt").write_text("keep me")
     assert main(["--checkpoint", model, "--data", str(bare), "--report", str(foreign)]) == 1
     assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_a_partial_split_is_reported_as_such(model, shard_dir, tmp_path):
+    from conftest import reset_shard_sizes
+
+    cut = tmp_path / "cut"
+    shutil.copytree(shard_dir, cut)
+    manifest = json.load(open(cut / "manifest.json"))
+    shard = cut / manifest["splits"]["test"]["shards"][0]["file"]
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) // 2)
+    reset_shard_sizes(str(cut))
+    out = tmp_path / "r"
+    report, page = evaluate(model, str(cut), out, "--allow-partial")
+    assert 0 < report["lines"] < report["lines_expected"] == manifest["splits"]["test"]["lines"]
+    assert report["lines_missing"] == report["lines_expected"] - report["lines"]
+    assert f"{report['lines_missing']} of the {report['lines_expected']} lines" in page.classes["note"]
+    assert sum(int(row[1]) for row in page.tables["writers-table"][1:]) == report["lines"]
+    assert len(report["worst_lines"]) == report["lines"] and all(w["image"] for w in report["worst_lines"])
 
 
 def strip_writers(folder, split):
