@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections import Counter
 
@@ -13,6 +14,7 @@ from htr_dist.dist import env as dist_env
 from htr_dist.errors import InputError
 from htr_dist.inference import LineResult, Recognizer, corpus_scores, evaluate_batches
 from htr_dist.io_utils import atomic_write_json, atomic_write_text
+from htr_dist.report import check_report_dir, write_report
 from htr_dist.train.metrics import edit_distance
 
 LM_GRID = {"lm_weight": (0.2, 0.4, 0.7, 1.0), "lm_bonus": (0.0, 1.0, 2.0, 3.0)}
@@ -127,6 +129,9 @@ def run_evaluation(args, env) -> dict:
             atomic_write_json(args.json, record)
         return record
     rec.check_mode(args.decode)
+    report_dir = getattr(args, "report", None)
+    if report_dir:
+        check_report_dir(report_dir)  # before the long part, on every rank: all stop together
     start = time.time()
     results = []
     with _progress(env, f"{args.split} ({args.decode})") as progress:  # closed (its line ended) before any error
@@ -152,6 +157,9 @@ def run_evaluation(args, env) -> dict:
             log.info("per-line predictions written to %s", args.predictions)
         if args.json:
             atomic_write_json(args.json, scores)
+        if report_dir:
+            write_report(report_dir, results, scores, rec.path)
+            print(f"report written to {os.path.join(report_dir, 'report.html')}")
         missing = f", {scores['lines_missing']} of {expected} MISSING" if scores["lines_missing"] else ""
         print(f"{args.split} CER {100 * scores['cer']:.1f}% WER {100 * scores['wer']:.1f}% ({scores['lines']} lines"
               f"{missing})")

@@ -3,6 +3,7 @@
 Runs in one process or under torchrun with N ranks; every line of the split is counted exactly once.
 
   htr-eval --checkpoint runs/iam/model.pt --data shards/iam [--split test] [--decode beam+lm]
+  htr-eval --checkpoint runs/iam/model.pt --data shards/iam --report reports/iam-test    (then open report.html)
   htr-eval CONFIG resume=MODEL        (the reference code's form: --data is the config's data.path)
 """
 
@@ -43,6 +44,9 @@ def parse_args(argv=None):
                    help="score what can be read of a damaged split (lines_missing says how much is not) instead of "
                         "stopping with an error")
     p.add_argument("--predictions", default=None, help="write per-line id, truth, prediction, edit distance (TSV)")
+    p.add_argument("--report", default=None, metavar="DIR",
+                   help="write an evaluation report into DIR: report.json and a static report.html (error types, "
+                        "confusions, CER per writer, CER histogram, the worst lines with their images)")
     p.add_argument("--show", type=int_at_least(0), default=0, help="print this many predictions next to the ground truth")
     args = p.parse_args(argv)
     if args.reference_form:
@@ -50,6 +54,8 @@ def parse_args(argv=None):
     for name in ("checkpoint", "data"):
         if getattr(args, name) is None:
             p.error(f"--{name} is required")
+    if args.report and args.tune:
+        p.error("--report reports an evaluation; --tune only tunes (run --report without --tune afterwards)")
     if args.split is None:
         args.split = "val" if args.tune else "test"
     return args
