@@ -12,7 +12,7 @@ import os
 import shutil
 from typing import Optional
 
-from htr_dist.data.fonts import _apt
+from htr_dist.data.fonts import apt_get
 from htr_dist.errors import InputError
 
 PACKAGE = "chromium"
@@ -46,7 +46,7 @@ def install_browser() -> dict:
         return {"browser": None, "installed": False,
                 "note": f"not root: chromium is not installed and the browser test of the report will be skipped; "
                         f"install it with: sudo apt-get install --no-install-recommends {PACKAGE}"}
-    command = _apt([], ["install", "-y", "--no-install-recommends", PACKAGE], f"the Debian package {PACKAGE}")
+    command = apt_get(["install", "-y", "--no-install-recommends", PACKAGE], f"the Debian package {PACKAGE}")
     found = find_browser()
     if found is None:
         raise BrowserInstallError(f"`{' '.join(command)}` succeeded but there is no {CHROMIUM}")

@@ -276,7 +276,7 @@ def test_the_browser_installer_leaves_a_browser_alone_and_needs_root(monkeypatch
     assert browser.install_browser() == {"browser": "/opt/chromium", "installed": False}
     monkeypatch.setattr(browser, "find_browser", lambda: None)
     monkeypatch.setattr(browser.os, "geteuid", lambda: 1000)
-    monkeypatch.setattr(browser, "_apt", lambda *a, **k: pytest.fail("apt-get run without root"))
+    monkeypatch.setattr(browser, "apt_get", lambda *a, **k: pytest.fail("apt-get run without root"))
     summary = browser.install_browser()
     assert summary["browser"] is None and "sudo apt-get install --no-install-recommends chromium" in summary["note"]
 

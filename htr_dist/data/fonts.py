@@ -272,15 +272,16 @@ def _run(cmd: List[str], what: str, cwd: Optional[str] = None, env: Optional[Dic
                                f"is {cmd[0]} installed?") from None
 
 
-def _apt(sudo: List[str], args: List[str], what: str, options: List[str] = (), cwd: Optional[str] = None):
-    """Run ``apt-get args``; ``apt-get update`` first, then once more, when apt does not know a package yet (a fresh
-    machine's empty package lists). Raises :class:`FontInstallError` naming the command that failed."""
+def apt_get(args: List[str], what: str, options: Sequence[str] = (), cwd: Optional[str] = None) -> List[str]:
+    """Run ``apt-get args`` (no sudo: the caller is root, or ``options`` point apt at the user's own folders); when
+    apt does not know a package yet (a fresh machine's empty package lists), ``apt-get update`` and run it again.
+    Returns the command; raises :class:`FontInstallError` naming the command that failed."""
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    cmd = sudo + ["apt-get", "-q"] + list(options) + args
+    cmd = ["apt-get", "-q"] + list(options) + args
     done = _run(cmd, what, env=env, cwd=cwd)
     if done.returncode != 0 and re.search(r"Unable to locate package|has no installation candidate|Can't find a source",
                                              done.stderr):
-        update = sudo + ["apt-get", "-q"] + list(options) + ["update"]
+        update = ["apt-get", "-q"] + list(options) + ["update"]
         updated = _run(update, what, env=env)
         if updated.returncode != 0:
             raise FontInstallError(f"cannot install {what}: `{' '.join(update)}` failed with exit code "
@@ -301,7 +302,7 @@ def _install_debian_user(packages: List[str], what: str) -> str:
     options = ["-o", f"Dir::State::Lists={state}/lists", "-o", f"Dir::Cache={state}/cache",
                "-o", "Debug::NoLocking=1", "-o", f"APT::Sandbox::User={getpass.getuser()}"]
     with tempfile.TemporaryDirectory() as folder:
-        cmd = _apt([], ["download"] + packages, what, options, cwd=folder)
+        cmd = apt_get(["download"] + packages, what, options, cwd=folder)
         for deb in sorted(glob.glob(os.path.join(folder, "*.deb"))):
             done = _run(["dpkg-deb", "-x", deb, _user_debian_dir()], what)
             if done.returncode != 0:
@@ -315,7 +316,7 @@ def _install_debian(entries: List[FontEntry]) -> None:
     packages = list(dict.fromkeys(e.package for e in entries))
     what = "the Debian fonts " + ", ".join(e.family for e in entries)
     if not hasattr(os, "geteuid") or os.geteuid() == 0:
-        command = " ".join(_apt([], ["install", "-y", "--no-install-recommends"] + packages, what))
+        command = " ".join(apt_get(["install", "-y", "--no-install-recommends"] + packages, what))
     else:
         command = _install_debian_user(packages, what)
     index = _system_font_index()
