@@ -278,7 +278,8 @@ class RunConfig:
     """Where the run writes (run folder) and how it reports (progress bar, TensorBoard, MLflow)."""
 
     dir: str = "runs/default"
-    """Run folder: resolved config, checkpoints, TensorBoard events (``tb/``), exported ``model.pt``."""
+    """Run folder: resolved config, checkpoints, TensorBoard events (``tb/``), exported ``model.pt``; with
+    ``loggers`` ``mlflow``, the MLflow store (``mlruns/``) and the id of this run's MLflow run."""
     progress: bool = True
     """Show a progress bar on rank 0."""
     loggers: List[str] = field(default_factory=lambda: ["tensorboard"])
@@ -286,9 +287,8 @@ class RunConfig:
     and ``mlflow`` (a local MLflow store, see ``mlflow_uri``; needs ``pip install 'htr-dist[mlflow]'``); ``[]`` writes
     none. Each name once."""
     mlflow_uri: str = ""
-    """MLflow tracking URI for ``loggers`` ``mlflow``: empty = the file store ``run.dir/mlruns`` (browse it with
-    ``mlflow ui --backend-store-uri run.dir/mlruns``); a folder path, or any URI MLflow takes (``sqlite:///f.db``,
-    ``http://host:5000``)."""
+    """Where ``loggers`` ``mlflow`` writes: empty = the local file store ``run.dir/mlruns`` (no server); a folder
+    path (a file store there), or any tracking URI MLflow takes (``sqlite:///runs/mlflow.db``, ``http://host:5000``)."""
     mlflow_experiment: str = "htr-dist"
     """MLflow experiment that holds the run (created if missing); the MLflow run is named after ``run.dir``'s last
     folder, and a resumed training run goes on in the same MLflow run."""
