@@ -45,7 +45,8 @@ setup(
         "deepspeed": ["deepspeed>=0.15", "ninja"],
         "flash": ["flash-attn>=2.5"],
         "onnx": ["onnx>=1.14", "onnxruntime>=1.16"],  # htr-export --onnx
+        "mlflow": ["mlflow-skinny>=3"],  # run.loggers=[tensorboard,mlflow]: a local MLflow file store
         "dev": ["pytest>=7", "pytest-timeout", "psutil", "deepspeed>=0.15", "ninja", "matplotlib", "onnx>=1.14",
-                "onnxruntime>=1.16"],  # matplotlib: the plot of benchmarks/unseen_styles.py
+                "onnxruntime>=1.16", "mlflow-skinny>=3"],  # matplotlib: the plot of benchmarks/unseen_styles.py
     },
 )

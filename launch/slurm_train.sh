@@ -24,6 +24,38 @@ HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 PYTHON=${PYTHON:-.venv/bin/python}
 
+# GPUs of one node, from a SLURM GPU count: "8", a typed "a100:8" or "gpu:a100:8", a count with its indices
+# "a100:4(IDX:0-3)", or a list of types "a100:2,v100:2" (summed). Prints nothing for a value it cannot read.
+gpu_count() {
+    local value total=0 entry count entries
+    value=$(sed 's/([^)]*)//g' <<< "$1")
+    [[ -n $value ]] || return 1
+    IFS=, read -ra entries <<< "$value"
+    for entry in "${entries[@]}"; do
+        count=${entry##*:}
+        [[ $count =~ ^[0-9]+$ ]] || return 1
+        total=$((total + 10#$count))
+    done
+    echo "$total"
+}
+
+# Processes per node: $NPROC_PER_NODE if set, else the GPUs requested per node (--gpus-per-node), else the GPUs
+# SLURM gave this node (--gres=gpu:N sets only that).
+if [[ -n ${NPROC_PER_NODE:-} ]]; then
+    count_var=NPROC_PER_NODE
+elif [[ -n ${SLURM_GPUS_PER_NODE:-} ]]; then
+    count_var=SLURM_GPUS_PER_NODE
+elif [[ -n ${SLURM_GPUS_ON_NODE:-} ]]; then
+    count_var=SLURM_GPUS_ON_NODE
+else
+    echo "slurm_train.sh: no GPU count: request GPUs with --gpus-per-node=N (or set NPROC_PER_NODE)" >&2
+    exit 2
+fi
+if ! NPROC=$(gpu_count "${!count_var}") || [ "$NPROC" -lt 1 ]; then
+    echo "slurm_train.sh: $count_var=${!count_var}: not a GPU count (expected N, TYPE:N or gpu:TYPE:N)" >&2
+    exit 2
+fi
+
 stopping=0
 stop_ranks() {
     stopping=1
@@ -35,7 +67,7 @@ stop_ranks() {
 trap stop_ranks USR1
 
 srun --kill-on-bad-exit=1 "$PYTHON" -m torch.distributed.run \
-    --nnodes "$SLURM_NNODES" --nproc_per_node "${SLURM_GPUS_PER_NODE:-8}" \
+    --nnodes "$SLURM_NNODES" --nproc_per_node "$NPROC" \
     --rdzv-backend c10d --rdzv-endpoint "$HEAD_NODE:${MASTER_PORT:-29500}" --rdzv-id "$SLURM_JOB_ID" \
     --max-restarts 3 launch/train.py --config "$CONFIG" train.resume=auto "$@" &
 job=$!

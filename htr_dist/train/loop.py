@@ -28,7 +28,7 @@ from htr_dist.train.checkpoint import (CheckpointManager, check_same_model, reco
                                        set_rng_state)
 from htr_dist.train.export import BestModel, export_model
 from htr_dist.train.init_from import InitSource, finetune_alphabet, init_weights, read_init_source
-from htr_dist.train.logger import flat_hparams, make_logger, memory_peak_bytes
+from htr_dist.train.logger import check_loggers, flat_hparams, make_logger, memory_peak_bytes, sample_figure
 from htr_dist.train.metrics import edit_distance, greedy_decode
 
 log = logging.getLogger(__name__)
@@ -101,9 +101,9 @@ def validate(model: HTRModel, cfg, alphabet: Alphabet, env, logger, step: int, s
         raise InputError(f"{cfg.data.path}: no line of split {split!r} could be read for validation "
                          f"(see the warnings above); a CER over 0 lines would read as 0%")
     logger.scalars({"cer": result["cer"], "wer": result["wer"]}, step, prefix=prefix)
-    for i, (img, ref, hyp) in enumerate(samples):
-        logger.image(f"{prefix}line_{i}", img, step)
-        logger.text(f"{prefix}line_{i}", f"truth: {ref}  \npred: {hyp}", step)
+    for i, (img, ref, hyp) in enumerate(samples):  # the line with its truth and prediction in one picture
+        logger.image(f"{prefix}line_{i}", sample_figure(img, ref, hyp), step)
+        logger.text(f"{prefix}line_{i}", f"truth: {ref}  \npred: {hyp}", step)  # the same, as text to copy
     log.info("step %d: %s CER %.2f%% WER %.2f%% (%d lines)", step, split, 100 * result["cer"], 100 * result["wer"],
              result["lines"])
     return result
@@ -161,6 +161,7 @@ def train(cfg, env) -> dict:
     manifest = load_manifest(cfg.data.path)
     for split in [cfg.data.val_split] + cfg.data.extra_val_splits:
         shard_urls(manifest, split)  # a misnamed split is an error now, not after the run has trained
+    check_loggers(cfg.run.loggers)  # a logger's missing package too
     steps = total_steps(cfg, manifest, env.world_size)
     micro_per_epoch = steps_per_epoch(manifest, env.world_size, cfg.train.batch_size)
     ckpts = CheckpointManager(cfg.run.dir, cfg.train.keep_last)
@@ -198,9 +199,7 @@ def train(cfg, env) -> dict:
         skip_stats = SkipStats()
     best = BestModel(cfg.run.dir, cfg.train.keep_best, env.is_main, bool(resume_from), cfg.data.val_split)
     start_step = pos.step
-    logger = make_logger(cfg.run.dir, env.is_main)
-    if pos.step == 0:
-        logger.text("config", "```\n" + _yaml(cfg) + "\n```", 0)
+    logger = make_logger(cfg, env.is_main, resumed=pos.step > 0)
     stop = StopFlag()
     bar = tqdm(total=steps, initial=pos.step, desc="train", unit="step", disable=not (env.is_main and cfg.run.progress),
                dynamic_ncols=True)
@@ -372,9 +371,3 @@ def _write_window(logger, window, n_steps, seconds, grad_norm, lr, env, skip_sta
     if not math.isfinite(values[0].item()):
         log.warning("step %d: the loss is not finite (%s)", step, values[0].item())
     bar.set_postfix(loss=f"{values[0].item():.3f}", lines_s=f"{lines_per_s:.1f}")
-
-
-def _yaml(cfg) -> str:
-    from htr_dist.config import dump_yaml
-
-    return dump_yaml(cfg)
