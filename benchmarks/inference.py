@@ -17,7 +17,14 @@ time over the first layout's, per round.
 beam_python, beam+lm, beam+llm): seconds per batch and lines per second, decoding alone. ``beam_python`` is the
 pure-Python prefix beam search that ``beam`` replaced (``htr_dist.train.metrics.prefix_beam_search``), kept as the
 reference; ``beam_over_python`` is the paired ratio of its time over ``beam``'s, and ``beam_agrees`` the share of
-lines where both found the same text. ``beam+lm`` uses the LM of the model's ``.decode.json``, or one built from the
+lines where both found the same text.
+
+``--recognize N`` times reading N lines of ``--data`` end to end (preprocessing, forward, greedy decoding) the way
+``htr-recognize`` does (``Recognizer.recognize``: batches of ``--batch`` bucketed by width, at ``--precision``) against
+a plain fixed-size fp32 forward of the reference configuration (every line resized to ``--height`` x ``--width``,
+128 x 1024 by default, batches of ``--batch``, greedy), round robin. ``recognize.over_reference`` (also the top-level ``recognize_over_reference``) is
+the paired ratio of the reference's time over ours per round; ``recognize.agrees`` the share of lines whose text at
+``--precision`` is the same as the same model's fp32 forward. ``beam+lm`` uses the LM of the model's ``.decode.json``, or one built from the
 train split of ``--data``; ``beam+llm`` needs a model trained with a teacher. A mode that cannot run is listed under
 ``skipped`` with the reason.
 
@@ -97,6 +104,74 @@ def decode(rec: Recognizer, out: dict, mode: str, beam_width: int) -> list:
     return rec.decode_outputs(out, mode, beam_width)
 
 
+def read_lines(folder: str, split: str, n: int) -> list:
+    """The first ``n`` line images of ``split`` as gray uint8 arrays, as stored (their widths vary)."""
+    import glob
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from htr_dist.data.shards import tar_samples
+
+    urls = sorted(glob.glob(os.path.join(folder, f"{split}-*.tar")))
+    lines = []
+    for sample in tar_samples([{"url": u} for u in urls], handler=lambda e: False):
+        lines.append(np.asarray(Image.open(io.BytesIO(sample["png"])).convert("L")))
+        if len(lines) == n:
+            break
+    return lines
+
+
+def plain_reference(rec: Recognizer, lines: list, batch: int) -> list:
+    """The reference: every line on the fixed canvas, fp32, batches of ``batch``, greedy."""
+    import numpy as np
+
+    from htr_dist.data.transforms import preprocess
+    from htr_dist.train.metrics import greedy_decode
+
+    texts = []
+    for start in range(0, len(lines), batch):
+        arr = np.stack([preprocess(img, rec.img_height, rec.img_width) for img in lines[start : start + batch]])
+        with torch.inference_mode():
+            logits = rec.model(torch.from_numpy(arr).unsqueeze(1), None)["ctc_logits"]
+        texts += [rec.alphabet.decode(p) for p in greedy_decode(logits)]
+    return texts
+
+
+def recognize_rounds(args, path: str, tmp: str) -> dict:
+    """``--recognize``: ours (``Recognizer.recognize`` at ``--precision``) against the plain reference, per round."""
+    lines = read_lines(args.data, args.split, args.recognize)
+    os.makedirs(os.path.join(tmp, "ref"))
+    reference = Recognizer.load(export_random_model(REFERENCE_CFG, args.height, args.width, os.path.join(tmp, "ref")),
+                                torch.device("cpu"), "contiguous")
+    ours = Recognizer.load(path, torch.device("cpu"), None, args.precision)
+    ours_fp32 = Recognizer.load(path, torch.device("cpu"), None, "fp32")
+    times = {"reference": [], "ours": []}
+    texts = {}
+    for i in range(args.warmup + args.steps):
+        this_round = {}
+        for name, run in (("reference", lambda: plain_reference(reference, lines, args.batch)),
+                          ("ours", lambda: [r.text for r in ours.recognize(lines, batch_size=args.batch)])):
+            start = time.perf_counter()
+            texts[name] = run()
+            this_round[name] = time.perf_counter() - start
+        if i >= args.warmup:
+            for name, seconds in this_round.items():
+                times[name].append(seconds)
+        print(f"recognize round {i + 1}: " + ", ".join(f"{k} {v:.2f} s" for k, v in this_round.items()),
+              file=sys.stderr, flush=True)
+    fp32 = [r.text for r in ours_fp32.recognize(lines, batch_size=args.batch)]
+    return {
+        "lines": len(lines), "precision": args.precision, "dtype": str(ours.dtype),
+        "reference_lines_per_s": len(lines) / statistics.median(times["reference"]),
+        "lines_per_s": len(lines) / statistics.median(times["ours"]),
+        "seconds": {k: spread(v) for k, v in times.items()},
+        "over_reference": paired_ratio(times["reference"], times["ours"]),
+        "agrees": sum(a == b for a, b in zip(texts["ours"], fp32)) / len(lines),
+    }
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="", help="exported model (run folder or model.pt); default: random weights")
@@ -116,6 +191,10 @@ def parse_args(argv=None):
     p.add_argument("--decode", default="greedy,beam,beam_python,beam+lm,beam+llm",
                    help="comma-separated decoding modes to time (default: greedy,beam,beam_python,beam+lm,beam+llm)")
     p.add_argument("--beam-width", type=int, default=10, help="beam width of the beam decoders (default: 10)")
+    p.add_argument("--recognize", type=int, default=0, metavar="N",
+                   help="also time reading N lines of --data end to end against the plain reference (default: off)")
+    p.add_argument("--precision", default="bf16_native",
+                   help="the forward pass of --recognize: fp32, bf16 or bf16_native (default: bf16_native)")
     return p.parse_args(argv)
 
 
@@ -183,6 +262,13 @@ def main(argv=None) -> int:
         out["beam_over_python"] = paired_ratio(decoding["beam_python"], decoding["beam"])
         out["beam_agrees"] = sum(a == b for a, b in zip(texts["beam"], texts["beam_python"])) / len(images)
     out["skipped"] = skipped
+    if args.recognize:
+        if not args.data:
+            raise SystemExit("error: --recognize needs --data (lines of varied width)")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = args.checkpoint or export_random_model(CNN_CFGS[args.cnn_cfg], args.height, args.width, tmp)
+            out["recognize"] = recognize_rounds(args, path, tmp)
+        out["recognize_over_reference"] = out["recognize"]["over_reference"]
     emit(out)
     return 0
 

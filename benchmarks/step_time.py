@@ -139,7 +139,7 @@ class Case:
         if self.teacher is not None:
             k = num_llm_samples(args.batch, self.train_cfg.llm_sample_ratio)
             # connector + frozen LLM, per line sent to the LLM (the recogniser's MACs are in macs_per_line)
-            ids, mask = self.teacher.tokenize(one["texts"], self.max_tokens)
+            ids, mask = self.teacher.tokenize(one["texts"], self.loss_spec.max_text_tokens)
             with torch.no_grad():
                 feats = self.model.head(self.model.backbone(one["images"]))[2]  # the tap feature, (1, T, tap_dim)
             out["llm_lines_per_step"] = k

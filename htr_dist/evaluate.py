@@ -116,7 +116,7 @@ def _progress(env, what: str):
 def run_evaluation(args, env) -> dict:
     """Evaluate ``args.checkpoint`` on ``args.data``/``args.split``; rank 0 prints and writes the results. With
     ``args.tune``, first tune the weights of ``args.decode`` on that split and store them beside the model."""
-    rec = Recognizer.load(args.checkpoint, env.device, args.memory_format)
+    rec = Recognizer.load(args.checkpoint, env.device, args.memory_format, getattr(args, "precision", "fp32"))
     rec.use_teacher(getattr(args, "teacher", None))
     cpu = dist_env.cpu_settings(env.device)
     if cpu is not None:

@@ -113,14 +113,18 @@ class Recognizer:
     """The LLM the connector was trained with (None: the run had no teacher, ``beam+llm`` is not available)."""
     settings: DecodeSettings = field(default_factory=DecodeSettings)
     """Decoding weights, read from ``<model>.decode.json`` when tuning wrote one."""
+    dtype: torch.dtype = torch.float32
+    """The forward pass's autocast dtype (weights stay fp32; the recurrence and the outputs are fp32)."""
     _teacher: Optional[torch.nn.Module] = None
     _lm: Optional[CharNgramLM] = None
 
     @classmethod
     def load(cls, path: str, device: Optional[torch.device] = None,
-             memory_format: Optional[str] = None) -> "Recognizer":
+             memory_format: Optional[str] = None, precision: str = "fp32") -> "Recognizer":
         """``memory_format`` (auto | channels_last | contiguous) defaults to the training run's ``dist.memory_format``,
-        resolved for ``device`` and a forward pass only (:func:`htr_dist.dist.env.pick_channels_last`)."""
+        resolved for ``device`` and a forward pass only (:func:`htr_dist.dist.env.pick_channels_last`).
+        ``precision`` is a ``dist.precision`` value for the forward pass (:func:`htr_dist.dist.env.pick_dtype`): fp32
+        by default, ``bf16_native`` for bf16 autocast where the device computes bf16 natively."""
         path = resolve_model_file(path)
         device = device or torch.device("cpu")
         blob = read_export(path)
@@ -147,7 +151,8 @@ class Recognizer:
         log.info("loaded %s on %s, backbone %s%s", path, device, "channels_last" if channels_last else "contiguous",
                  scored)
         return cls(model, alphabet, blob["img_height"], blob["img_width"], device, cfg, path,
-                   teacher["name_or_path"] if teacher else None, DecodeSettings.load(path))
+                   teacher["name_or_path"] if teacher else None, DecodeSettings.load(path),
+                   pick_dtype(device, precision))
 
     def batch_from_arrays(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """Gray uint8 (h, w) arrays -> (B, 1, H, W) float tensor, preprocessed exactly as in training."""
@@ -199,7 +204,9 @@ class Recognizer:
         """The model's outputs for ``decode``: visual tokens of every line only for ``beam+llm``."""
         images = images.to(self.device)
         index = torch.arange(images.shape[0], device=self.device) if decode == "beam+llm" else None
-        return self.model(images, index)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            out = self.model(images, index)
+        return {k: v.float() if torch.is_tensor(v) else v for k, v in out.items()}
 
     def predict(self, images: torch.Tensor, decode: str = "greedy", beam_width: Optional[int] = None) -> List[str]:
         """(B, 1, H, W) preprocessed images -> transcriptions."""

@@ -138,7 +138,7 @@ def test_step_time_compares_precisions_in_one_run():
 
 def test_inference_compares_layouts_and_decoders_in_one_run(shard_dir):
     cmd = [sys.executable, os.path.join(BENCH, "inference.py"), "--batch", "2", "--height", "32", "--width", "128",
-           "--steps", "2", "--warmup", "0", "--memory-format", "contiguous,channels_last,auto"]
+           "--steps", "2", "--warmup", "0", "--memory-format", "contiguous,channels_last,auto", "--recognize", "3"]
     out = subprocess.run(cmd + ["--data", shard_dir, "--split", "val"], capture_output=True, text=True, cwd=ROOT,
                          timeout=300)
     assert out.returncode == 0, out.stderr
@@ -150,6 +150,9 @@ def test_inference_compares_layouts_and_decoders_in_one_run(shard_dir):
     assert forward["contiguous"]["layout"] == "contiguous" and forward["channels_last"]["layout"] == "channels_last"
     assert forward["auto"]["layout"] == "channels_last"  # inference: NHWC wherever no backward runs
     assert "paired_ratio" not in forward["contiguous"]
+    recognize = result["recognize"]  # 3 lines read end to end, against the plain fixed-size reference
+    assert recognize["lines"] == 3 and recognize["lines_per_s"] > 0 and recognize["reference_lines_per_s"] > 0
+    assert result["recognize_over_reference"] == recognize["over_reference"] and 0 <= recognize["agrees"] <= 1
     for layout in ("channels_last", "auto"):
         ratio = forward[layout]["paired_ratio"]
         assert 0 < ratio["min"] <= ratio["median"] <= ratio["max"]

@@ -39,6 +39,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int_at_least(1), default=32, help="lines per batch (default: 32)")
     p.add_argument("--memory-format", choices=CHOICES["dist.memory_format"], default=None,
                    help="backbone layout (default: the training run's dist.memory_format, resolved for this machine)")
+    p.add_argument("--precision", choices=CHOICES["dist.precision"], default="fp32",
+                   help="the forward pass: fp32 (default), or bf16 autocast with bf16 / bf16_native (bf16 where the "
+                        "device computes it natively, else fp32): faster on such devices, text nearly always the same")
     p.add_argument("--json", default=None, help="write the scores as JSON to this file")
     p.add_argument("--allow-partial", action="store_true",
                    help="score what can be read of a damaged split (lines_missing says how much is not) instead of "
