@@ -3,6 +3,7 @@
 
 import logging
 import os
+import signal
 
 import pytest
 import torch
@@ -31,7 +32,10 @@ BASE = TINY_ARCH + ["train.use_llm=false", "data.augment=false", "train.keep_bes
 
 def run_train(*overrides):
     cfg = load_config(None, BASE + list(overrides))
-    return train(cfg, init_distributed(60)), cfg
+    before = signal.getsignal(signal.SIGTERM)
+    result = train(cfg, init_distributed(60))
+    assert signal.getsignal(signal.SIGTERM) is before  # training's SIGTERM handler is gone once it returns
+    return result, cfg
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 
 import htr_dist.data.prepare as prepare_mod
 from htr_dist.data import iam
-from htr_dist.data.prepare import PrepareOptions, prepare
+from htr_dist.data.prepare import PrepareOptions, _page_samples, prepare
 from htr_dist.data.shards import ManifestError, load_manifest, png_bytes, write_split
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -492,6 +492,27 @@ def test_staging_folder_of_running_process_left_alone(iam_root, tmp_path, caplog
         sleeper.wait()
     run_prepare(iam_root, out)  # its process has ended: now it is a leftover
     assert_whole(out)
+
+
+def _samples_with_default_sigterm(job):
+    """prepare's worker function, run only where SIGTERM has its default action (checked in the worker)."""
+    if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        raise RuntimeError("a pool worker kept its parent's SIGTERM handler")
+    return _page_samples(job)
+
+
+def test_pool_workers_end_on_sigterm_whatever_the_parents_handler(iam_root, tmp_path, monkeypatch):
+    """Pool.terminate ends the workers with SIGTERM: a handler the parent had when it forked (a training run's, say)
+    must not keep them alive, or the pool may wait for them forever."""
+    import htr_dist.data.prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "_page_samples", _samples_with_default_sigterm)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        run_prepare(iam_root, str(tmp_path / "shards"), workers=2)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert_whole(str(tmp_path / "shards"))
 
 
 # ------------------------------------------------------------------------------------------------------------------

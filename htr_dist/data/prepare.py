@@ -23,6 +23,7 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
+import signal
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -305,6 +306,11 @@ def prepare_format(fmt: Format, opt: ImportOptions, progress: bool = True, repor
     return manifest
 
 
+def _default_sigterm() -> None:
+    """A pool worker ends on SIGTERM, whatever handler the parent had when it forked (``Pool.terminate`` sends it)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _write_staging(opt: ImportOptions, staging: str, found: Collected, pages: Dict[str, List[Page]], report: Report,
                    margin: int, progress: bool) -> dict:
     """Write every split's shards, then the manifest, into ``staging``; return the manifest.
@@ -320,7 +326,7 @@ def _write_staging(opt: ImportOptions, staging: str, found: Collected, pages: Di
     texts: Dict[str, List[str]] = defaultdict(list)
     entries = {}
     ctx = mp.get_context("fork") if hasattr(os, "fork") else mp.get_context()
-    with ctx.Pool(workers) as pool:
+    with ctx.Pool(workers, initializer=_default_sigterm) as pool:
         for split in SPLITS + tuple(s for s in EXTRA_SPLITS if s in pages):
             jobs = [(page, margin, opt.scale) for page in pages.get(split, [])]
             lost: Counter = Counter()

@@ -155,7 +155,19 @@ def _rescale_position(pos: Position, saved_world: int, world: int, micro_per_epo
 
 
 def train(cfg, env) -> dict:
-    """Run (or resume) training as configured; return the final metrics. Every rank calls this."""
+    """Run (or resume) training as configured; return the final metrics. Every rank calls this.
+
+    SIGTERM stops the run at the next step boundary with a checkpoint (:class:`StopFlag`) while it trains; the
+    process's own SIGTERM handler comes back when it returns, so that a program which trains and then forks (a data
+    pool, a test run) does not leave its children unable to be terminated."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        return _train(cfg, env)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _train(cfg, env) -> dict:
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     manifest = load_manifest(cfg.data.path)
