@@ -20,10 +20,8 @@ from __future__ import annotations
 import glob
 import json
 import logging
-import multiprocessing as mp
 import os
 import shutil
-import signal
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -38,6 +36,7 @@ from htr_dist.data.formats.base import (Collected, ImportOptions, Line, Page, Pr
                                         assign_from_lists, by_split, read_split_lists)
 from htr_dist.data.shards import EXTRA_SPLITS, MANIFEST, SPLITS, png_bytes, write_manifest, write_split
 from htr_dist.data.transforms import gray8
+from htr_dist.data.workers import worker_pool
 from htr_dist.errors import DataFormatError
 
 log = logging.getLogger(__name__)
@@ -306,11 +305,6 @@ def prepare_format(fmt: Format, opt: ImportOptions, progress: bool = True, repor
     return manifest
 
 
-def _default_sigterm() -> None:
-    """A pool worker ends on SIGTERM, whatever handler the parent had when it forked (``Pool.terminate`` sends it)."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 def _write_staging(opt: ImportOptions, staging: str, found: Collected, pages: Dict[str, List[Page]], report: Report,
                    margin: int, progress: bool) -> dict:
     """Write every split's shards, then the manifest, into ``staging``; return the manifest.
@@ -325,8 +319,7 @@ def _write_staging(opt: ImportOptions, staging: str, found: Collected, pages: Di
     bar = tqdm(total=sum(len(v) for v in pages.values()), desc=unit + "s", unit=unit, disable=not progress)
     texts: Dict[str, List[str]] = defaultdict(list)
     entries = {}
-    ctx = mp.get_context("fork") if hasattr(os, "fork") else mp.get_context()
-    with ctx.Pool(workers, initializer=_default_sigterm) as pool:
+    with worker_pool(workers) as pool:
         for split in SPLITS + tuple(s for s in EXTRA_SPLITS if s in pages):
             jobs = [(page, margin, opt.scale) for page in pages.get(split, [])]
             lost: Counter = Counter()

@@ -34,8 +34,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import multiprocessing as mp
-import signal
 import os
 import random
 import re
@@ -54,6 +52,7 @@ from tqdm import tqdm
 
 from htr_dist.data.fonts import FontsNotFound
 from htr_dist.data.iam import line_image_path
+from htr_dist.data.workers import worker_pool
 from htr_dist.io_utils import plain_mode
 
 log = logging.getLogger(__name__)
@@ -635,11 +634,6 @@ LINES_HEADER = """#--- lines.txt -----------------------------------------------
 """
 
 
-def _default_sigterm() -> None:
-    """A pool worker ends on SIGTERM, whatever handler the parent had when it forked (``Pool.terminate`` sends it)."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 def synthesize(out_dir: str, forms: int = 100, seed: int = 0, fonts: Optional[Sequence[str]] = None,
                lines_per_form: Tuple[int, int] = (6, 10), workers: int = 0, progress: bool = True,
                prose: Optional[Sequence[str]] = None, line_images: bool = False, font_list: str = "") -> dict:
@@ -681,7 +675,7 @@ def synthesize(out_dir: str, forms: int = 100, seed: int = 0, fonts: Optional[Se
         if workers == 1:
             rows = [r for job in tqdm(jobs, **bar) for r in _render_job(job)]
         else:
-            with mp.get_context("fork").Pool(workers, initializer=_default_sigterm) as pool:
+            with worker_pool(workers) as pool:
                 chunk = max(1, min(8, len(jobs) // (4 * workers)))
                 rows = [r for rs in tqdm(pool.imap(_render_job, jobs, chunksize=chunk), **bar) for r in rs]
         with open(os.path.join(tmp, "ascii", "lines.txt"), "w", encoding="utf-8") as f:
