@@ -25,7 +25,7 @@ import torch
 from htr_dist.data.alphabet import Alphabet
 from htr_dist.dist import env as dist_env
 from htr_dist.errors import InputError
-from htr_dist.train.checkpoint import CheckpointManager, read_trainable, safe_load, verify
+from htr_dist.train.checkpoint import CheckpointManager, read_trainable, verify
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +54,16 @@ class InitSource:
 
 
 def _read_export(path: str) -> InitSource:
-    from htr_dist.inference import EXPORT_FORMAT
+    """An exported model, read as evaluation reads it (:func:`htr_dist.inference.read_export`)."""
+    from htr_dist.inference import read_export
 
-    blob = safe_load(path)
-    if isinstance(blob, dict) and blob.get("format") == EXPORT_FORMAT and "state_dict" in blob and "alphabet" in blob:
-        return InitSource(path, blob["state_dict"], blob["alphabet"], blob.get("config"))
-    raise InitFromError(f"train.init_from: {path} is not an htr-dist model.pt/best_model.pt export "
-                        f"(format {EXPORT_FORMAT!r}) nor a checkpoint folder")
+    try:
+        blob = read_export(path)
+    except InputError as err:
+        raise InitFromError(f"train.init_from: {err}; nor is it a checkpoint folder") from None
+    if "state_dict" not in blob or "alphabet" not in blob:
+        raise InitFromError(f"train.init_from: {path}: the export lacks its weights or alphabet")
+    return InitSource(path, blob["state_dict"], blob["alphabet"], blob.get("config"))
 
 
 def _read_checkpoint(folder: str) -> InitSource:
