@@ -256,6 +256,11 @@ class DistConfig:
     """FSDP: build the LLM with its parameters on the meta device, shard it, then let each rank read only its own rows
     of every weight from the safetensors files, so no rank ever holds the whole LLM (as ZeRO-3's partitioned load).
     False, or a checkpoint without safetensors: every rank loads the whole LLM, then shards it."""
+    shard_vocab: bool = True
+    """``fsdp`` and ``deepspeed`` at 2+ ranks: each rank keeps, and computes with, only its own rows of the LLM's
+    token embedding and output projection, exchanging the few hidden states and logits of the scored tokens instead
+    of gathering the whole matrix, the teacher's largest unit (Llama-3.2-3B's is 788 MB in bf16, 4x a decoder
+    layer). False gathers it as any other weight."""
     device: str = "auto"
     """Each rank's device: ``auto`` (the GPU of the rank's local index when CUDA is available, else the CPU),
     ``cpu``, ``cuda``, or ``cuda:N`` (one GPU, single-process runs only; choose a multi-rank run's GPUs with

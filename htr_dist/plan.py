@@ -2,9 +2,11 @@
 
 For each strategy and offload setting it adds up, in bytes on one rank's accelerator:
 - ``teacher_held``: the frozen LLM's parameters the rank keeps between uses (all of them for ddp, 1/N sharded, none
-  when offloaded to the host);
+  when offloaded to the host); ``teacher_offloaded``: the 1/N share an offloading rank keeps in host memory instead,
+  not counted in the accelerator's total;
 - ``teacher_working``: what a sharded teacher gathers at once: the largest decoder layer twice (the one computing and
-  the one prefetched) plus the parameters of the root (embedding, final norm), which stay gathered for the step;
+  the one prefetched) plus the parameters of the root (final norm; and the embedding unless ``dist.shard_vocab``
+  keeps it split, when the exchanged fp32 logits of every rank's scored positions count instead);
 - ``teacher_activations``: what the teacher's forward keeps for the backward pass to the prefix, for the lines a step
   sends through it (``batch_size x llm_sample_ratio``), with and without activation checkpointing;
 - ``trainable``: the recogniser and connector's fp32 weights, gradients and Adam moments (16 bytes a parameter; the
@@ -44,6 +46,8 @@ class TeacherShape:
     intermediate: int
     heads: int
     vocab: int
+    vocab_params: int = 0
+    """The embedding's and (if untied) the output projection's parameters: what ``dist.shard_vocab`` keeps split."""
 
 
 def teacher_shape(cfg, dtype: torch.dtype) -> TeacherShape:
@@ -67,6 +71,8 @@ def teacher_shape(cfg, dtype: torch.dtype) -> TeacherShape:
         layers=len(layers), hidden=config.hidden_size,
         kv_width=getattr(config, "num_key_value_heads", heads) * head_dim,
         intermediate=config.intermediate_size, heads=heads, vocab=config.vocab_size,
+        vocab_params=sum(p.numel() for p in {id(m.weight): m.weight for m in
+                                              (lm.get_input_embeddings(), lm.get_output_embeddings())}.values()),
     )
 
 
@@ -121,11 +127,17 @@ def plan(cfg, gpus_per_node: int, nodes: int, gpu_mem_gb: float, dtype: torch.dt
         offload = strategy.endswith("_offload")
         held = 0 if offload else (math.ceil(whole / world) if sharded else whole)
         gathers = sharded and (world > 1 or offload)  # one rank's unsharded teacher has nothing to gather
-        working = ((2 * shape.largest_layer + shape.root_params) * b) if gathers else 0
+        # a split vocabulary (dist.shard_vocab) stays with its rows: the root gathers only the final norm, and the
+        # exchanged logits (all ranks' scored positions, fp32, forward and backward) are counted instead
+        split = gathers and world > 1 and cfg.dist.shard_vocab
+        root = shape.root_params - (shape.vocab_params if split else 0)
+        exchange = 2 * world * lines * scored * shape.vocab * 4 if split else 0
+        working = ((2 * shape.largest_layer + root) * b + exchange) if gathers else 0
         zero2 = strategy.startswith("deepspeed") and world > 1
         states = rec["params"] * (4 + (12 / world if zero2 else 12))
         fixed = held + working + states + loader
-        row = {"strategy": strategy, "teacher_held": held, "teacher_working": working,
+        row = {"strategy": strategy, "teacher_held": held, "teacher_offloaded": math.ceil(whole / world) if offload else 0,
+               "teacher_working": working,
                "trainable_states": int(states), "loader": loader}
         for ckpt in (False, True):
             key = "checkpointing" if ckpt else "no_checkpointing"

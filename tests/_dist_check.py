@@ -26,6 +26,10 @@ def llm_checksum(teacher) -> float:
     for p in teacher.parameters():
         local = p.ds_tensor if hasattr(p, "ds_tensor") else (p.to_local() if hasattr(p, "to_local") else p)
         total += local.detach().double().abs().sum()
+    vocab = getattr(teacher, "vocab", None)
+    if vocab is not None and vocab.owned:  # FSDP: the split vocabulary's rows, taken out of the model
+        for seg in vocab.embed_segments + ([] if vocab.tied else vocab.head):
+            total += seg.rows.detach().double().abs().sum()
     if any(hasattr(p, "ds_tensor") or hasattr(p, "to_local") for p in teacher.parameters()):
         total = dist_env.all_reduce_sum(total)  # sharded: add up the ranks' parts
     return float(total)
@@ -82,7 +86,8 @@ def check(out_path, overrides):
                        "llm_requires_grad": any(p.requires_grad for p in strategy.teacher.parameters()),
                        "llm_grads": any(p.grad is not None for p in strategy.teacher.parameters()),
                        "llm_dtypes": sorted({str(p.dtype) for p in strategy.teacher.parameters()}),
-                       "llm_offload": fsdp_offload_policy(strategy.teacher)}, f)
+                       "llm_offload": fsdp_offload_policy(strategy.teacher),
+                       "vocab_split": getattr(strategy.teacher, "vocab", None) is not None}, f)
 
 
 def fsdp_offload_policy(teacher):

@@ -326,7 +326,7 @@ def test_a_teacher_by_shape_trains_sharded_on_every_strategy(strategy, offload, 
     ZeRO-3: zero.Init, each rank writes its partition), holds about half of itself per rank, stays frozen, and is the
     same model on every strategy: the same weights and, on the same batches, the same losses as a whole build (ddp),
     with activation checkpointing of its layers (llm.gradient_checkpointing, whose recomputation must gather the
-    sharded parameters again): losses within 1e-4 relative, fp32. FSDP2 on the device and ZeRO-3 with parameter
+    sharded parameters again) and a split vocabulary (dist.shard_vocab): losses within 1e-4 relative, fp32. FSDP2 on the device and ZeRO-3 with parameter
     offload here; the other two settings of each run at the tiny teacher's size above."""
     overrides = [o for o in tiny_overrides if not o.startswith("llm.name_or_path=")]
     overrides += [f"llm.name_or_path={wide_shape}", "train.llm_sample_ratio=0.34"]
@@ -340,6 +340,7 @@ def test_a_teacher_by_shape_trains_sharded_on_every_strategy(strategy, offload, 
         WHOLE_BUILD["ddp"] = run_dist_check("ddp", [str(tmp_path / "whole.json")] + overrides)[1]
     whole = WHOLE_BUILD["ddp"]
     assert res["llm_load"] == "sharded" or strategy == "deepspeed"
+    assert res["vocab_split"] and not whole["vocab_split"]  # dist.shard_vocab: each rank computes with its rows
     assert all(math.isfinite(l["total"]) and l["llm"] > 0 for l in res["losses"])
     assert res["llm_requires_grad"] is False and res["llm_grads"] is False
     assert res["llm_after"] == res["llm_before"]  # frozen

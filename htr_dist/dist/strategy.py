@@ -39,6 +39,7 @@ from htr_dist.models.htr import HTRModel
 from htr_dist.train.checkpoint import TRAINER_FILE, deepspeed_safe_globals, safe_load
 from htr_dist.models.llm import PrefixLM, build_empty_causal_lm, checkpoint_slices, load_causal_lm, \
     load_tokenizer
+from htr_dist.models.vocab import VocabShard, deepspeed_vocab_shard, row_segments, take_rows
 from htr_dist.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,9 @@ def llm_param_bytes_on_rank(teacher: Optional[nn.Module]) -> int:
             if local.device.type == "cpu" and p.device.type != "cpu":
                 continue
         total += local.numel() * local.element_size()
+    vocab = getattr(teacher, "vocab", None)
+    if vocab is not None and vocab.owned:  # rows taken out of the model (FSDP): its placeholders are empty
+        total += vocab.bytes_on_rank()
     return total
 
 
@@ -69,7 +73,9 @@ def llm_param_bytes_full(teacher: Optional[nn.Module]) -> int:
     """Bytes of the whole LLM's parameters, however they are sharded (a ZeRO-3 parameter counts its ``ds_numel``)."""
     if teacher is None:
         return 0
-    return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in teacher.parameters())
+    vocab = getattr(teacher, "vocab", None)
+    taken = vocab.bytes_full() if vocab is not None and vocab.owned else 0
+    return taken + sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in teacher.parameters())
 
 
 def grad_norm(module: nn.Module) -> float:
@@ -213,18 +219,66 @@ class FSDPStrategy(Strategy):
             kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.env.device.type != "cpu")
         if self.env.device.type == "cuda":
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=self.env.llm_dtype, reduce_dtype=torch.float32)
+        vocab = self._take_vocab(lm, mesh.get_group()) if self.cfg.dist.shard_vocab else None
         for layer in lm.base_model.layers:
             fully_shard(layer, **kwargs)
-        fully_shard(teacher, **kwargs)
+        root_kwargs = dict(kwargs, ignored_params={lm.get_input_embeddings().weight,
+                                                   lm.get_output_embeddings().weight}) if vocab else kwargs
+        fully_shard(teacher, **root_kwargs)
         # A loaded LLM: fully_shard moved each parameter's local shard to the mesh device and freed the full copies.
         # A meta skeleton: its shards are still meta, allocated and read by _fill_shards.
         if slices is not None:
             self._fill_shards(teacher, slices)
             self.llm_load = "sharded"
+        if vocab is not None:
+            teacher.vocab = self._fill_vocab(*vocab, slices)
         cpu = cpu_settings(self.env.device)
         if self.cfg.dist.shm_allgather and cpu is not None and ranks_share_memory():
             self.shm_gather = cpu.shm_allgather_for_fsdp([*lm.base_model.layers, teacher], mesh.get_group())
         return teacher
+
+    def _take_vocab(self, lm: nn.Module, group):
+        """Take the embedding and output projection out of FSDP's hands for a :class:`VocabShard`: note this rank's
+        rows (and, for a loaded LLM, copy them), and leave the model empty placeholders in their place, which FSDP
+        then ignores. None where that cannot be done: a torch whose ``fully_shard`` has no ``ignored_params``, or an
+        output projection with a bias."""
+        import inspect
+
+        from torch.distributed.fsdp import fully_shard
+
+        emb, head = lm.get_input_embeddings(), lm.get_output_embeddings()
+        if "ignored_params" not in inspect.signature(fully_shard).parameters or head is None \
+                or getattr(head, "bias", None) is not None:
+            log.info("dist.shard_vocab: this torch or LLM cannot split its vocabulary; FSDP gathers it whole")
+            return None
+        names = {id(p): name for name, p in lm.named_parameters()}  # a tied weight by its first name, as stored
+        tied = head.weight is emb.weight
+        rank, world = self.env.rank, self.env.world_size
+        taken = []
+        for module in (emb,) if tied else (emb, head):
+            w = module.weight
+            lo, hi = take_rows(w, rank, world)
+            rows = None if w.is_meta else w.detach()[lo:hi].clone()
+            taken.append((names[id(w)], tuple(w.shape), lo, hi, rows))
+        storage = "cpu" if self.cfg.dist.fsdp_cpu_offload else self.env.device
+        placeholder = nn.Parameter(torch.empty(0, emb.weight.shape[1], dtype=emb.weight.dtype, device=storage),
+                                   requires_grad=False)
+        emb.weight = placeholder
+        head.weight = placeholder if tied else nn.Parameter(placeholder.detach().clone(), requires_grad=False)
+        return taken, tied, group
+
+    def _fill_vocab(self, taken, tied: bool, group, slices) -> VocabShard:
+        """The :class:`VocabShard` of the rows noted by :meth:`_take_vocab`, read from ``slices`` where the model was
+        a meta skeleton."""
+        storage = "cpu" if self.cfg.dist.fsdp_cpu_offload else self.env.device
+        segments = []
+        for name, shape, lo, hi, rows in taken:
+            if rows is None:
+                rows = slices.rows(name, lo, hi, self.env.llm_dtype)
+            segments.append(row_segments(rows.to(storage), lo, shape[1]))
+        vocab, hidden = taken[0][1]
+        return VocabShard(segments[0], segments[0] if tied else segments[1], vocab, hidden, self.env.llm_dtype,
+                          owned=True, group=group)
 
     def _fill_shards(self, teacher: PrefixLM, slices) -> None:
         """Give every sharded parameter of the meta-built ``teacher`` this rank's rows, read from the checkpoint.
@@ -244,6 +298,8 @@ class FSDPStrategy(Strategy):
         start = time.time()
         with torch.no_grad():
             for name, p in teacher.lm.named_parameters():  # a tied weight is listed (and read) once
+                if not hasattr(p, "to_local"):  # a placeholder of the split vocabulary (_take_vocab)
+                    continue
                 local, rank, world = p.to_local(), p.device_mesh.get_local_rank(), p.device_mesh.size()
                 rows = p.shape[0]
                 chunk = -(-rows // world)
@@ -331,6 +387,8 @@ class DeepSpeedStrategy(Strategy):
         teacher = PrefixLM(lm, tokenizer, self.cfg.llm.gradient_checkpointing)
         engine, *_ = deepspeed.initialize(model=teacher, config=ds)
         self.llm_engine = engine
+        if self.cfg.dist.shard_vocab and self.env.world_size > 1:
+            teacher.vocab = deepspeed_vocab_shard(lm)
         return engine.module
 
     def no_sync(self, last_micro: bool):
@@ -413,7 +471,9 @@ def build_strategy(cfg, env: DistEnv, model: HTRModel, total_steps: int) -> Stra
         cpu.tune_allocator("load")
     strategy = cls(cfg, env, model, total_steps)
     if cpu is not None:
-        cpu.tune_allocator("step")
+        sharded = strategy.teacher is not None and strategy.name != "ddp"
+        cpu.tune_allocator("step", gathers_large_teacher=sharded and llm_param_bytes_full(strategy.teacher)
+                           >= cpu.LARGE_GATHERED_TEACHER_BYTES)
     return strategy
 
 

@@ -260,12 +260,17 @@ class RandomSlices:
         return torch.randn((n, *rest), generator=g) * self.std
 
     def rows(self, name: str, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``lo:hi`` of weight ``name`` in ``dtype``, made one block at a time straight into the result: besides
+        the result, at most one fp32 block is alive (a 3B teacher's embedding shard is 394 MB in bf16; built whole
+        in fp32 first it cost two more copies of twice that)."""
         rows, *rest = self.shapes[name]
-        first, last = lo // self.BLOCK, max(lo, hi - 1) // self.BLOCK
-        blocks = [self._block(name, b, rows, tuple(rest)) for b in range(first, last + 1)] if hi > lo else []
-        whole = torch.cat(blocks) if blocks else torch.zeros((0, *rest))
-        start = first * self.BLOCK
-        return whole[lo - start : hi - start].to(dtype)
+        out = torch.empty((max(0, hi - lo), *rest), dtype=dtype)
+        for b in range(lo // self.BLOCK, max(lo, hi - 1) // self.BLOCK + 1) if hi > lo else ():
+            start = b * self.BLOCK
+            block = self._block(name, b, rows, tuple(rest))
+            a, z = max(lo, start), min(hi, start + block.shape[0])
+            out[a - lo : z - lo].copy_(block[a - start : z - start])
+        return out
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -462,6 +467,9 @@ class PrefixLM(nn.Module):
         self.tokenizer = tokenizer
         self.truncated = 0
         """Lines cut to ``max_tokens`` by :meth:`tokenize` so far."""
+        self.vocab = None
+        """A :class:`htr_dist.models.vocab.VocabShard` when the ranks split the vocabulary (set by the strategy):
+        the embedding and the logits then come from each rank's own rows instead of the gathered matrix."""
         if checkpoint_layers:
             checkpoint_decoder_layers(self.lm)
 
@@ -510,7 +518,10 @@ class PrefixLM(nn.Module):
         # The LLM computes in its own weights' dtype (dist.llm_precision), not in the trainable part's autocast:
         # an fp32 teacher beside a bf16 recogniser stays fp32, and a bf16 one runs bf16 either way.
         with torch.autocast(prefix.device.type, enabled=False):
-            emb = self.lm.get_input_embeddings()(input_ids)  # (k, L, H); a module call, so ZeRO-3/FSDP gather it
+            if self.vocab is not None:
+                emb = self.vocab.embed(input_ids)
+            else:
+                emb = self.lm.get_input_embeddings()(input_ids)  # (k, L, H); a module call, so ZeRO-3/FSDP gather it
             q = prefix.shape[1]
             x = torch.cat([prefix.to(emb.dtype), emb], dim=1)  # (k, Q + L, H)
             mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
@@ -519,7 +530,10 @@ class PrefixLM(nn.Module):
             # position Q - 1 + j predicts text token j
             pred = hidden[:, q - 1 : q - 1 + input_ids.shape[1]]  # (k, L, H)
             scored = self.label_mask(input_ids, attention_mask)
-            logits = self.lm.get_output_embeddings()(pred[scored])  # (N, V), only the scored positions
+            if self.vocab is not None:
+                logits = self.vocab.logits(pred[scored])
+            else:
+                logits = self.lm.get_output_embeddings()(pred[scored])  # (N, V), only the scored positions
             return final_logits(logits.float(), self.lm.config), scored
 
     def forward(self, prefix: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

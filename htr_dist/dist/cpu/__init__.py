@@ -38,7 +38,16 @@ def threads_per_rank(local_world: int) -> Optional[int]:
 _MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
 
 
-def tune_allocator(phase: str = "step") -> bool:
+STEP_HEAP_BYTES = (1 << 31) - 1
+"""The ``"step"`` phase's mmap threshold: the heap serves and keeps every activation of a training step."""
+GATHERING_STEP_HEAP_BYTES = 16 << 20
+"""The ``"step"`` phase's threshold when the step gathers a large sharded teacher: its gathered layers (tens to
+hundreds of MB each, allocated and freed many times a step) get their own mappings, returned when freed."""
+LARGE_GATHERED_TEACHER_BYTES = 1 << 30
+"""A sharded teacher at least this large (whole, in its dtype) is gathered with :data:`GATHERING_STEP_HEAP_BYTES`."""
+
+
+def tune_allocator(phase: str = "step", gathers_large_teacher: bool = False) -> bool:
     """Set glibc's malloc for what comes next on the CPU: ``"load"`` (weights being read) or ``"step"`` (training).
 
     By default glibc serves allocations above an adaptive threshold (at most 32 MB) with their own mmap, unmapped when
@@ -46,7 +55,10 @@ def tune_allocator(phase: str = "step") -> bool:
 
     - ``"step"`` raises the mmap and trim thresholds to 2 GB, so the heap keeps every step's large activations and
       reuses them; otherwise each step gets them as fresh pages that the kernel must zero-fill on first touch. Memory
-      freed by a step stays with the process (its RSS stays at the peak).
+      freed by a step stays with the process (its RSS stays at the peak). With ``gathers_large_teacher`` (a sharded
+      teacher of a GiB or more) the thresholds are 16 MB instead: the heap cannot reuse the holes that gathered layers
+      of many sizes leave between longer-lived blocks, and a Llama-3.2-3B teacher's steps grew a rank past 11 GB, 1.8x
+      the whole teacher, where its live data never exceeded 5 GB (docs/benchmarks.md, the teacher at its real size).
     - ``"load"`` maps every block above 128 KiB on its own and releases what the heap holds free, so the
       temporaries of an LLM's load (each weight whole before ZeRO-3 partitions it, gathered layers, converted copies)
       go back to the system as they are freed instead of fragmenting the heap and staying for the whole run.
@@ -65,7 +77,10 @@ def tune_allocator(phase: str = "step") -> bool:
     except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
-    threshold = (1 << 31) - 1 if phase == "step" else 128 << 10
+    if phase == "step":
+        threshold = GATHERING_STEP_HEAP_BYTES if gathers_large_teacher else STEP_HEAP_BYTES
+    else:
+        threshold = 128 << 10
     done = mallopt(m_mmap_threshold, threshold) == 1 and mallopt(m_trim_threshold, threshold) == 1
     if phase == "load":
         malloc_trim(0)
