@@ -190,8 +190,9 @@ def kept_mb(size_mb):
         libc.free(b)
     return private_mb() - before
 
-phases = sys.argv[1:]
-print(" ".join(str(tune_cpu_allocator(p)) for p in phases), round(kept_mb(256)))
+phases = sys.argv[1:]  # "step+gathers": the step phase of a run that gathers a large sharded teacher
+print(" ".join(str(tune_cpu_allocator(p.split("+")[0], gathers_large_teacher=p.endswith("+gathers")))
+               for p in phases), round(kept_mb(256)))
 """
 
 
@@ -212,6 +213,9 @@ def test_cpu_allocator_phases_keep_or_return_freed_memory():
     assert done == ["True"] and kept >= 250, kept
     done, kept = _allocator_run(["step", "load"])
     assert done == ["True", "True"] and kept <= 8, kept
+    # gathering a large teacher: the heap hands back what it holds free beyond its 16 MB trim threshold
+    done, kept = _allocator_run(["step+gathers"])
+    assert done == ["True"] and kept <= 24, kept
     with pytest.raises(ValueError, match="phase must be 'load' or 'step', got 'train'"):
         cpu.tune_allocator("train")
 
@@ -226,13 +230,17 @@ def test_cpu_allocator_tuned_unless_the_user_configured_glibc():
 def test_build_strategy_loads_under_the_load_phase_then_sets_the_step_phase(monkeypatch):
     from htr_dist.dist import strategy as strategy_mod
 
+    class Built:
+        name, teacher = "ddp", None
+
     calls = []
-    monkeypatch.setattr(cpu, "tune_allocator", calls.append)
-    monkeypatch.setattr(strategy_mod.registry, "resolve", lambda spec: lambda *args: calls.append("build") or "built")
+    monkeypatch.setattr(cpu, "tune_allocator", lambda phase, **kw: calls.append((phase, kw)))
+    monkeypatch.setattr(strategy_mod.registry, "resolve",
+                        lambda spec: lambda *args: calls.append("build") or Built)
     cfg = load_config(os.path.join(ROOT, "configs", "tiny_cpu.yaml"), ["dist.strategy=ddp"])
     env = dist_env.init_distributed()
-    assert strategy_mod.build_strategy(cfg, env, None, 10) == "built"
-    assert calls == ["load", "build", "step"]
+    assert strategy_mod.build_strategy(cfg, env, None, 10) is Built
+    assert calls == [("load", {}), "build", ("step", {"gathers_large_teacher": False})]
 
 def test_collectives_reduce_where_the_backend_can(monkeypatch):
     """NCCL reduces CUDA tensors only: the loop's small CPU tensors (stop flag, validation counts, logged means) go to

@@ -37,7 +37,7 @@ def _worker(rank, world, port, chunk_bytes, out):
     tdist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world, chunk_bytes", [(2, 32 << 20), (3, 32 << 20), (2, 3_000_001)])
+@pytest.mark.parametrize("world, chunk_bytes", [(2, 16 << 20), (3, 16 << 20), (2, 3_000_001)])
 def test_matches_gloo_and_leaves_no_files(tmp_path, world, chunk_bytes):
     """Whole parts, and parts in rounds of an odd size (the largest part, 8 MB, takes three)."""
     out = str(tmp_path / "out.pt")

@@ -11,8 +11,9 @@ which every peer reached after it had finished reading round ``k - 2`` from that
 
 The files are unlinked as soon as every rank has mapped them, so nothing is left in ``/dev/shm`` even if a rank dies.
 The buffers grow to the largest round seen (every rank sees the same sizes: the inputs of an all-gather are equal), so
-their memory stays below ``2 x CHUNK_BYTES`` per rank whatever the model: a rank maps every peer's file too, and
-without the rounds a Llama-3.2-3B teacher's 394 MB embedding part alone made each rank's resident set 1.6 GB larger.
+they stay at most ``2 x CHUNK_BYTES`` per rank's file whatever the model. Each rank maps every rank's file, so that
+much times the number of ranks counts in each rank's resident set: without the rounds a Llama-3.2-3B teacher's 394 MB
+embedding part alone made it 1.6 GB at 2 ranks.
 
 Two users: DeepSpeed (:func:`install_for_deepspeed` wraps its backend's ``all_gather_into_tensor``) and FSDP2
 (:func:`install_for_fsdp` gives the sharded modules a custom all-gather through ``FSDPModule.set_custom_all_gather``).
@@ -61,7 +62,7 @@ def deepspeed_backend():
     return ds_comm.comm.cdb
 
 SHM_DIR = "/dev/shm"
-CHUNK_BYTES = 32 << 20
+CHUNK_BYTES = 16 << 20
 """The largest round of a gather, per rank: large enough that a round's barrier (tens of microseconds) is noise
 beside its copies, small enough that the buffers cost little memory."""
 
