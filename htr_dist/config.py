@@ -260,7 +260,8 @@ class DistConfig:
     """``fsdp`` and ``deepspeed`` at 2+ ranks: each rank keeps, and computes with, only its own rows of the LLM's
     token embedding and output projection, exchanging the few hidden states and logits of the scored tokens instead
     of gathering the whole matrix, the teacher's largest unit (Llama-3.2-3B's is 788 MB in bf16, 4x a decoder
-    layer). False gathers it as any other weight."""
+    layer); only where that exchange needs less memory than the matrix (it grows with ranks x lines x tokens, so at 8
+    ranks a batch's few lines can outweigh a 1B teacher's embedding). False gathers it as any other weight."""
     device: str = "auto"
     """Each rank's device: ``auto`` (the GPU of the rank's local index when CUDA is available, else the CPU),
     ``cpu``, ``cuda``, or ``cuda:N`` (one GPU, single-process runs only; choose a multi-rank run's GPUs with

@@ -25,6 +25,7 @@ from htr_dist.decode import (DECODE_MODES, CharNgramLM, DecodeError, DecodeSetti
                              teacher_log_probs)
 from htr_dist.dist.env import attn_implementation, pick_channels_last, pick_dtype
 from htr_dist.errors import InputError, first_line
+from htr_dist.models.backbone import fold_batch_norms
 from htr_dist.models.htr import HTRModel
 from htr_dist.train.metrics import edit_distance
 
@@ -145,6 +146,7 @@ class Recognizer:
             raise InferenceError(f"{path}: {len(bad)} weight tensor(s) are not finite (e.g. {bad[0]}): the run that "
                                  "wrote it diverged; use an earlier export or checkpoint")
         model.to(device).eval()
+        fold_batch_norms(model)  # inference only: each batch norm into the convolution before it
         record = blob.get("validation")
         scored = (f", step {record['step']}, {record['split']} CER {100 * record['cer']:.2f}%"
                   if isinstance(record, dict) and {"step", "split", "cer"} <= record.keys() else "")

@@ -28,6 +28,8 @@ from typing import Dict, List
 
 import torch
 
+from htr_dist.models.vocab import split_pays
+
 GIB = 1024 ** 3
 HEADROOM_BYTES = 1 * GIB
 """Kept free on every accelerator for the CUDA context, the caching allocator's fragmentation and NCCL buffers."""
@@ -129,7 +131,8 @@ def plan(cfg, gpus_per_node: int, nodes: int, gpu_mem_gb: float, dtype: torch.dt
         gathers = sharded and (world > 1 or offload)  # one rank's unsharded teacher has nothing to gather
         # a split vocabulary (dist.shard_vocab) stays with its rows: the root gathers only the final norm, and the
         # exchanged logits (all ranks' scored positions, fp32, forward and backward) are counted instead
-        split = gathers and world > 1 and cfg.dist.shard_vocab
+        split = gathers and cfg.dist.shard_vocab and split_pays(world, lines, scored, shape.vocab, shape.hidden, b,
+                                                               shape.vocab_params == shape.vocab * shape.hidden)
         root = shape.root_params - (shape.vocab_params if split else 0)
         exchange = 2 * world * lines * scored * shape.vocab * 4 if split else 0
         working = ((2 * shape.largest_layer + root) * b + exchange) if gathers else 0

@@ -406,3 +406,29 @@ def test_best_model_keeps_the_lowest_val_cer_across_a_resume(tmp_path, caplog):
     assert damaged.validation is None and "holds no readable validation record" in caplog.text
     assert damaged.offer(models[3], cfg, CHARS, val(70, 0.7))
     assert torch.load(path, weights_only=True)["validation"]["step"] == 70
+
+
+def test_folding_batch_norms_keeps_the_output_of_the_default_model():
+    """Recognizer.load folds each batch norm into the convolution before it: the default backbone (ResNet blocks,
+    their projections, the stem, the MobileViT blocks) keeps no BatchNorm2d and gives the same logits; a model in
+    training mode is left alone (its batch norms use batch statistics)."""
+    from htr_dist.models.backbone import fold_batch_norms
+
+    torch.manual_seed(0)
+    model = HTRModel(Config().arch, TINY_CONNECTOR, 30, 64, 256, None)
+    for m in model.modules():  # running statistics that differ from the identity, as after training
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    assert fold_batch_norms(model) == 0  # training mode: nothing folded
+    model.eval()
+    images = torch.rand(2, 1, 64, 256)
+    with torch.no_grad():
+        before = model(images)["ctc_logits"]
+        norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+        assert fold_batch_norms(model) == norms > 0
+        after = model(images)["ctc_logits"]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert torch.allclose(before, after, rtol=1e-4, atol=1e-4), (before - after).abs().max()

@@ -39,7 +39,7 @@ from htr_dist.models.htr import HTRModel
 from htr_dist.train.checkpoint import TRAINER_FILE, deepspeed_safe_globals, safe_load
 from htr_dist.models.llm import PrefixLM, build_empty_causal_lm, checkpoint_slices, load_causal_lm, \
     load_tokenizer
-from htr_dist.models.vocab import VocabShard, deepspeed_vocab_shard, row_segments, take_rows
+from htr_dist.models.vocab import VocabShard, deepspeed_vocab_shard, row_segments, split_pays, take_rows
 from htr_dist.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,23 @@ class Strategy:
             raise ConfigError(reason)
         lm, tokenizer = self.load_teacher_lm()
         return PrefixLM(lm, tokenizer, self.cfg.llm.gradient_checkpointing)
+
+    def _vocab_split_pays(self, lm: nn.Module) -> bool:
+        """``dist.shard_vocab`` and a split that needs less memory than the gathered matrix
+        (:func:`htr_dist.models.vocab.split_pays`, from the config's lines and tokens per step)."""
+        from htr_dist.models.htr import num_llm_samples
+
+        emb, head = lm.get_input_embeddings(), lm.get_output_embeddings()
+        if not self.cfg.dist.shard_vocab or head is None:
+            return False
+        vocab, hidden = getattr(emb.weight, "ds_shape", emb.weight.shape)
+        lines = num_llm_samples(self.cfg.train.batch_size, self.cfg.train.llm_sample_ratio)
+        pays = split_pays(self.env.world_size, lines, self.cfg.llm.max_text_tokens + 1, vocab, hidden,
+                          emb.weight.element_size(), head.weight is emb.weight)
+        if not pays and self.env.world_size > 1:
+            log.info("dist.shard_vocab: at %d ranks the split vocabulary's exchange would outweigh the gathered "
+                     "matrix; it is gathered", self.env.world_size)
+        return pays
 
     def wrap_trainable(self, module: nn.Module) -> nn.Module:
         if self.env.world_size == 1:
@@ -219,7 +236,7 @@ class FSDPStrategy(Strategy):
             kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.env.device.type != "cpu")
         if self.env.device.type == "cuda":
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=self.env.llm_dtype, reduce_dtype=torch.float32)
-        vocab = self._take_vocab(lm, mesh.get_group()) if self.cfg.dist.shard_vocab else None
+        vocab = self._take_vocab(lm, mesh.get_group()) if self._vocab_split_pays(lm) else None
         for layer in lm.base_model.layers:
             fully_shard(layer, **kwargs)
         root_kwargs = dict(kwargs, ignored_params={lm.get_input_embeddings().weight,
@@ -387,7 +404,7 @@ class DeepSpeedStrategy(Strategy):
         teacher = PrefixLM(lm, tokenizer, self.cfg.llm.gradient_checkpointing)
         engine, *_ = deepspeed.initialize(model=teacher, config=ds)
         self.llm_engine = engine
-        if self.cfg.dist.shard_vocab and self.env.world_size > 1:
+        if self._vocab_split_pays(lm):
             teacher.vocab = deepspeed_vocab_shard(lm)
         return engine.module
 

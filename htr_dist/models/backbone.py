@@ -13,6 +13,34 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def fold_batch_norms(module: nn.Module) -> int:
+    """Fold every eval-mode BatchNorm2d that directly follows a Conv2d into that convolution, in place: within a
+    ``Sequential`` (conv, bn) and as a block's ``convN``/``bnN`` pair. The batch norm becomes an ``Identity`` and the
+    convolution computes both, saving a pass over each feature map. For inference only: the module no longer trains
+    as before, nor loads its training state dict. Returns how many were folded."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    def foldable(conv, bn) -> bool:
+        return isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and not (conv.training or bn.training)
+
+    folded = 0
+    for sub in list(module.modules()):
+        if isinstance(sub, nn.Sequential):
+            for i in range(len(sub) - 1):
+                if foldable(sub[i], sub[i + 1]):
+                    sub[i], sub[i + 1] = fuse_conv_bn_eval(sub[i], sub[i + 1]), nn.Identity()
+                    folded += 1
+        for n in range(1, 10):
+            conv, bn = getattr(sub, f"conv{n}", None), getattr(sub, f"bn{n}", None)
+            if conv is None:
+                break
+            if foldable(conv, bn):
+                setattr(sub, f"conv{n}", fuse_conv_bn_eval(conv, bn))
+                setattr(sub, f"bn{n}", nn.Identity())
+                folded += 1
+    return folded
+
+
 class BasicBlock(nn.Module):
     """3x3 conv - BN - ReLU - 3x3 conv - BN, plus the input (1x1 projection when the width changes), ReLU."""
 
