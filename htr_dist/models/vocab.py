@@ -156,9 +156,16 @@ class VocabShard:
 
 def deepspeed_vocab_shard(lm, group=None) -> Optional[VocabShard]:
     """A :class:`VocabShard` over the ZeRO-3 partitions of ``lm``'s embedding and output projection, or None where
-    one of them is not partitioned (kept whole on every rank below the persistence threshold: nothing to save)."""
+    one of them is not partitioned (kept whole on every rank below the persistence threshold: nothing to save) or is
+    offloaded to NVMe (its partition is not in memory between uses)."""
     emb, head = lm.get_input_embeddings().weight, lm.get_output_embeddings().weight
-    if not all(hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False) for p in (emb, head)):
+
+    def resident_partition(p) -> bool:  # an NVMe-offloaded partition is on disk between uses: not readable here
+        location = getattr(getattr(p, "ds_tensor", None), "final_location", None)
+        return (hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False)
+                and not str(getattr(location, "value", location)).endswith("nvme"))
+
+    if not (resident_partition(emb) and resident_partition(head)):
         return None
     rank = tdist.get_rank(group)
 
