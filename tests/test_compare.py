@@ -54,7 +54,7 @@ def test_compare_two_tiny_arms_end_to_end(shard_dir, tiny_llama, tmp_path):
     out = tmp_path / "cmp"
     cmd = [sys.executable, "launch/compare.py", "--config", "configs/tiny_cpu.yaml", "--data", shard_dir,
            "--arm", "ctc:train.use_llm=false", "--arm", "llm:train.use_llm=true,train.llm_loss_weight=2",
-           "--seeds", "0", "1", "--out", str(out), "--no-progress"] + TINY_ARCH + [
+           "--seeds", "0", "1", "--out", str(out), "--no-progress", "--nproc", "1"] + TINY_ARCH + [
            f"llm.name_or_path={tiny_llama}", f"llm.cache_dir={tmp_path / 'cache'}", "train.max_steps=3",
            "train.eval_every=3", "dist.strategy=ddp"]
     first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
