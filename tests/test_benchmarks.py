@@ -212,3 +212,25 @@ def test_gpu_smoke_says_there_is_no_gpu_and_succeeds():
     out = subprocess.run([sys.executable, os.path.join(BENCH, "gpu_smoke.py"), "--steps", "1"], capture_output=True,
                          text=True, cwd=ROOT, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert out.returncode == 0 and "no CUDA device here" in out.stdout
+
+
+def test_teacher_scale_reports_memory_plan_and_time_per_strategy(tmp_path):
+    """The 3B-scale benchmark end to end on a shape of Llama-3.2-3B's kind at a tiny size (2 layers, hidden 256, a
+    512-token vocabulary), FSDP2 at 2 ranks: one JSON object with the issue's keys per strategy and at the top."""
+    with open(os.path.join(ROOT, "configs", "llm", "llama-3.2-3b", "config.json")) as f:
+        config = json.load(f)
+    config.update(num_hidden_layers=2, vocab_size=512, hidden_size=256, intermediate_size=512,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, bos_token_id=1, eos_token_id=2)
+    shape = tmp_path / "config.json"
+    shape.write_text(json.dumps(config))
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "teacher_scale.py"), "--llm", str(shape), "--steps", "1",
+                          "--strategies", "fsdp"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout)
+    row = report["strategies"]["fsdp"]
+    assert row["held_ratio"] == 0.5 and row["peak_gb"] > 0 and row["planned_gb"] > 0
+    assert len(row["llm_loss"]) == 1 and row["teacher_s"]["median"] > 0 and row["step_s"]["median"] > 0
+    assert 0 < row["activation_bytes_per_line"] and 0 < row["teacher_efficiency"] < 1
+    assert report["teacher_flops"] > 0 and report["teacher_floor_s"] > 0 and report["matmul_gflops"] > 0
+    assert set(report["goals"]) == {"held_ratio_le_0.55", "peak_ratio_le_0.75", "planner_within_25pct",
+                                    "best_teacher_efficiency_ge_0.5"}
