@@ -50,7 +50,7 @@ def materialised_bytes(teacher) -> int:
     return total
 
 
-def _status_bytes(field: str) -> int:
+def status_bytes(field: str) -> int:
     """A ``kB`` field of /proc/self/status (VmRSS, VmHWM) in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
@@ -63,13 +63,13 @@ class PeakSampler:
     """Largest value of a /proc/self/status field seen by a thread that reads it every ``period`` seconds."""
 
     def __init__(self, field: str, period: float = 0.002):
-        self.field, self.period, self.peak = field, period, _status_bytes(field)
+        self.field, self.period, self.peak = field, period, status_bytes(field)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         while not self._stop.wait(self.period):
-            self.peak = max(self.peak, _status_bytes(self.field))
+            self.peak = max(self.peak, status_bytes(self.field))
 
     def __enter__(self):
         self._thread.start()
@@ -78,7 +78,7 @@ class PeakSampler:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _status_bytes(self.field))
+        self.peak = max(self.peak, status_bytes(self.field))
 
 
 def worker(rank, world, port, overrides, out):
@@ -96,10 +96,10 @@ def worker(rank, world, port, overrides, out):
     model = HTRModel(cfg.arch, cfg.connector, 30, 32, 256, llm_hidden_size(cfg))
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM, the peak resident set, to the current one
-    rss_before, private_before, start = _status_bytes("VmRSS"), _status_bytes("RssAnon"), time.perf_counter()
+    rss_before, private_before, start = status_bytes("VmRSS"), status_bytes("RssAnon"), time.perf_counter()
     with PeakSampler("RssAnon") as private:
         strategy = build_strategy(cfg, env, model, total_steps=10)
-    load_s, load_peak = time.perf_counter() - start, _status_bytes("VmHWM") - rss_before
+    load_s, load_peak = time.perf_counter() - start, status_bytes("VmHWM") - rss_before
     load_private = private.peak - private_before
     teacher = strategy.teacher
     held = llm_param_bytes_on_rank(teacher)

@@ -41,6 +41,7 @@ import time
 import torch
 
 from _ranks import finish_rank, set_rank_env, spawn_ranks
+from llm_memory import status_bytes
 from _report import reserve_stdout, spread
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,14 +57,6 @@ STRATEGIES = {  # name: (overrides, the planner's row for it)
     "ddp": (["dist.strategy=ddp"], "ddp"),
 }
 DEFAULT = ["deepspeed", "deepspeed_offload", "fsdp", "fsdp_offload", "fsdp_checkpointing"]
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
 
 
 def matmul_rates(dtype: torch.dtype, tokens: int, hidden: int, intermediate: int, seconds: float = 1.0) -> dict:
@@ -165,10 +158,10 @@ def worker(rank, world, port, overrides, steps, out):
         importlib.import_module(module)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM, the peak resident set, to the current one
-    rss_before, start = _status_bytes("VmRSS"), time.perf_counter()
+    rss_before, start = status_bytes("VmRSS"), time.perf_counter()
     strategy = build_strategy(cfg, env, model, total_steps=steps + 1)
     build_s = time.perf_counter() - start
-    build_peak = _status_bytes("VmHWM") - rss_before
+    build_peak = status_bytes("VmHWM") - rss_before
     teacher = strategy.teacher
     held, full = llm_param_bytes_on_rank(teacher), llm_param_bytes_full(teacher)
 
@@ -213,7 +206,7 @@ def worker(rank, world, port, overrides, steps, out):
         seconds, llm_loss = train_step()
         step_s.append(seconds)
         llm_losses.append(llm_loss)
-    peak = _status_bytes("VmHWM") - rss_before
+    peak = status_bytes("VmHWM") - rss_before
     report = dist_env.all_gather_objects({
         "held": held, "full": full, "build_peak": build_peak, "peak": peak, "build_s": build_s, "flops": flops,
         "teacher_s": teacher_s, "step_s": step_s, "llm_loss": llm_losses, "saved": saved, "rates": rates,

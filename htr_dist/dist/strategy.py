@@ -254,6 +254,12 @@ class FSDPStrategy(Strategy):
             self.shm_gather = cpu.shm_allgather_for_fsdp([*lm.base_model.layers, teacher], mesh.get_group())
         return teacher
 
+    @property
+    def _shard_storage(self):
+        """Where the teacher's shards live between uses: the CPU with ``dist.fsdp_cpu_offload`` (FSDP2 moves them to
+        the device per use), else the rank's device."""
+        return "cpu" if self.cfg.dist.fsdp_cpu_offload else self.env.device
+
     def _take_vocab(self, lm: nn.Module, group):
         """Take the embedding and output projection out of FSDP's hands for a :class:`VocabShard`: note this rank's
         rows (and, for a loaded LLM, copy them), and leave the model empty placeholders in their place, which FSDP
@@ -277,8 +283,8 @@ class FSDPStrategy(Strategy):
             lo, hi = take_rows(w, rank, world)
             rows = None if w.is_meta else w.detach()[lo:hi].clone()
             taken.append((names[id(w)], tuple(w.shape), lo, hi, rows))
-        storage = "cpu" if self.cfg.dist.fsdp_cpu_offload else self.env.device
-        placeholder = nn.Parameter(torch.empty(0, emb.weight.shape[1], dtype=emb.weight.dtype, device=storage),
+        placeholder = nn.Parameter(torch.empty(0, emb.weight.shape[1], dtype=emb.weight.dtype,
+                                               device=self._shard_storage),
                                    requires_grad=False)
         emb.weight = placeholder
         head.weight = placeholder if tied else nn.Parameter(placeholder.detach().clone(), requires_grad=False)
@@ -287,12 +293,11 @@ class FSDPStrategy(Strategy):
     def _fill_vocab(self, taken, tied: bool, group, slices) -> VocabShard:
         """The :class:`VocabShard` of the rows noted by :meth:`_take_vocab`, read from ``slices`` where the model was
         a meta skeleton."""
-        storage = "cpu" if self.cfg.dist.fsdp_cpu_offload else self.env.device
         segments = []
         for name, shape, lo, hi, rows in taken:
             if rows is None:
                 rows = slices.rows(name, lo, hi, self.env.llm_dtype)
-            segments.append(row_segments(rows.to(storage), lo, shape[1]))
+            segments.append(row_segments(rows.to(self._shard_storage), lo, shape[1]))
         vocab, hidden = taken[0][1]
         return VocabShard(segments[0], segments[0] if tied else segments[1], vocab, hidden, self.env.llm_dtype,
                           owned=True, group=group)
@@ -306,8 +311,7 @@ class FSDPStrategy(Strategy):
         """
         buffers = {(prefix, key): b.detach().clone() for prefix, module in teacher.named_modules()
                    for key, b in module._buffers.items() if b is not None}
-        # with CPU offload the shards live on the CPU between uses (FSDP2 moves them to the device per use)
-        teacher.to_empty(device="cpu" if self.cfg.dist.fsdp_cpu_offload else self.env.device)
+        teacher.to_empty(device=self._shard_storage)
         for prefix, module in teacher.named_modules():
             for key in module._buffers:
                 if (prefix, key) in buffers:
@@ -317,14 +321,11 @@ class FSDPStrategy(Strategy):
             for name, p in teacher.lm.named_parameters():  # a tied weight is listed (and read) once
                 if not hasattr(p, "to_local"):  # a placeholder of the split vocabulary (_take_vocab)
                     continue
-                local, rank, world = p.to_local(), p.device_mesh.get_local_rank(), p.device_mesh.size()
-                rows = p.shape[0]
-                chunk = -(-rows // world)
-                lo = min(rank * chunk, rows)
-                hi = min(lo + chunk, rows)
+                local = p.to_local()
+                lo, hi = take_rows(p, p.device_mesh.get_local_rank(), p.device_mesh.size())
                 if local.shape[0] != hi - lo:
                     raise RuntimeError(f"FSDP shard of {name}: {tuple(local.shape)} rows, expected {hi - lo} "
-                                       f"(rows {lo}:{hi} of {rows})")
+                                       f"(rows {lo}:{hi} of {p.shape[0]})")
                 local.copy_(slices.rows(name, lo, hi, local.dtype))
         log.info("LLM shards read from %s in %.1f s (this rank's rows only)", slices.folder, time.time() - start)
 
