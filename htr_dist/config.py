@@ -66,6 +66,12 @@ class DataConfig:
     """Augmentation part: gamma exp(-0.4..0.4), ink contrast 0.7-1.2 and paper brightness -0.05..0.1; on half of the
     lines also uneven shading, a smooth factor of 0.7-1 along the line (cosine, 0.5-2 periods per width) times 0.8-1
     across it (a ramp)."""
+    aug_warmup_steps: int = 0
+    """Augmentation warm-up: the share of training lines that are augmented grows linearly from 0 at the first
+    optimizer step to 1 at this step; the others are preprocessed as evaluation lines (0 = every line from the start).
+    On hard, varied data the model first leaves CTC's blank plateau on clean lines, and it does so in far fewer steps
+    than on augmented ones. A line's fate is drawn from its own seeded generator, so a resumed run sees the same
+    lines."""
     num_workers: int = 1
     """DataLoader worker processes per rank (0 = load in the training process)."""
     shuffle_buffer: int = 256
@@ -349,8 +355,8 @@ _POSITIVE = (
     "train.max_bad_steps",
 )
 _NON_NEGATIVE = (
-    "data.num_workers", "data.shuffle_buffer", "arch.mobilevit_dim", "train.shortcut_weight", "train.lr",
-    "train.weight_decay", "train.max_steps", "train.grad_clip", "train.warmup_steps", "train.eval_every",
+    "data.num_workers", "data.shuffle_buffer", "data.aug_warmup_steps", "arch.mobilevit_dim", "train.shortcut_weight",
+    "train.lr", "train.weight_decay", "train.max_steps", "train.grad_clip", "train.warmup_steps", "train.eval_every",
     "train.save_every", "train.llm_loss_weight", "train.stop_after", "train.max_minutes",
 )
 

@@ -146,6 +146,31 @@ def test_train_stream_is_infinite_and_resumable(tmp_path):
     assert other_epoch != full
 
 
+def test_augmentation_warm_up_grows_the_share_of_augmented_lines_and_resumes_exactly(tmp_path):
+    """``data.aug_warmup_steps``: the first batches are mostly clean (as evaluation preprocesses them), every line is
+    augmented from the warm-up's last step on, a resumed stream sees the same images, and with no warm-up (and in
+    later epochs) the images are those of a run without the option."""
+    folder = make_shards(str(tmp_path / "s"), [60, 60])
+    alphabet = Alphabet("abcdefghij ")
+    clean = {k: img for b in build_eval_loader(cfg_for(folder), "train", alphabet, 0, 1)
+             for k, img in zip(b["keys"], b["images"])}
+
+    def augmented(batch):
+        return sum(not torch.equal(img, clean[k]) for k, img in zip(batch["keys"], batch["images"]))
+
+    warm = cfg_for(folder, **{"train.batch_size": 10, "data.aug_warmup_steps": 8})
+    stream = list(itertools.islice(build_train_loader(warm, alphabet, 0, 1), 10))
+    counts = [augmented(b) for b in stream]
+    assert counts[0] <= 4 and sum(counts[:4]) < sum(counts[4:8]) and counts[7:] == [10, 10, 10]
+    resumed = list(itertools.islice(build_train_loader(warm, alphabet, 0, 1, skip_batches=5), 5))
+    assert all(torch.equal(a["images"], b["images"]) for a, b in zip(resumed, stream[5:]))
+    plain = cfg_for(folder, **{"train.batch_size": 10})
+    for epoch in (0, 1):  # 12 batches an epoch: the warm-up is over in epoch 1
+        want = list(itertools.islice(build_train_loader(plain, alphabet, 0, 1, epoch=epoch), 3))
+        got = list(itertools.islice(build_train_loader(warm if epoch else plain, alphabet, 0, 1, epoch=epoch), 3))
+        assert all(torch.equal(a["images"], b["images"]) for a, b in zip(got, want))
+
+
 @pytest.mark.parametrize("counts,world,workers", [([20, 20, 3], 2, 1), ([30, 5], 1, 2), ([50], 2, 2),
                                                     ([2, 40, 2, 2], 3, 1)])
 def test_an_epoch_trains_on_distinct_lines_whatever_the_shard_sizes(tmp_path, counts, world, workers):

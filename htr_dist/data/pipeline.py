@@ -119,9 +119,11 @@ class StreamDataset(torch.utils.data.IterableDataset):
                  world: int, train: bool, seed: int = 0, epoch: int = 0, skip_batches: int = 0,
                  shuffle_buffer: int = 256, augment: bool = True, max_skip_fraction: float = 0.01,
                  num_workers: int = 0, counts: Optional[List[int]] = None, steps: int = 1,
-                 parts: AugmentParts = AugmentParts()):
+                 parts: AugmentParts = AugmentParts(), aug_warmup_batches: int = 0):
         """``counts``: lines per shard of ``urls`` (the manifest's), and ``steps``: batches per epoch per rank; both
-        for training only. ``parts``: which parts of the augmentation run when ``augment`` is on (training only)."""
+        for training only. ``parts``: which parts of the augmentation run when ``augment`` is on (training only).
+        ``aug_warmup_batches``: the share of augmented lines grows linearly to 1 over this many batches of the run
+        (counted over epochs: ``epoch * steps`` plus the batch's place in the epoch)."""
         super().__init__()
         if train and (counts is None or len(counts) != len(urls) or sum(counts) <= 0):
             raise ValueError(f"StreamDataset: training needs a positive line count per shard, got {counts!r} for "
@@ -174,7 +176,15 @@ class StreamDataset(torch.utils.data.IterableDataset):
             self._counter.read += 1
             yield s
 
-    def _decode(self, s: dict, rng: np.random.Generator) -> Optional[tuple]:
+    def augmented_share(self, batch: int) -> float:
+        """The share of lines augmented in the epoch's ``batch``-th batch (0-based) of this rank."""
+        if not (self.train and self.augment):
+            return 0.0
+        if self.aug_warmup_batches <= 0:
+            return 1.0
+        return min(1.0, (self.epoch * self.steps + batch + 1) / self.aug_warmup_batches)
+
+    def _decode(self, s: dict, rng: np.random.Generator, share: float = 1.0) -> Optional[tuple]:
         where = f"{s.get('__url__', '?')}:{s.get('__key__', '?')}"
         self._counter.seen += 1
         if "txt" not in s or "png" not in s:
@@ -191,7 +201,9 @@ class StreamDataset(torch.utils.data.IterableDataset):
         except Exception as err:  # noqa: BLE001 - any decoding failure is a skipped sample, counted and named
             self._counter.skip(f"{where} cannot be decoded ({type(err).__name__}: {err})")
             return None
-        if self.train and self.augment:
+        # below a share of 1 the coin comes first from the line's generator; at 1 nothing is drawn, so a run without
+        # warm-up augments exactly as before the warm-up existed
+        if self.train and self.augment and (share >= 1.0 or rng.random() < share):
             x = augment_preprocess(img, self.height, self.width, rng, self.parts)
         else:
             x = preprocess(img, self.height, self.width)
@@ -248,17 +260,20 @@ class StreamDataset(torch.utils.data.IterableDataset):
         # Raw batches: the resume skip happens here, before any PNG is decoded. Batches are dealt to workers
         # round-robin by the DataLoader, so worker w owns global batches w, w + workers, ...
         skip = len(range(worker, self.skip_batches, workers))
+        formed = 0  # batches this worker has filled (skipped ones too): the next is the epoch's worker + formed * workers
         pending: list = []
         ready = None
         for index, s in enumerate(samples):
             # One generator per sample, keyed by its place in the stream: augmentation does not depend on whether
             # earlier samples were decoded or skipped on resume, so a resumed run sees exactly the same images.
-            item = self._decode(s, np.random.default_rng([self.seed, self.epoch, self.rank, worker, index])) \
+            share = self.augmented_share(worker + formed * workers)
+            item = self._decode(s, np.random.default_rng([self.seed, self.epoch, self.rank, worker, index]), share) \
                 if skip == 0 else s if _usable(s) else None
             if item is None:
                 continue
             pending.append(item)
             if len(pending) == self.batch_size:
+                formed += 1
                 if skip:
                     skip -= 1
                 else:
@@ -323,7 +338,8 @@ def build_train_loader(cfg, alphabet: Alphabet, rank: int, world: int, epoch: in
                        skip_batches=skip_batches, shuffle_buffer=cfg.data.shuffle_buffer, augment=cfg.data.augment,
                        max_skip_fraction=cfg.data.max_skip_fraction, num_workers=cfg.data.num_workers,
                        counts=[s["count"] for s in manifest["splits"]["train"]["shards"]],
-                       steps=steps_per_epoch(manifest, world, cfg.train.batch_size), parts=augment_parts(cfg.data))
+                       steps=steps_per_epoch(manifest, world, cfg.train.batch_size), parts=augment_parts(cfg.data),
+                       aug_warmup_batches=cfg.data.aug_warmup_steps * cfg.train.grad_accum)
     return _loader(ds, cfg.data.num_workers, pin_memory)
 
 
