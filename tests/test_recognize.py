@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import PY, ROOT
-from htr_dist.inference import Recognizer, ctc_alignment, confidences, fitted_width
+from htr_dist.inference import Recognizer, best_path_confidences, ctc_alignment, confidences, fitted_width
 
 
 def best_alignment_brute_force(log_probs, labels):
@@ -47,6 +47,21 @@ def test_alignment_is_the_best_path_of_the_labels(seed):
 def test_character_confidence_is_its_best_frame():
     probs = np.array([[0.1, 0.9, 0.0], [0.4, 0.6, 0.0], [0.9, 0.1, 0.0], [0.2, 0.0, 0.8]])
     assert confidences(probs, np.log(probs + 1e-12), [1, 2]) == pytest.approx([0.9, 0.8])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_best_path_confidences_equal_the_viterbi_alignment(seed):
+    """Where the best path reads the labels, the shortcut gives the alignment's confidences; elsewhere it declines."""
+    rng = np.random.default_rng(seed)
+    probs = rng.dirichlet(np.full(4, 0.3), size=12)
+    path = probs.argmax(1)
+    read = [int(c) for t, c in enumerate(path) if c != 0 and (t == 0 or path[t - 1] != c)]
+    frames = ctc_alignment(np.log(probs), read)
+    viterbi = [float(probs[f, c].max()) for f, c in zip(frames, read)]
+    assert best_path_confidences(probs, read) == pytest.approx(viterbi)
+    assert confidences(probs, np.log(probs), read) == pytest.approx(viterbi)
+    other = read[:-1] if read else [1]
+    assert best_path_confidences(probs, other) is None
 
 
 def test_fitted_width_keeps_the_scale_and_rounds_up():
