@@ -150,6 +150,17 @@ class LLMConfig:
     """Where a GGUF model is converted to a transformers folder once."""
     max_text_tokens: int = 48
     """Transcription tokens fed to the LLM per line (longer lines are cut, counted and logged)."""
+    bos_first: bool = False
+    """Where the tokenizer's BOS goes in the teacher's sequence: first, where the LM met it in its own training
+    (``[BOS] prompt [visual tokens] text END``), or after the visual tokens (``prompt [visual tokens] [BOS] text
+    END``, the layout of runs before this key). Exports keep their run's choice, and ``beam+llm`` reads with it."""
+    prompt: str = ""
+    """Text the teacher reads before the visual tokens (after BOS with ``bos_first``), e.g. ``A handwritten line
+    reads:``; empty = none."""
+    line_end: str = "eos"
+    """What follows the transcription, scored as its last token(s): ``eos`` (the tokenizer's end of text) or
+    ``newline``. A line is usually cut from a running text, so an end of text after it is a surprise to the LM that
+    says nothing about the image, where a newline is the natural end of a line."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass instead of keeping them: a sampled line then
     keeps one hidden state per layer and token, not every intermediate (``launch/plan.py`` shows both), for about
@@ -341,6 +352,7 @@ CHOICES = {
     "train.ctc_reduction": ("line", "char"),
     "train.init_alphabet": ("strict", "merge"),
     "llm.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
+    "llm.line_end": ("eos", "newline"),
     "dist.precision": tuple(registry.PRECISIONS),
     "dist.llm_precision": tuple(registry.PRECISIONS),
     "dist.strategy": tuple(registry.STRATEGIES),

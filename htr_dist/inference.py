@@ -181,7 +181,7 @@ class Recognizer:
     def teacher(self) -> torch.nn.Module:
         """The frozen LLM named in the export, loaded once (``beam+llm`` only), in the device's default dtype."""
         if self._teacher is None:
-            from htr_dist.models.llm import PrefixLM, load_causal_lm
+            from htr_dist.models.llm import LineFormat, PrefixLM, load_causal_lm
 
             dtype = pick_dtype(self.device)
             attn = attn_implementation(self.device, self.config.llm.attn_implementation, dtype)
@@ -189,7 +189,7 @@ class Recognizer:
             if lm.config.hidden_size != self.model.llm_hidden:
                 raise DecodeError(f"{self.path}: the connector projects to {self.model.llm_hidden} but the teacher "
                                   f"{self.teacher_name!r} has hidden size {lm.config.hidden_size}")
-            self._teacher = PrefixLM(lm, tokenizer).eval()
+            self._teacher = PrefixLM(lm, tokenizer, line_format=LineFormat.from_config(self.config.llm)).eval()
         return self._teacher
 
     def use_lm_texts(self, texts: Sequence[str]) -> None:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from htr_dist.config import ConnectorConfig
 from htr_dist.models import llm
 from htr_dist.models.connector import QFormerConnector
-from htr_dist.models.llm import LLMLoadError, PrefixLM, load_causal_lm, load_llm_config, resolve_llm_path
+from htr_dist.models.llm import LineFormat, LLMLoadError, PrefixLM, load_causal_lm, load_llm_config, resolve_llm_path
 from htr_dist.testing import make_tokenizer
 
 Q = 5  # prefix (visual token) count in the tiny tests
@@ -161,6 +161,39 @@ def test_loss_equals_the_models_own_for_families_that_transform_their_logits(fam
         own = lm(inputs_embeds=x, labels=labels).loss
         ours = teacher(prefix, ids, mask)
     assert torch.allclose(ours, own, atol=1e-5), (ours, own)
+
+
+@pytest.mark.parametrize("prompt", ["", "a line reads:"])
+def test_bos_first_prompt_and_newline_layout_is_the_models_own_loss(tiny, prompt):
+    """``bos_first`` + ``prompt`` + ``line_end=newline``: [BOS] prompt [v] text newline, scored on text and newline
+    only, is the LM's own causal-LM loss on that sequence, line by line."""
+    tok = tiny.tokenizer
+    teacher = PrefixLM(tiny.lm, tok, line_format=LineFormat(bos_first=True, prompt=prompt, line_end="newline"))
+    newline = tok("\n", add_special_tokens=False)["input_ids"]
+    head = [tok.bos_token_id] + (tok(prompt, add_special_tokens=False)["input_ids"] if prompt else [])
+    assert teacher.head_ids == head and newline
+    ids, mask = teacher.tokenize(["the cat sat", "a"], 48)
+    text = tok("the cat sat", add_special_tokens=False)["input_ids"]
+    assert ids[0, : int(mask[0].sum())].tolist() == text + newline
+    torch.manual_seed(3)
+    prefix = torch.randn(2, Q, teacher.hidden_size)
+    emb = tiny.lm.get_input_embeddings()
+    for row in range(2):
+        n = int(mask[row].sum())
+        seq = torch.tensor(head)[None]
+        x = torch.cat([emb(seq), prefix[row : row + 1], emb(ids[row : row + 1, :n])], 1)
+        labels = torch.full(x.shape[:2], -100)
+        labels[0, len(head) + Q :] = ids[row, :n]
+        with torch.no_grad():
+            own = tiny.lm(inputs_embeds=x, labels=labels).loss
+            alone = teacher(prefix[row : row + 1], *teacher.tokenize([["the cat sat", "a"][row]], 48))
+            logits, scored = teacher._scored_logits(prefix, ids, mask)
+        assert int(scored[row].sum()) == n
+        assert torch.allclose(alone, own, atol=1e-5), (alone, own)
+    legacy = PrefixLM(tiny.lm, tok)
+    assert legacy.head_ids == [] and legacy.tokenize(["a"], 48)[0][0, 0] == tok.bos_token_id
+    with pytest.raises(ValueError, match="llm.line_end"):
+        PrefixLM(tiny.lm, tok, line_format=LineFormat(line_end="crlf"))
 
 
 def test_without_bos_the_first_text_token_is_scored(tiny):

@@ -37,7 +37,7 @@ from htr_dist.config import ConfigError, not_one_of
 from htr_dist.dist.env import DistEnv, attn_implementation, cpu_settings, env_local_world_size, ranks_share_memory
 from htr_dist.models.htr import HTRModel
 from htr_dist.train.checkpoint import TRAINER_FILE, deepspeed_safe_globals, safe_load
-from htr_dist.models.llm import PrefixLM, build_empty_causal_lm, checkpoint_slices, load_causal_lm, \
+from htr_dist.models.llm import LineFormat, PrefixLM, build_empty_causal_lm, checkpoint_slices, load_causal_lm, \
     load_tokenizer
 from htr_dist.models.vocab import VocabShard, deepspeed_vocab_shard, row_segments, split_pays, take_rows
 from htr_dist.train.optim import build_optimizer, build_scheduler
@@ -108,6 +108,10 @@ class Strategy:
         return load_causal_lm(self.cfg.llm.name_or_path, self.cfg.llm.cache_dir, self.env.llm_dtype, attn,
                               device=device or str(self.env.device))
 
+    def prefix_lm(self, lm: nn.Module, tokenizer) -> PrefixLM:
+        """The teacher around ``lm``, with the config's checkpointing and line format."""
+        return PrefixLM(lm, tokenizer, self.cfg.llm.gradient_checkpointing, LineFormat.from_config(self.cfg.llm))
+
     def build_teacher(self) -> nn.Module:
         """A whole teacher on every rank: refused before loading where it cannot fit (:func:`htr_dist.plan.ddp_refusal`)."""
         from htr_dist.plan import ddp_refusal
@@ -116,7 +120,7 @@ class Strategy:
         if reason:
             raise ConfigError(reason)
         lm, tokenizer = self.load_teacher_lm()
-        return PrefixLM(lm, tokenizer, self.cfg.llm.gradient_checkpointing)
+        return self.prefix_lm(lm, tokenizer)
 
     def _vocab_split_pays(self, lm: nn.Module) -> bool:
         """``dist.shard_vocab`` and a split that needs less memory than the gathered matrix
@@ -206,7 +210,7 @@ class FSDPStrategy(Strategy):
 
         if self.env.world_size == 1:
             lm, tokenizer = self.load_teacher_lm()
-            return PrefixLM(lm, tokenizer, self.cfg.llm.gradient_checkpointing)
+            return self.prefix_lm(lm, tokenizer)
         slices = None
         if self.cfg.dist.fsdp_sharded_load:
             slices = checkpoint_slices(self.cfg.llm.name_or_path, self.cfg.llm.cache_dir)
@@ -228,7 +232,7 @@ class FSDPStrategy(Strategy):
             tokenizer = load_tokenizer(self.cfg.llm.name_or_path, self.cfg.llm.cache_dir)
         else:
             lm, tokenizer = self.load_teacher_lm(device="cpu")
-        teacher = PrefixLM(lm, tokenizer, self.cfg.llm.gradient_checkpointing)
+        teacher = self.prefix_lm(lm, tokenizer)
         mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
         kwargs = {"mesh": mesh, "reshard_after_forward": True}
         if self.cfg.dist.fsdp_cpu_offload:
@@ -402,7 +406,7 @@ class DeepSpeedStrategy(Strategy):
         # partitioned as they load, so no rank ever holds the whole LLM.
         self._hf_ds = HfDeepSpeedConfig(ds)
         lm, tokenizer = self.load_teacher_lm()
-        teacher = PrefixLM(lm, tokenizer, self.cfg.llm.gradient_checkpointing)
+        teacher = self.prefix_lm(lm, tokenizer)
         engine, *_ = deepspeed.initialize(model=teacher, config=ds)
         self.llm_engine = engine
         if self._vocab_split_pays(lm):

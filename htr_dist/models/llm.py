@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
@@ -448,23 +449,57 @@ def checkpoint_decoder_layers(lm: nn.Module) -> None:
         layer.forward = functools.partial(recomputed, layer.forward)
 
 
+LINE_ENDS = ("eos", "newline")
+
+
+@dataclass(frozen=True)
+class LineFormat:
+    """Where a line's transcription sits in the teacher's sequence (``llm.bos_first``, ``llm.prompt``,
+    ``llm.line_end``); the defaults are the layout of exports made before these keys existed."""
+
+    bos_first: bool = False
+    prompt: str = ""
+    line_end: str = "eos"
+
+    @classmethod
+    def from_config(cls, llm_cfg) -> "LineFormat":
+        return cls(llm_cfg.bos_first, llm_cfg.prompt, llm_cfg.line_end)
+
+
 class PrefixLM(nn.Module):
     """Frozen causal LM scoring a transcription after a prefix of visual tokens.
 
-    Sequence layout for one line (right-padded in a batch)::
+    Sequence layout for one line (right-padded in a batch), by its :class:`LineFormat`::
 
-        [v_1 .. v_Q] [BOS] t_1 .. t_n [EOS] [PAD ...]
-        labels: -100 on v_*, -100 on BOS, t_1 .. t_n EOS, -100 on PAD
+        bos_first=False:  [prompt] [v_1 .. v_Q] [BOS] t_1 .. t_n [END] [PAD ...]
+        bos_first=True:   [BOS] [prompt] [v_1 .. v_Q] t_1 .. t_n [END] [PAD ...]
+        labels: t_1 .. t_n END; -100 everywhere else
 
-    (BOS only if the tokenizer defines one; otherwise t_1 is predicted from v_Q.) Logits are computed only at the
+    END is the tokenizer's EOS (``line_end=eos``) or the tokens of a newline (``newline``); BOS only if the
+    tokenizer defines one. Without a BOS between them, t_1 is predicted from v_Q. Logits are computed only at the
     positions that predict a label, not over the prefix: the vocabulary projection is the LM's largest matmul.
     The loss is the mean cross-entropy over every label token of the batch, in fp32.
     """
 
-    def __init__(self, lm: nn.Module, tokenizer, checkpoint_layers: bool = False):
+    def __init__(self, lm: nn.Module, tokenizer, checkpoint_layers: bool = False,
+                 line_format: LineFormat = LineFormat()):
         super().__init__()
+        if line_format.line_end not in LINE_ENDS:
+            raise ValueError(f"llm.line_end: {line_format.line_end!r} is not one of {', '.join(map(repr, LINE_ENDS))}")
         self.lm = freeze(lm)
         self.tokenizer = tokenizer
+        self.line_format = line_format
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        prompt = tokenizer(line_format.prompt, add_special_tokens=False)["input_ids"] if line_format.prompt else []
+        self.head_ids = (bos if line_format.bos_first else []) + prompt
+        """Token ids before the visual tokens, the same for every line."""
+        self.text_bos = [] if line_format.bos_first else bos
+        if line_format.line_end == "eos":
+            self.end_ids = [tokenizer.eos_token_id]
+        else:
+            self.end_ids = tokenizer("\n", add_special_tokens=False)["input_ids"]
+            if not self.end_ids:
+                raise ValueError("llm.line_end: 'newline', but the teacher's tokenizer has no token for a newline")
         self.truncated = 0
         """Lines cut to ``max_tokens`` by :meth:`tokenize` so far."""
         self.vocab = None
@@ -483,7 +518,8 @@ class PrefixLM(nn.Module):
         return self
 
     def tokenize(self, texts: List[str], max_tokens: int = 48) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Texts -> (input_ids (k, L), attention_mask (k, L)): [BOS] text [EOS], right-padded to the longest."""
+        """Texts -> (input_ids (k, L), attention_mask (k, L)): [BOS] text END (BOS here unless ``bos_first``),
+        right-padded to the longest; the part before the visual tokens is :attr:`head_ids`."""
         if not texts:
             raise ValueError("PrefixLM.tokenize: no texts (every rank must score at least one line per step)")
         tok = self.tokenizer
@@ -492,8 +528,7 @@ class PrefixLM(nn.Module):
             if len(ids) > max_tokens:
                 self.truncated += 1
                 ids = ids[:max_tokens]
-            bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-            rows.append(bos + ids + [tok.eos_token_id])
+            rows.append(self.text_bos + ids + self.end_ids)
         length = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -505,8 +540,8 @@ class PrefixLM(nn.Module):
     def label_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(k, L) bool: which text positions are scored (not padding, not a leading BOS)."""
         scored = attention_mask.bool().clone()
-        if self.tokenizer.bos_token_id is not None:
-            scored[:, 0] &= input_ids[:, 0] != self.tokenizer.bos_token_id
+        if self.text_bos:
+            scored[:, 0] &= input_ids[:, 0] != self.text_bos[0]
         return scored
 
     def _scored_logits(self, prefix: torch.Tensor, input_ids: torch.Tensor,
@@ -518,16 +553,22 @@ class PrefixLM(nn.Module):
         # The LLM computes in its own weights' dtype (dist.llm_precision), not in the trainable part's autocast:
         # an fp32 teacher beside a bf16 recogniser stays fp32, and a bf16 one runs bf16 either way.
         with torch.autocast(prefix.device.type, enabled=False):
-            if self.vocab is not None:
-                emb = self.vocab.embed(input_ids)
+            p = len(self.head_ids)
+            if p:  # the head's ids go through the same lookup as the text's, in one call
+                head = torch.tensor(self.head_ids, dtype=input_ids.dtype, device=input_ids.device)
+                ids = torch.cat([head.expand(input_ids.shape[0], p), input_ids], dim=1)
             else:
-                emb = self.lm.get_input_embeddings()(input_ids)  # (k, L, H); a module call, so ZeRO-3/FSDP gather it
-            q = prefix.shape[1]
-            x = torch.cat([prefix.to(emb.dtype), emb], dim=1)  # (k, Q + L, H)
-            mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
+                ids = input_ids
+            if self.vocab is not None:
+                emb = self.vocab.embed(ids)
+            else:
+                emb = self.lm.get_input_embeddings()(ids)  # (k, P + L, H); a module call, so ZeRO-3/FSDP gather it
+            q = p + prefix.shape[1]
+            x = torch.cat([emb[:, :p], prefix.to(emb.dtype), emb[:, p:]], dim=1)  # (k, P + Q + L, H)
+            mask = torch.cat([attention_mask.new_ones(prefix.shape[0], q), attention_mask], dim=1)
             # use_cache=False: eval mode would otherwise fill a KV cache nobody reads
             hidden = self.lm.base_model(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state
-            # position Q - 1 + j predicts text token j
+            # position P + Q - 1 + j predicts text token j
             pred = hidden[:, q - 1 : q - 1 + input_ids.shape[1]]  # (k, L, H)
             scored = self.label_mask(input_ids, attention_mask)
             if self.vocab is not None:
