@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -234,3 +235,17 @@ def test_teacher_scale_reports_memory_plan_and_time_per_strategy(tmp_path):
     assert report["teacher_flops"] > 0 and report["teacher_floor_s"] > 0 and report["matmul_gflops"] > 0
     assert set(report["goals"]) == {"held_ratio_le_0.55", "peak_ratio_le_0.75", "planner_within_25pct",
                                     "best_teacher_efficiency_ge_0.5"}
+
+
+def test_teacher_format_scores_each_layout_on_the_same_tokens(tiny_llama, shard_dir):
+    cmd = [sys.executable, os.path.join(BENCH, "teacher_format.py"), "--llm", tiny_llama, "--data", shard_dir,
+           "--split", "val", "--lines", "6"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    formats = json.loads(out.stdout)["formats"]
+    legacy, newline = formats["legacy"], formats["bos_first_newline"]
+    assert legacy["line_end"] == "eos" and newline["line_end"] == "newline"
+    # the same first and middle tokens, scored after the same BOS: only the line end differs
+    assert legacy["first"] == pytest.approx(newline["first"]) and legacy["middle"] == pytest.approx(newline["middle"])
+    assert legacy["end"] != pytest.approx(newline["end"]) and 0 < legacy["end_share"] < 1
+    assert all(f["all"] > 0 and f["tokens_per_line"] > 1 for f in formats.values())
