@@ -23,7 +23,7 @@ from htr_dist.data.alphabet import Alphabet
 from htr_dist.data.transforms import gray8, preprocess
 from htr_dist.decode import (DECODE_MODES, CharNgramLM, DecodeError, DecodeSettings, log_probs_of, nbest_lists, pick,
                              teacher_log_probs)
-from htr_dist.dist.env import attn_implementation, pick_channels_last, pick_dtype
+from htr_dist.dist.env import attn_implementation, inference_rnn_dtype, pick_channels_last, pick_dtype
 from htr_dist.errors import InputError, first_line
 from htr_dist.models.backbone import fold_batch_norms
 from htr_dist.models.htr import HTRModel
@@ -147,14 +147,17 @@ class Recognizer:
                                  "wrote it diverged; use an earlier export or checkpoint")
         model.to(device).eval()
         fold_batch_norms(model)  # inference only: each batch norm into the convolution before it
+        dtype = pick_dtype(device, precision)
+        if model.head.rnn is not None:  # inference only: the recurrence in bf16 where that is fast (env decides)
+            for rnn in filter(None, (model.head.rnn.lower, model.head.rnn.upper)):
+                rnn.to(inference_rnn_dtype(device, dtype))
         record = blob.get("validation")
         scored = (f", step {record['step']}, {record['split']} CER {100 * record['cer']:.2f}%"
                   if isinstance(record, dict) and {"step", "split", "cer"} <= record.keys() else "")
         log.info("loaded %s on %s, backbone %s%s", path, device, "channels_last" if channels_last else "contiguous",
                  scored)
         return cls(model, alphabet, blob["img_height"], blob["img_width"], device, cfg, path,
-                   teacher["name_or_path"] if teacher else None, DecodeSettings.load(path),
-                   pick_dtype(device, precision))
+                   teacher["name_or_path"] if teacher else None, DecodeSettings.load(path), dtype)
 
     def batch_from_arrays(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """Gray uint8 (h, w) arrays -> (B, 1, H, W) float tensor, preprocessed exactly as in training."""

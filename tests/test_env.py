@@ -63,6 +63,16 @@ def test_autocast_follows_the_dtype(dtype, enabled):
     assert out.dtype == dtype and layer.weight.dtype == torch.float32  # weights stay fp32 under autocast
 
 
+def test_inference_rnn_dtype_is_bf16_only_on_a_native_bf16_cpu(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(dist_env, "has_native_bf16", lambda device: True)
+    assert dist_env.inference_rnn_dtype(cpu, torch.bfloat16) == torch.bfloat16
+    assert dist_env.inference_rnn_dtype(cpu, torch.float32) == torch.float32
+    assert dist_env.inference_rnn_dtype(cuda, torch.bfloat16) == torch.float32
+    monkeypatch.setattr(dist_env, "has_native_bf16", lambda device: False)
+    assert dist_env.inference_rnn_dtype(cpu, torch.bfloat16) == torch.float32
+
+
 def test_precision_key_is_validated():
     assert load_config(None, ["dist.precision=bf16"]).dist.precision == "bf16"
     with pytest.raises(ConfigError, match="dist.precision"):

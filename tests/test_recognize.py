@@ -7,6 +7,7 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import PY, ROOT
@@ -97,6 +98,22 @@ def test_recognize_keeps_the_order_and_reads_every_kind_of_input(model_and_lines
     for r in got:
         assert len(r.char_confidences) == len(r.text) and 0.0 <= r.confidence <= 1.0
         assert all(0.0 <= c <= 1.0 for c in r.char_confidences)
+
+
+def test_bf16_recognition_runs_the_recurrence_in_bf16_where_native(model_and_lines):
+    """At ``bf16_native`` the recurrent head gets bf16 weights where the CPU computes bf16 natively (fp32 elsewhere),
+    reads the lines as the fp32 model does, and the fp32 model keeps fp32 weights."""
+    from htr_dist.dist.env import has_native_bf16
+
+    path, images = model_and_lines
+    fp32 = Recognizer.load(path)
+    bf16 = Recognizer.load(path, precision="bf16_native")
+    native = has_native_bf16(torch.device("cpu"))
+    assert fp32.model.head.rnn.lower.weight_ih_l0.dtype == torch.float32
+    assert bf16.model.head.rnn.lower.weight_ih_l0.dtype == (torch.bfloat16 if native else torch.float32)
+    a, b = fp32.recognize(images), bf16.recognize(images)
+    assert [r.text for r in a] == [r.text for r in b]
+    assert [r.confidence for r in b] == pytest.approx([r.confidence for r in a], abs=0.05)
 
 
 def test_the_recognize_command_takes_folders_globs_and_lists(model_and_lines, tmp_path):

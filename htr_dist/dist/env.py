@@ -146,6 +146,16 @@ def pick_llm_dtype(device: torch.device, dtype: torch.dtype, llm_precision: str 
     return dtype if llm_precision == "auto" else pick_dtype(device, llm_precision, "dist.llm_precision")
 
 
+def inference_rnn_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the recognizer's recurrent head when it only reads (recognition, evaluation) at ``dtype``: bf16
+    weights and inputs on a CPU that computes bf16 natively, where oneDNN's bf16 LSTM is several times faster than its
+    fp32 one; fp32 elsewhere (an emulated bf16 LSTM fails in oneDNN, and cuDNN's RNNs run fp32 under bf16 autocast).
+    Training always keeps the recurrence in fp32."""
+    if dtype == torch.bfloat16 and device.type == "cpu" and has_native_bf16(device):
+        return torch.bfloat16
+    return torch.float32
+
+
 def pick_channels_last(device: torch.device, memory_format: str = "auto", backward: bool = True) -> bool:
     """``dist.memory_format`` -> whether the backbone runs in NHWC (channels_last).
 

@@ -35,11 +35,12 @@ class RecurrentHead(nn.Module):
         self.tap_dim = 2 * hidden
 
     def forward(self, seq: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:  # (B, T, C)
-        # The recurrence runs in fp32 whatever the autocast: CUDA autocast would run cuDNN's LSTM in fp16 (its RNN
-        # cast is fp16 whatever the autocast dtype), with no loss scaling under bf16, and CPU bf16 autocast fails
-        # in oneDNN's LSTM on CPUs without native bf16 ("could not create a primitive descriptor").
+        # The recurrence runs in its weights' dtype whatever the autocast: fp32 in training, since CUDA autocast
+        # would run cuDNN's LSTM in fp16 (its RNN cast is fp16 whatever the autocast dtype), with no loss scaling
+        # under bf16, and CPU bf16 autocast fails in oneDNN's LSTM on CPUs without native bf16 ("could not create a
+        # primitive descriptor"); bf16 where recognition converted it (htr_dist.dist.env.inference_rnn_dtype).
         with torch.autocast(seq.device.type, enabled=False):
-            tap, _ = self.lower(seq.float())  # (B, T, 2H)
+            tap, _ = self.lower(seq.to(self.lower.weight_ih_l0.dtype))  # (B, T, 2H)
             y = tap
             if self.upper is not None:
                 y, _ = self.upper(self.drop(tap))
