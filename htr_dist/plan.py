@@ -115,7 +115,8 @@ def plan(cfg, gpus_per_node: int, nodes: int, gpu_mem_gb: float, dtype: torch.dt
     shape = teacher_shape(cfg, dtype)
     rec = recogniser_numbers(cfg, shape.hidden)
     b = shape.bytes_per_param
-    tokens = cfg.connector.num_queries + cfg.llm.max_text_tokens + 2  # visual tokens, BOS, text, EOS
+    # visual tokens, BOS, text, its end, and the prompt at most one token per byte (byte-level BPE, as Llama's)
+    tokens = cfg.connector.num_queries + cfg.llm.max_text_tokens + 2 + len(cfg.llm.prompt.encode("utf-8"))
     scored = cfg.llm.max_text_tokens + 1
     eager = cfg.llm.attn_implementation == "eager"
     per_line = {ckpt: teacher_activation_bytes(shape, tokens, scored, eager, ckpt) for ckpt in (False, True)}

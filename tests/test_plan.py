@@ -50,6 +50,11 @@ def test_plan_shards_offloads_and_finds_the_largest_batch(tiny_overrides):
     tiny_gpu = {r["strategy"]: r for r in plan(cfg, 8, 1, 3.0)["strategies"]}
     assert not tiny_gpu["ddp"]["no_checkpointing"]["fits"] and tiny_gpu["ddp"]["no_checkpointing"]["max_batch_size"] == 0
     assert tiny_gpu["fsdp"]["checkpointing"]["fits"]
+    # a prompt lengthens every teacher sequence: more activation memory per line
+    prompted = load_config(None, tiny_overrides + ["llm.name_or_path=configs/llm/llama-3.2-1b",
+                                                    "llm.prompt=A handwritten line reads:"])
+    more = {r["strategy"]: r for r in plan(prompted, 4, 2, 8)["strategies"]}
+    assert more["fsdp"]["no_checkpointing"]["activations"] > rows["fsdp"]["no_checkpointing"]["activations"]
 
 
 def test_ddp_is_refused_where_a_whole_teacher_cannot_fit():
