@@ -515,11 +515,15 @@ def get_key(cfg: Config, key: str) -> Any:
 
 def parse_override(text: str) -> tuple:
     """``'train.lr=1e-3'`` -> ``('train.lr', 0.001)``; the value is parsed as YAML (so lists, bools, numbers work),
-    except that a str key takes a plain scalar as written (``run.dir=2024`` -> ``'2024'``)."""
+    except that a str key takes its value as written, outer spaces aside (``run.dir=2024`` -> ``'2024'``,
+    ``llm.prompt=A line reads:`` -> ``'A line reads:'``), unless it is quoted, when YAML reads the quotes and escapes
+    (``llm.prompt="A:\\n"``), or a flow list or mapping (``[...]``, ``{...}``), which is an error naming the key."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key=value")
     key, raw = text.split("=", 1)
     key = key.strip()
+    if _key_type(key) is str and not raw.strip().startswith(("'", '"', "[", "{")):
+        return key, raw.strip()  # as a plain YAML scalar would be: quote it to keep outer spaces
     try:
         value = _load_yaml(raw, _key_type(key)) if raw.strip() else ""
     except yaml.YAMLError as err:

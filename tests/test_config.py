@@ -92,6 +92,15 @@ def test_str_key_takes_the_text_as_written(text, tmp_path):
     assert load_config(str(tmp_path / "run" / "config.yaml")).run.dir == text
 
 
+def test_str_override_keeps_colons_and_reads_quoted_escapes(tmp_path):
+    """A prompt ends with a colon: as an override it is text, not a YAML mapping; quoted, YAML reads the escapes."""
+    cfg = load_config(None, ["llm.prompt= A handwritten line reads: ", 'train.resume="a: \\n"'])
+    assert cfg.llm.prompt == "A handwritten line reads:" and cfg.train.resume == "a: \n"
+    save_config(cfg, str(tmp_path / "run" / "config.yaml"))
+    again = load_config(str(tmp_path / "run" / "config.yaml"))
+    assert again.llm.prompt == cfg.llm.prompt and again.train.resume == cfg.train.resume
+
+
 def test_str_key_reads_quoted_and_empty_values(tmp_path):
     cfg = load_config(None, ["run.dir='runs/a b'", "train.resume="])
     assert cfg.run.dir == "runs/a b" and cfg.train.resume == ""
