@@ -28,7 +28,7 @@ from typing import Dict, List
 
 import torch
 
-from htr_dist.models.vocab import split_pays
+from htr_dist.models.vocab import exchange_bytes, split_pays
 
 GIB = 1024 ** 3
 HEADROOM_BYTES = 1 * GIB
@@ -135,7 +135,7 @@ def plan(cfg, gpus_per_node: int, nodes: int, gpu_mem_gb: float, dtype: torch.dt
         split = gathers and cfg.dist.shard_vocab and split_pays(world, lines, scored, shape.vocab, shape.hidden, b,
                                                                shape.vocab_params == shape.vocab * shape.hidden)
         root = shape.root_params - (shape.vocab_params if split else 0)
-        exchange = 2 * world * lines * scored * shape.vocab * 4 if split else 0
+        exchange = exchange_bytes(world, lines, scored, shape.vocab) if split else 0
         working = ((2 * shape.largest_layer + root) * b + exchange) if gathers else 0
         zero2 = strategy.startswith("deepspeed") and world > 1
         states = rec["params"] * (4 + (12 / world if zero2 else 12))

@@ -179,13 +179,17 @@ def deepspeed_vocab_shard(lm, group=None) -> Optional[VocabShard]:
     return VocabShard(embed, embed if tied else segments(head), vocab, hidden, emb.dtype, owned=False, group=group)
 
 
+def exchange_bytes(world: int, lines: int, scored: int, vocab: int) -> int:
+    """What a split vocabulary exchanges instead of gathering the matrix: the full-width partial logits every rank
+    computes for all ranks' ``lines x scored`` positions, fp32, forward and backward."""
+    return 2 * world * lines * scored * vocab * 4
+
+
 def split_pays(world: int, lines: int, scored: int, vocab: int, hidden: int, param_bytes: int, tied: bool) -> bool:
-    """Whether splitting the vocabulary needs less memory than gathering it: the partial logits every rank computes
-    for all ranks' ``lines x scored`` positions (fp32, forward and backward) against the gathered matrix (two when
-    untied). The partial results are full-width, so they grow with the number of ranks: at 8 ranks, 2 lines of 49
-    scored tokens each already cost more than Llama-3.2-1B's embedding."""
-    exchange = 2 * world * lines * scored * vocab * 4
-    return world > 1 and exchange < (1 if tied else 2) * vocab * hidden * param_bytes
+    """Whether splitting the vocabulary needs less memory than gathering it: :func:`exchange_bytes` against the
+    gathered matrix (two when untied). The exchange grows with the number of ranks: at 8 ranks, 2 lines of 49 scored
+    tokens each already cost more than Llama-3.2-1B's embedding."""
+    return world > 1 and exchange_bytes(world, lines, scored, vocab) < (1 if tied else 2) * vocab * hidden * param_bytes
 
 
 def take_rows(p: torch.nn.Parameter, rank: int, world: int) -> Tuple[int, int]:
