@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from htr_dist.config import CHOICES, not_one_of
 from htr_dist.errors import InputError
 from htr_dist.io_utils import atomic_write_json, plain_mode
 
@@ -449,9 +450,6 @@ def checkpoint_decoder_layers(lm: nn.Module) -> None:
         layer.forward = functools.partial(recomputed, layer.forward)
 
 
-LINE_ENDS = ("eos", "newline")
-
-
 @dataclass(frozen=True)
 class LineFormat:
     """Where a line's transcription sits in the teacher's sequence (``llm.bos_first``, ``llm.prompt``,
@@ -484,8 +482,8 @@ class PrefixLM(nn.Module):
     def __init__(self, lm: nn.Module, tokenizer, checkpoint_layers: bool = False,
                  line_format: LineFormat = LineFormat()):
         super().__init__()
-        if line_format.line_end not in LINE_ENDS:
-            raise ValueError(f"llm.line_end: {line_format.line_end!r} is not one of {', '.join(map(repr, LINE_ENDS))}")
+        if line_format.line_end not in CHOICES["llm.line_end"]:
+            raise ValueError(not_one_of("llm.line_end", line_format.line_end))
         self.lm = freeze(lm)
         self.tokenizer = tokenizer
         self.line_format = line_format
