@@ -9,13 +9,12 @@ training loss averages), and ``end_share``, the share of the summed loss on the 
 
 Without the visual tokens, where BOS goes makes no difference here (it is first either way); it matters in training,
 where BOS after the visual tokens tells the LM that a new text starts after them. The visual tokens can only lower
-these figures; what a format costs here is what the connector has to pay for
-before the image can help. A line end the LM finds unlikely (an end of text after a line cut from running text)
-adds loss, and a gradient, that says nothing about the image.
+these figures; what a format costs here is what the connector has to pay for before the image can help. A line end
+the LM finds unlikely (an end of text after a line cut from running text) adds loss, and a gradient, that says
+nothing about the image.
 """
 
 import argparse
-import glob
 import os
 import sys
 
@@ -31,20 +30,6 @@ FORMATS = {
     "bos_first_newline": dict(bos_first=True, prompt="", line_end="newline"),
     "prompt_newline": dict(bos_first=True, prompt="A handwritten line reads:\n", line_end="newline"),
 }
-
-
-def read_texts(folder: str, split: str, n: int) -> list:
-    from htr_dist.data.shards import tar_samples
-
-    urls = sorted(glob.glob(os.path.join(folder, f"{split}-*.tar")))
-    if not urls:
-        raise SystemExit(f"error: --data {folder}: no {split}-*.tar shards")
-    texts = []
-    for sample in tar_samples([{"url": u} for u in urls], handler=lambda e: False):
-        texts.append(sample["txt"].decode("utf-8").strip())
-        if len(texts) == n:
-            break
-    return texts
 
 
 @torch.inference_mode()
@@ -82,9 +67,10 @@ def main(argv=None) -> dict:
     p.add_argument("--max-tokens", type=int, default=24, help="llm.max_text_tokens (default: the demo's 24)")
     args = p.parse_args(argv)
     emit = reserve_stdout()
+    from htr_dist.data.shards import split_texts
     from htr_dist.models.llm import LineFormat, PrefixLM, load_causal_lm
 
-    texts = read_texts(args.data, args.split, args.lines)
+    texts = [t.strip() for t in split_texts(args.data, args.split)[: args.lines]]  # stripped, as training reads them
     lm, tokenizer = load_causal_lm(args.llm, args.cache_dir, torch.float32)
     report = {"llm": args.llm, "split": args.split, "lines": len(texts), "formats": {}}
     for name, fmt in FORMATS.items():

@@ -149,8 +149,9 @@ class Recognizer:
         fold_batch_norms(model)  # inference only: each batch norm into the convolution before it
         dtype = pick_dtype(device, precision)
         if model.head.rnn is not None:  # inference only: the recurrence in bf16 where that is fast (env decides)
+            rnn_dtype = inference_rnn_dtype(device, dtype)
             for rnn in filter(None, (model.head.rnn.lower, model.head.rnn.upper)):
-                rnn.to(inference_rnn_dtype(device, dtype))
+                rnn.to(rnn_dtype)
         record = blob.get("validation")
         scored = (f", step {record['step']}, {record['split']} CER {100 * record['cer']:.2f}%"
                   if isinstance(record, dict) and {"step", "split", "cer"} <= record.keys() else "")

@@ -184,7 +184,9 @@ class StreamDataset(torch.utils.data.IterableDataset):
             return 1.0
         return min(1.0, (self.epoch * self.steps + batch + 1) / self.aug_warmup_batches)
 
-    def _decode(self, s: dict, rng: np.random.Generator, share: float = 1.0) -> Optional[tuple]:
+    def _decode(self, s: dict, rng: np.random.Generator, share: float) -> Optional[tuple]:
+        """One sample -> (key, text, preprocessed image, label ids), augmented with probability ``share``
+        (:meth:`augmented_share`); None for a sample that cannot be read, counted and named."""
         where = f"{s.get('__url__', '?')}:{s.get('__key__', '?')}"
         self._counter.seen += 1
         if "txt" not in s or "png" not in s:
@@ -202,8 +204,8 @@ class StreamDataset(torch.utils.data.IterableDataset):
             self._counter.skip(f"{where} cannot be decoded ({type(err).__name__}: {err})")
             return None
         # below a share of 1 the coin comes first from the line's generator; at 1 nothing is drawn, so a run without
-        # warm-up augments exactly as before the warm-up existed
-        if self.train and self.augment and (share >= 1.0 or rng.random() < share):
+        # warm-up augments exactly as before the warm-up existed (and at 0, evaluation, nothing is drawn either)
+        if share >= 1.0 or (share > 0.0 and rng.random() < share):
             x = augment_preprocess(img, self.height, self.width, rng, self.parts)
         else:
             x = preprocess(img, self.height, self.width)
