@@ -190,6 +190,12 @@ class TrainConfig:
     """Weight of the CTC-shortcut head's loss: ``L_ctc = CTC(main head) + shortcut_weight * CTC(shortcut)``."""
     llm_loss_weight: float = 1.0
     """alpha in ``L = L_ctc + alpha * L_llm`` (``L_llm`` is the mean cross-entropy per transcription token)."""
+    llm_start_step: int = 0
+    """The teacher is off before this optimizer step (as on a step ``llm_every`` skips), so that it starts once CTC
+    has left its blank plateau and the tapped features say something about the line."""
+    llm_weight_schedule: str = "constant"
+    """alpha over the run: ``constant``, or ``linear`` / ``cosine``, from ``llm_loss_weight`` at ``llm_start_step``
+    down to 0 at the last step (the teacher shapes the features early, CTC alone finishes them)."""
     ctc_reduction: str = "line"
     """``line``: ``L_ctc`` is each line's CTC negative log-likelihood averaged over the lines, as the reference
     system (``sum / batch_size``); ``char``: each line's is divided by its length first (PyTorch's ``mean``), which
@@ -349,6 +355,7 @@ CHOICES = {
     "arch.head_type": ("both", "rnn", "cnn"),
     "arch.rnn_type": ("lstm", "gru"),
     "train.schedule": ("multistep", "cosine"),
+    "train.llm_weight_schedule": ("constant", "linear", "cosine"),
     "train.ctc_reduction": ("line", "char"),
     "train.init_alphabet": ("strict", "merge"),
     "llm.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
@@ -369,7 +376,7 @@ _POSITIVE = (
 _NON_NEGATIVE = (
     "data.num_workers", "data.shuffle_buffer", "data.aug_warmup_steps", "arch.mobilevit_dim", "train.shortcut_weight",
     "train.lr", "train.weight_decay", "train.max_steps", "train.grad_clip", "train.warmup_steps", "train.eval_every",
-    "train.save_every", "train.llm_loss_weight", "train.stop_after", "train.max_minutes",
+    "train.save_every", "train.llm_loss_weight", "train.stop_after", "train.max_minutes", "train.llm_start_step",
 )
 
 

@@ -3,6 +3,7 @@ and an overfit run on rendered lines with and without the LLM loss."""
 
 import fractions
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -432,3 +433,25 @@ def test_folding_batch_norms_keeps_the_output_of_the_default_model():
         after = model(images)["ctc_logits"]
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert torch.allclose(before, after, rtol=1e-4, atol=1e-4), (before - after).abs().max()
+
+
+def test_the_llm_weight_schedule_starts_late_and_decays():
+    """train.llm_start_step, llm_every and llm_weight_schedule: the teacher's steps and alpha are functions of the
+    step alone; alpha decays from llm_loss_weight at the start to 0 at the last step, and is what the total uses."""
+    spec = LossSpec(llm_weight=4.0, llm_every=3, llm_start_step=10)
+    assert [s for s in range(20) if spec.llm_step(s)] == [10, 13, 16, 19]
+    assert spec.llm_weight_at(9, 110) == 0.0 and spec.llm_weight_at(10, 110) == spec.llm_weight_at(109, 110) == 4.0
+    for schedule, middle in (("linear", 2.0), ("cosine", 2.0)):
+        s = replace(spec, llm_weight_schedule=schedule)
+        assert s.llm_weight_at(10, 111) == 4.0 and s.llm_weight_at(110, 111) == 0.0
+        assert s.llm_weight_at(60, 111) == pytest.approx(middle)
+        assert s.llm_weight_at(35, 111) > s.llm_weight_at(36, 111)
+    assert replace(spec, llm_weight_schedule="cosine").llm_weight_at(35, 111) > \
+        replace(spec, llm_weight_schedule="linear").llm_weight_at(35, 111)
+    with pytest.raises(ValueError, match="llm_weight_schedule"):
+        replace(spec, llm_weight_schedule="step").llm_weight_at(10, 20)
+    model = HTRModel(tiny_arch(), TINY_CONNECTOR, len(CHARS) + 1, 32, 160, llm_hidden=CountingTeacher.hidden_size)
+    batch = batch_of(["abc", "de"])
+    losses = compute_losses(model, CountingTeacher(), batch, spec, llm_weight=0.25)
+    assert losses["llm"] > 0
+    assert torch.allclose(losses["total"], losses["ctc"] + 0.1 * losses["ctc_shortcut"] + 0.25 * losses["llm"])

@@ -151,7 +151,9 @@ def test_train_script_two_ranks(launcher, strategy, trainable_zero, tiny_overrid
     args = ["--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml")] + tiny_overrides + [
         f"dist.strategy={strategy}", "train.max_steps=6", "train.save_every=2", "train.keep_last=2",
         "train.eval_every=3", "train.batch_size=3", f"run.dir={run}", "data.extra_val_splits=[val_seen]",
-        "train.llm_every=2"]  # the LLM on steps 0, 2, 4: the wrappers see the connector used on the others too
+        # the LLM on steps 1, 3, 5 (from step 1, every 2nd): the wrappers see the connector used on the others too;
+        # alpha decays linearly from 1 at step 1 to 0 at step 5
+        "train.llm_every=2", "train.llm_start_step=1", "train.llm_weight_schedule=linear"]
     if trainable_zero is not None:
         args.append(f"dist.deepspeed_config=configs/deepspeed/trainable_zero{trainable_zero}.json")
     launch = deepspeed_launch if launcher == "deepspeed" else torchrun
@@ -161,7 +163,8 @@ def test_train_script_two_ranks(launcher, strategy, trainable_zero, tiny_overrid
     assert EXPECTED_TAGS <= set(scalars)
     assert len(scalars["train/loss_total"]) == 6 and all(math.isfinite(v) for v in scalars["train/loss_total"])
     llm = scalars["train/loss_llm"]
-    assert all(v > 0 for v in llm[0::2]) and not any(llm[1::2])  # logged over the steps that ran the LLM
+    assert all(v > 0 for v in llm[1::2]) and not any(llm[0::2])  # logged over the steps that ran the LLM
+    assert scalars["train/llm_weight"] == pytest.approx([1.0, 0.75, 0.5, 0.25])  # logged while alpha > 0
     assert all(math.isfinite(v) and v > 0 for v in scalars["train/grad_norm"])  # measured, whoever clips
     cfg = load_config(args[1], args[2:])
     warmup = min(cfg.train.warmup_steps, 5)

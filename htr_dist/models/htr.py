@@ -116,20 +116,45 @@ class LossSpec:
     use_llm: bool = True
     llm_sample_ratio: float = 0.125
     max_text_tokens: int = 48
+    llm_every: int = 1
+    llm_start_step: int = 0
+    llm_weight_schedule: str = "constant"
 
     @classmethod
     def from_config(cls, cfg) -> "LossSpec":
-        """The spec of a run's config (``train.*`` weights and sampling, ``llm.max_text_tokens``)."""
+        """The spec of a run's config (``train.*`` weights, sampling and schedule, ``llm.max_text_tokens``)."""
         t = cfg.train
         return cls(t.shortcut_weight, t.llm_loss_weight, t.ctc_reduction, t.use_llm, t.llm_sample_ratio,
-                   cfg.llm.max_text_tokens)
+                   cfg.llm.max_text_tokens, t.llm_every, t.llm_start_step, t.llm_weight_schedule)
+
+    def llm_step(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (0-based) runs the teacher: from ``llm_start_step`` on, every
+        ``llm_every``-th step counted from there. A function of the step alone, so every rank agrees and a resumed
+        run skips the same steps."""
+        return step >= self.llm_start_step and (step - self.llm_start_step) % self.llm_every == 0
+
+    def llm_weight_at(self, step: int, steps: int) -> float:
+        """alpha at optimizer step ``step`` of ``steps``: ``llm_weight`` from ``llm_start_step`` on, decayed to 0 at
+        the last step by a ``linear`` or ``cosine`` schedule; 0 before ``llm_start_step``."""
+        if step < self.llm_start_step:
+            return 0.0
+        if self.llm_weight_schedule == "constant":
+            return self.llm_weight
+        span = max(1, steps - 1 - self.llm_start_step)
+        progress = min(1.0, (step - self.llm_start_step) / span)
+        if self.llm_weight_schedule == "linear":
+            return self.llm_weight * (1.0 - progress)
+        if self.llm_weight_schedule == "cosine":
+            return self.llm_weight * 0.5 * (1.0 + math.cos(math.pi * progress))
+        raise ValueError(not_one_of("train.llm_weight_schedule", self.llm_weight_schedule))
 
 
 def compute_losses(model, teacher, batch: dict, spec: LossSpec, generator: Optional[torch.Generator] = None,
-                   llm_step: bool = True) -> dict:
+                   llm_step: bool = True, llm_weight: Optional[float] = None) -> dict:
     """Named losses of one micro-batch: ``ctc``, ``ctc_shortcut``, ``llm``, ``total``; plus ``llm_s`` (seconds).
 
-    ``total = ctc + shortcut_weight * ctc_shortcut + llm_weight * llm``. With a teacher and ``spec.use_llm``,
+    ``total = ctc + shortcut_weight * ctc_shortcut + llm_weight * llm``, where ``llm_weight`` is this step's alpha
+    (:meth:`LossSpec.llm_weight_at`) if given, else ``spec.llm_weight``. With a teacher and ``spec.use_llm``,
     the LLM is called exactly once, on ``num_llm_samples(B, ratio)`` lines whose tap features come from the same
     forward pass as the CTC logits; otherwise ``llm`` is a zero tensor. ``llm_step=False`` (``train.llm_every``)
     skips the LLM on this micro-batch; every rank must pass the same value, or a sharded LLM's collectives hang. The
@@ -155,7 +180,8 @@ def compute_losses(model, teacher, batch: dict, spec: LossSpec, generator: Optio
         device = out["visual_tokens"].device
         losses["llm"] = teacher(out["visual_tokens"], input_ids.to(device), attention_mask.to(device)).float()
         llm_s = time.perf_counter() - start
-    losses["total"] = losses["ctc"] + spec.shortcut_weight * losses["ctc_shortcut"] + spec.llm_weight * losses["llm"]
+    alpha = spec.llm_weight if llm_weight is None else llm_weight
+    losses["total"] = losses["ctc"] + spec.shortcut_weight * losses["ctc_shortcut"] + alpha * losses["llm"]
     if not use_llm and out["visual_tokens"] is not None:  # the connector's empty pass: zero, but in the graph
         losses["total"] = losses["total"] + 0.0 * out["visual_tokens"].sum()
     losses["llm_s"] = llm_s

@@ -216,7 +216,8 @@ def _train(cfg, env) -> dict:
     bar = tqdm(total=steps, initial=pos.step, desc="train", unit="step", disable=not (env.is_main and cfg.run.progress),
                dynamic_ncols=True)
     accum = cfg.train.grad_accum
-    window = {k: 0.0 for k in LOSS_KEYS + ("llm_s", "data_s", "lines", "llm_steps")}
+    window = {k: 0.0 for k in LOSS_KEYS + ("llm_s", "data_s", "lines", "llm_steps", "llm_weight")}
+    planned_steps = steps  # the LLM weight's schedule spans the planned run, as the learning rate's
     window_steps, window_start = 0, time.time()
     stream = None
 
@@ -231,8 +232,10 @@ def _train(cfg, env) -> dict:
     while pos.step < steps:
         if stream is None:
             stream = open_stream(pos.micro_in_epoch)
-        llm_step = pos.step % cfg.train.llm_every == 0  # the same on every rank
+        llm_step = loss_spec.llm_step(pos.step)  # the same on every rank
+        llm_weight = loss_spec.llm_weight_at(pos.step, planned_steps)
         window["llm_steps"] += float(llm_step)
+        window["llm_weight"] += llm_weight if strategy.teacher is not None and loss_spec.use_llm else 0.0
         finite = True
         # a step skipped for a non-finite loss must not keep what its forward passes did to the normalisation
         # layers' running statistics either: they are put back from this copy
@@ -244,7 +247,8 @@ def _train(cfg, env) -> dict:
             skip_stats.update(batch)
             batch["images"] = batch["images"].to(env.device, non_blocking=True)
             with strategy.no_sync(micro == accum - 1), env.autocast():
-                losses = compute_losses(strategy.model, strategy.teacher, batch, loss_spec, sampler, llm_step=llm_step)
+                losses = compute_losses(strategy.model, strategy.teacher, batch, loss_spec, sampler, llm_step=llm_step,
+                                        llm_weight=llm_weight)
             strategy.backward(losses["total"])
             for k in LOSS_KEYS:
                 window[k] += losses[k].item() / accum
@@ -372,6 +376,8 @@ def _write_window(logger, window, n_steps, seconds, grad_norm, lr, env, skip_sta
         logger.scalar(f"train/loss_{k}", values[i].item(), step)
     lines_per_s = values[6].item() * env.world_size / max(seconds, 1e-9)
     logger.scalar("train/lr", lr, step)
+    if window["llm_weight"]:  # alpha, with a teacher (train.llm_weight_schedule)
+        logger.scalar("train/llm_weight", window["llm_weight"] / n_steps, step)
     logger.scalar("train/grad_norm", grad_norm, step)
     logger.scalar("perf/lines_per_s", lines_per_s, step)
     logger.scalar("perf/step_s", seconds / n_steps, step)
