@@ -117,7 +117,7 @@ def plan(cfg, gpus_per_node: int, nodes: int, gpu_mem_gb: float, dtype: torch.dt
     b = shape.bytes_per_param
     # visual tokens, BOS, text, its end, and the prompt at most one token per byte (byte-level BPE, as Llama's)
     tokens = cfg.connector.num_queries + cfg.llm.max_text_tokens + 2 + len(cfg.llm.prompt.encode("utf-8"))
-    scored = cfg.llm.max_text_tokens + 1
+    scored = cfg.llm.max_text_tokens + 1  # the text and its end (EOS or a newline: one token each in Llama's)
     eager = cfg.llm.attn_implementation == "eager"
     per_line = {ckpt: teacher_activation_bytes(shape, tokens, scored, eager, ckpt) for ckpt in (False, True)}
     lines = max(1, math.floor(cfg.train.batch_size * cfg.train.llm_sample_ratio + 0.5))

@@ -122,18 +122,20 @@ class Strategy:
         lm, tokenizer = self.load_teacher_lm()
         return self.prefix_lm(lm, tokenizer)
 
-    def _vocab_split_pays(self, lm: nn.Module) -> bool:
+    def _vocab_split_pays(self, teacher: PrefixLM) -> bool:
         """``dist.shard_vocab`` and a split that needs less memory than the gathered matrix
-        (:func:`htr_dist.models.vocab.split_pays`, from the config's lines and tokens per step)."""
+        (:func:`htr_dist.models.vocab.split_pays`, from the config's lines and the teacher's scored tokens a line)."""
         from htr_dist.models.htr import num_llm_samples
 
+        lm = teacher.lm
         emb, head = lm.get_input_embeddings(), lm.get_output_embeddings()
         if not self.cfg.dist.shard_vocab or head is None:
             return False
         vocab, hidden = getattr(emb.weight, "ds_shape", emb.weight.shape)
         lines = num_llm_samples(self.cfg.train.batch_size, self.cfg.train.llm_sample_ratio)
-        pays = split_pays(self.env.world_size, lines, self.cfg.llm.max_text_tokens + 1, vocab, hidden,
-                          emb.weight.element_size(), head.weight is emb.weight)
+        scored = teacher.scored_tokens(self.cfg.llm.max_text_tokens)
+        pays = split_pays(self.env.world_size, lines, scored, vocab, hidden, emb.weight.element_size(),
+                          head.weight is emb.weight)
         if not pays and self.env.world_size > 1:
             log.info("dist.shard_vocab: at %d ranks the split vocabulary's exchange would outweigh the gathered "
                      "matrix; it is gathered", self.env.world_size)
@@ -240,7 +242,7 @@ class FSDPStrategy(Strategy):
             kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.env.device.type != "cpu")
         if self.env.device.type == "cuda":
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=self.env.llm_dtype, reduce_dtype=torch.float32)
-        vocab = self._take_vocab(lm, mesh.get_group()) if self._vocab_split_pays(lm) else None
+        vocab = self._take_vocab(lm, mesh.get_group()) if self._vocab_split_pays(teacher) else None
         for layer in lm.base_model.layers:
             fully_shard(layer, **kwargs)
         root_kwargs = dict(kwargs, ignored_params={lm.get_input_embeddings().weight,
@@ -409,7 +411,7 @@ class DeepSpeedStrategy(Strategy):
         teacher = self.prefix_lm(lm, tokenizer)
         engine, *_ = deepspeed.initialize(model=teacher, config=ds)
         self.llm_engine = engine
-        if self._vocab_split_pays(lm):
+        if self._vocab_split_pays(teacher):
             teacher.vocab = deepspeed_vocab_shard(lm)
         return engine.module
 

@@ -535,6 +535,10 @@ class PrefixLM(nn.Module):
             mask[i, : len(r)] = 1
         return input_ids, mask
 
+    def scored_tokens(self, max_tokens: int) -> int:
+        """The most positions of a line that predict a label: its text (at most ``max_tokens``) and its end."""
+        return max_tokens + len(self.end_ids)
+
     def label_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(k, L) bool: which text positions are scored (not padding, not a leading BOS)."""
         scored = attention_mask.bool().clone()
