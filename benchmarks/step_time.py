@@ -93,11 +93,13 @@ def make_batch(batch: int, height: int, width: int, line_chars: int, seed: int =
 
 
 def load_teacher(name: str, cache_dir: str, dtype: torch.dtype = torch.float32, attn: str = "sdpa"):
-    """The frozen PrefixLM teacher (SmolLM2-135M by default) with its weights in ``dtype``."""
-    from htr_dist.models.llm import PrefixLM, load_causal_lm
+    """The frozen PrefixLM teacher (SmolLM2-135M by default) with its weights in ``dtype``, in the config's default
+    line layout."""
+    from htr_dist.config import LLMConfig
+    from htr_dist.models.llm import LineFormat, PrefixLM, load_causal_lm
 
     lm, tokenizer = load_causal_lm(name, cache_dir, dtype=dtype, attn_implementation=attn)
-    return PrefixLM(lm, tokenizer).eval()
+    return PrefixLM(lm, tokenizer, line_format=LineFormat.from_config(LLMConfig())).eval()
 
 
 class Case:

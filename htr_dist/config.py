@@ -150,17 +150,20 @@ class LLMConfig:
     """Where a GGUF model is converted to a transformers folder once."""
     max_text_tokens: int = 48
     """Transcription tokens fed to the LLM per line (longer lines are cut, counted and logged)."""
-    bos_first: bool = False
+    bos_first: bool = True
     """Where the tokenizer's BOS goes in the teacher's sequence: first, where the LM met it in its own training
     (``[BOS] prompt [visual tokens] text END``), or after the visual tokens (``prompt [visual tokens] [BOS] text
-    END``, the layout of runs before this key). Exports keep their run's choice, and ``beam+llm`` reads with it."""
+    END``, which tells the LM a new text starts after the image, so that it hardly reads it). Exports keep their
+    run's choice, and ``beam+llm`` reads with it; a checkpoint or export from before this key was read as ``false``
+    (:data:`LEGACY`)."""
     prompt: str = ""
     """Text the teacher reads before the visual tokens (after BOS with ``bos_first``), e.g. ``A handwritten line
     reads:``; empty = none."""
-    line_end: str = "eos"
-    """What follows the transcription, scored as its last token(s): ``eos`` (the tokenizer's end of text) or
-    ``newline``. A line is usually cut from a running text, so an end of text after it is a surprise to the LM that
-    says nothing about the image, where a newline is the natural end of a line."""
+    line_end: str = "newline"
+    """What follows the transcription, scored as its last token(s): ``newline`` or ``eos`` (the tokenizer's end of
+    text). A line is usually cut from a running text, so an end of text after it is a surprise to the LM that says
+    nothing about the image, where a newline is the natural end of a line. A checkpoint or export from before this
+    key was read as ``eos`` (:data:`LEGACY`)."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass instead of keeping them: a sampled line then
     keeps one hidden state per layer and token, not every intermediate (``launch/plan.py`` shows both), for about
@@ -726,14 +729,24 @@ RENAMED = {"arch.shortcut_weight": "train.shortcut_weight"}
 export written with the old key is read with it moved (:func:`from_dict`)."""
 
 
+LEGACY = {"llm.bos_first": False, "llm.line_end": "eos"}
+"""Keys whose default changed after runs were saved without them: a checkpoint or export that lacks one was trained
+with this value, which :func:`from_dict` reads for it (a config file lacking it gets today's default)."""
+
+
 def from_dict(data: dict) -> Config:
-    """Rebuild a Config from :func:`to_dict` output (e.g. from a checkpoint), moving :data:`RENAMED` keys."""
+    """Rebuild a Config from :func:`to_dict` output (e.g. from a checkpoint), moving :data:`RENAMED` keys and giving
+    a section that lacks a :data:`LEGACY` key the value it was saved under."""
     cfg = Config()
     data = {section: dict(values) if isinstance(values, dict) else values for section, values in data.items()}
     for old, new in RENAMED.items():
         (old_section, old_name), (new_section, new_name) = old.split("."), new.split(".")
         if old_name in data.get(old_section, {}):
             data.setdefault(new_section, {})[new_name] = data[old_section].pop(old_name)
+    for key, value in LEGACY.items():
+        section, name = key.split(".")
+        if isinstance(data.get(section), dict):
+            data[section].setdefault(name, value)
     _merge(cfg, data)
     validate(cfg)
     return cfg

@@ -229,3 +229,19 @@ def test_a_checkpoint_written_with_a_moved_key_still_loads():
     del data["train"]["shortcut_weight"]
     data["arch"]["shortcut_weight"] = 0.7  # as runs wrote it before the loss weights moved to train
     assert from_dict(data).train.shortcut_weight == 0.7
+
+
+def test_a_checkpoint_from_before_a_default_changed_keeps_its_value(tmp_path):
+    """llm.bos_first and llm.line_end: a saved config without them was trained in the layout of its day (BOS after
+    the visual tokens, EOS at the end); one that names them, and a config file that does not, get what they say or
+    today's defaults."""
+    data = to_dict(Config())
+    del data["llm"]["bos_first"], data["llm"]["line_end"]
+    old = from_dict(data).llm
+    assert (old.bos_first, old.line_end) == (False, "eos")
+    assert (Config().llm.bos_first, Config().llm.line_end) == (True, "newline")
+    saved = to_dict(Config())
+    assert (from_dict(saved).llm.bos_first, from_dict(saved).llm.line_end) == (True, "newline")
+    path = tmp_path / "mine.yaml"
+    path.write_text("llm:\n  max_text_tokens: 24\n")
+    assert load_config(str(path)).llm.bos_first is True

@@ -128,11 +128,12 @@ def test_pick_takes_the_highest_combined_score():
     assert pick(["x", "y"], [-1.0, -1.0], [-2.0, -2.0], 1.0, 0.0) == 0  # a tie goes to the first
 
 
-def test_teacher_scores_texts_as_it_was_trained_to_predict_them(tiny_llama):
-    from htr_dist.models.llm import PrefixLM, load_causal_lm
+@pytest.mark.parametrize("bos_first, line_end", [(False, "eos"), (True, "newline")])
+def test_teacher_scores_texts_as_it_was_trained_to_predict_them(tiny_llama, bos_first, line_end):
+    from htr_dist.models.llm import LineFormat, PrefixLM, load_causal_lm
 
     lm, tok = load_causal_lm(tiny_llama, "/nonexistent-cache")
-    teacher = PrefixLM(lm, tok)
+    teacher = PrefixLM(lm, tok, line_format=LineFormat(bos_first, "", line_end))
     torch.manual_seed(0)
     visual = torch.randn(4, lm.config.hidden_size)
     texts = ["The quick brown fox", "The quick brown fax", "jumps over"]

@@ -56,7 +56,7 @@ def flat_weights(run):
 
 
 @pytest.mark.parametrize("launcher, strategy, loss_tol, weight_tol", [
-    ("torchrun", "fsdp", 2e-3, 5e-3), ("deepspeed", "deepspeed", 1e-4, 1e-3)])
+    ("torchrun", "fsdp", 2e-3, 5e-3), ("deepspeed", "deepspeed", 2e-3, 1e-3)])
 def test_two_nodes_train_as_one(launcher, strategy, loss_tol, weight_tol, tiny_overrides, tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     one_node(launcher, train_args(tiny_overrides, one, strategy))
@@ -64,6 +64,10 @@ def test_two_nodes_train_as_one(launcher, strategy, loss_tol, weight_tol, tiny_o
     a, _ = read_scalars(os.path.join(one, "tb"))
     b, _ = read_scalars(os.path.join(two, "tb"))
     assert len(a["train/loss_total"]) == len(b["train/loss_total"]) == STEPS
+    # The first step's loss depends on the seeded weights and batch alone: equal to float rounding. Later steps follow
+    # all-reduced gradients whose sums run in another order across two nodes (TCP, not shared memory); Adam turns
+    # last-bit gradient differences into update differences (near-zero gradients change sign), which grow each step.
+    assert b["train/loss_total"][0] == pytest.approx(a["train/loss_total"][0], rel=1e-5)
     assert b["train/loss_total"] == pytest.approx(a["train/loss_total"], rel=loss_tol)
     wa, wb = flat_weights(one), flat_weights(two)
     assert float((wa - wb).norm() / wa.norm()) <= weight_tol

@@ -329,8 +329,9 @@ def test_a_teacher_by_shape_trains_sharded_on_every_strategy(strategy, offload, 
     ZeRO-3: zero.Init, each rank writes its partition), holds about half of itself per rank, stays frozen, and is the
     same model on every strategy: the same weights and, on the same batches, the same losses as a whole build (ddp),
     with activation checkpointing of its layers (llm.gradient_checkpointing, whose recomputation must gather the
-    sharded parameters again) and a split vocabulary (dist.shard_vocab): losses within 1e-4 relative, fp32. FSDP2 on the device and ZeRO-3 with parameter
-    offload here; the other two settings of each run at the tiny teacher's size above."""
+    sharded parameters again) and a split vocabulary (dist.shard_vocab): losses within 1e-5 relative at the first
+    step, fp32. FSDP2 on the device and ZeRO-3 with parameter offload here; the other two settings of each run at the
+    tiny teacher's size above."""
     overrides = [o for o in tiny_overrides if not o.startswith("llm.name_or_path=")]
     overrides += [f"llm.name_or_path={wide_shape}", "train.llm_sample_ratio=0.34"]
     mine = overrides + [f"llm.gradient_checkpointing={checkpointing}"]
@@ -349,5 +350,10 @@ def test_a_teacher_by_shape_trains_sharded_on_every_strategy(strategy, offload, 
     assert res["llm_after"] == res["llm_before"]  # frozen
     assert res["held"] <= 0.55 * res["full"] and whole["held"] == whole["full"]
     assert res["llm_before"] == pytest.approx(whole["llm_before"], rel=1e-6)  # the same weights
-    for a, b in zip(res["losses"], whole["losses"]):  # three steps: the gradients agreed too
-        assert a["llm"] == pytest.approx(b["llm"], rel=1e-4) and a["total"] == pytest.approx(b["total"], rel=1e-4)
+    # Three steps: the first forward pass agrees to float rounding, and the gradients too. The sum orders differ
+    # (split vocabulary, offloaded optimizer step), and Adam, which divides each gradient by its own running scale,
+    # turns those last-bit differences into update differences: the gap grows about tenfold a step (1e-7, 1e-6, 1e-5
+    # relative, in both teacher layouts), so each step gets ten times the tolerance of the one before.
+    for step, (a, b) in enumerate(zip(res["losses"], whole["losses"])):
+        rel = 1e-5 * 10 ** step
+        assert a["llm"] == pytest.approx(b["llm"], rel=rel) and a["total"] == pytest.approx(b["total"], rel=rel)

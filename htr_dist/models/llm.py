@@ -453,7 +453,9 @@ def checkpoint_decoder_layers(lm: nn.Module) -> None:
 @dataclass(frozen=True)
 class LineFormat:
     """Where a line's transcription sits in the teacher's sequence (``llm.bos_first``, ``llm.prompt``,
-    ``llm.line_end``); the defaults are the layout of exports made before these keys existed."""
+    ``llm.line_end``). The defaults here are the plain prefix layout ``[visual] [BOS] text [EOS]`` (that of exports
+    made before these keys existed); the config's defaults, which training uses, put BOS first and end on a
+    newline."""
 
     bos_first: bool = False
     prompt: str = ""
