@@ -77,20 +77,28 @@ class Arm:
 
 def parse_arm(text: str) -> Arm:
     """``NAME:key=value[,key=value ...]`` (or the overrides separated by spaces) into an :class:`Arm`. Commas inside
-    brackets belong to a value, as in ``data.extra_val_splits=[val_seen,test_seen]``."""
+    brackets belong to a value, as in ``data.extra_val_splits=[val_seen,test_seen]``, and commas and spaces inside
+    quotes too, as in ``llm.prompt="A line reads:"`` (the quotes stay: the value is read as YAML)."""
     name, sep, rest = text.partition(":")
     if not sep or not _ARM_NAME.match(name):
         raise InputError(f"--arm {text!r}: expected NAME:key=value[,key=value...] with a NAME of letters, digits, "
                          "'_', '.' or '-'")
-    parts, depth, cur = [], 0, ""
+    parts, depth, quote, cur = [], 0, "", ""
     for ch in rest:
-        depth += ch in "[{("
-        depth -= ch in "]})"
-        if depth == 0 and (ch == "," or ch.isspace()):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        else:
+            depth += ch in "[{("
+            depth -= ch in "]})"
+        if depth == 0 and not quote and (ch == "," or ch.isspace()):
             parts.append(cur)
             cur = ""
         else:
             cur += ch
+    if quote:
+        raise InputError(f"--arm {name}: a {quote} quote is not closed in {rest!r}")
     parts.append(cur)
     overrides = [p for p in parts if p]
     for o in overrides:

@@ -43,7 +43,9 @@ def test_parse_arm():
     b = parse_arm("splits:data.extra_val_splits=[val_seen,test_seen] train.lr=0.001")
     assert b.overrides == ["data.extra_val_splits=[val_seen,test_seen]", "train.lr=0.001"]
     assert parse_arm("base:").overrides == []
-    for bad in ("no_colon", ":train.lr=1", "bad name:train.lr=1", "x:train.lr"):
+    c = parse_arm("""prompt:llm.prompt="A line, it reads:" train.lr=0.001,llm.prompt='x y'""")
+    assert c.overrides == ['llm.prompt="A line, it reads:"', "train.lr=0.001", "llm.prompt='x y'"]
+    for bad in ("no_colon", ":train.lr=1", "bad name:train.lr=1", "x:train.lr", 'x:llm.prompt="open'):
         with pytest.raises(InputError):
             parse_arm(bad)
 
