@@ -137,6 +137,12 @@ class ConnectorConfig:
     """Hidden width of the projection to the LLM's hidden size."""
     dropout: float = 0.1
     """Dropout inside the Q-Former."""
+    locality: float = 1.0
+    """A position prior in the Q-Former's cross-attention: query j of Q looks first at the j-th of Q equal parts of
+    the line, through an additive Gaussian bias ``locality`` parts wide. 0 = none: every query then starts by
+    averaging the whole line, nearly the same vector for every line, and the connector settles on one fixed prefix
+    that tells the LM nothing about the image (``benchmarks/teacher_reads.py``). A checkpoint or export from before
+    this key was read as 0 (:data:`LEGACY`)."""
 
 
 @dataclass
@@ -729,7 +735,7 @@ RENAMED = {"arch.shortcut_weight": "train.shortcut_weight"}
 export written with the old key is read with it moved (:func:`from_dict`)."""
 
 
-LEGACY = {"llm.bos_first": False, "llm.line_end": "eos"}
+LEGACY = {"llm.bos_first": False, "llm.line_end": "eos", "connector.locality": 0.0}
 """Keys whose default changed after runs were saved without them: a checkpoint or export that lacks one was trained
 with this value, which :func:`from_dict` reads for it (a config file lacking it gets today's default)."""
 

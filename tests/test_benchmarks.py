@@ -249,3 +249,69 @@ def test_teacher_format_scores_each_layout_on_the_same_tokens(tiny_llama, shard_
     assert legacy["first"] == pytest.approx(newline["first"]) and legacy["middle"] == pytest.approx(newline["middle"])
     assert legacy["end"] != pytest.approx(newline["end"]) and 0 < legacy["end_share"] < 1
     assert all(f["all"] > 0 and f["tokens_per_line"] > 1 for f in formats.values())
+
+
+def test_teacher_reads_tells_line_specific_tokens_from_a_constant_prefix(tiny_llama):
+    sys.path.insert(0, BENCH)
+    from teacher_reads import score_batch
+
+    from htr_dist.models.llm import LineFormat, PrefixLM, load_causal_lm
+
+    lm, tokenizer = load_causal_lm(tiny_llama, "/nonexistent-cache")
+    teacher = PrefixLM(lm, tokenizer, line_format=LineFormat(bos_first=True, line_end="newline")).eval()
+    texts = ["a line of text", "another one", "the third line"]
+    torch.manual_seed(0)
+    varied = torch.randn(3, 4, lm.config.hidden_size)
+    same = varied[:1].expand_as(varied)
+    out = score_batch(teacher, varied, texts, 24)
+    assert out["tokens"] == teacher.label_mask(*teacher.tokenize(texts, 24)).sum().item()
+    assert out["own"] != pytest.approx(out["other"]) and out["own"] != pytest.approx(out["mean"])
+    assert 0 <= out["hits"] <= out["tokens"]
+    # one prefix for every line: the image can tell the LM nothing, and the three scores agree
+    flat = score_batch(teacher, same, texts, 24)
+    assert flat["own"] == pytest.approx(flat["other"]) == pytest.approx(flat["mean"])
+
+
+def tiny_teacher_export(tiny_llama, shard_dir, path):
+    """An export of a tiny random recogniser whose connector feeds the tiny Llama, in the shards' alphabet."""
+    from htr_dist.config import Config
+    from htr_dist.data.shards import load_manifest
+    from htr_dist.models.htr import HTRModel
+    from htr_dist.train.export import export_model
+    from test_htr_model import TINY_CONNECTOR, tiny_arch
+
+    cfg = Config()
+    cfg.arch, cfg.connector = tiny_arch(), TINY_CONNECTOR
+    cfg.data.img_height, cfg.data.img_width = 32, 160
+    cfg.llm.name_or_path = tiny_llama
+    torch.manual_seed(0)
+    alphabet = load_manifest(shard_dir)["alphabet"]
+    model = HTRModel(cfg.arch, cfg.connector, len(alphabet) + 1, 32, 160, 64)
+    return export_model(model, cfg, alphabet, str(path))
+
+
+def test_teacher_reads_runs_on_an_export_with_a_connector(tiny_llama, shard_dir, tmp_path):
+    path = tiny_teacher_export(tiny_llama, shard_dir, tmp_path / "model.pt")
+    cmd = [sys.executable, os.path.join(BENCH, "teacher_reads.py"), "--model", path, "--data", shard_dir,
+           "--split", "val", "--lines", "5", "--batch-size", "3"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    assert report["lines"] == 5 and report["teacher"] == tiny_llama and report["tokens"] > 5
+    assert report["image_gain"] == pytest.approx(report["nll_other"] - report["nll_own"])
+    assert all(report[f"nll_{k}"] > 0 for k in ("own", "other", "mean"))
+
+
+def test_connector_probe_trains_a_fresh_connector_and_probes_it(tiny_llama, shard_dir, tmp_path):
+    path = tiny_teacher_export(tiny_llama, shard_dir, tmp_path / "model.pt")
+    base = [sys.executable, os.path.join(BENCH, "connector_probe.py"), "--model", path, "--data", shard_dir,
+            "--split", "val", "--batch-size", "3", "--probe-lines", "6"]
+    out = subprocess.run(base + ["--steps", "4", "--probe-every", "2", "--set", "connector.locality=0"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    assert [p["step"] for p in report["probes"]] == [2, 4] and report["connector"]["locality"] == 0
+    assert report["image_gain"] == report["probes"][-1]["image_gain"]
+    assert all(0 <= p["spread_over_lines"] and p["nll_own"] > 0 for p in report["probes"])
+    bad = subprocess.run(base + ["--set", "train.lr=1"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode == 2 and "only connector.* settings, not 'train.lr'" in bad.stderr

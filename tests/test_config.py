@@ -245,3 +245,7 @@ def test_a_checkpoint_from_before_a_default_changed_keeps_its_value(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("llm:\n  max_text_tokens: 24\n")
     assert load_config(str(path)).llm.bos_first is True
+    # connector.locality: a connector saved without it was trained without the position prior
+    del data["connector"]["locality"]
+    assert from_dict(data).connector.locality == 0.0 and Config().connector.locality == 1.0
+    assert from_dict(saved).connector.locality == 1.0 and load_config(str(path)).connector.locality == 1.0

@@ -61,3 +61,37 @@ def test_gradients_reach_queries_and_input_projection():
 def test_bad_heads_are_named():
     with pytest.raises(ValueError, match="connector.num_heads"):
         QFormerConnector(40, 24, ConnectorConfig(dim=30, num_heads=8))
+
+
+def test_locality_bias_centres_each_query_on_its_part_of_the_line():
+    from htr_dist.models.connector import locality_bias
+
+    bias = locality_bias(4, 12, 1.0)
+    assert bias.shape == (4, 12) and bias.max() <= 0
+    # query j is centred on the middle of the j-th quarter of the line: frame 3j+1 of 12
+    assert [int(row.argmax()) for row in bias] == [1, 4, 7, 10] and float(bias[0, 1]) == 0
+    # one query's share of the line (3 frames) away, the prior is exp(-1/2) of its peak
+    assert float(bias[0, 4]) == pytest.approx(-0.5, rel=1e-5) and float(bias[3, 7]) == pytest.approx(-0.5, rel=1e-5)
+    assert torch.all(locality_bias(4, 12, 2.0) >= bias)  # wider: a smaller penalty everywhere
+
+
+def test_locality_makes_the_queries_read_their_own_part_of_the_line():
+    cfg = ConnectorConfig(num_queries=4, dim=32, num_layers=1, num_heads=4, proj_hidden=48, dropout=0.0, locality=0.0)
+    torch.manual_seed(0)
+    frames = torch.randn(1, 64, 40)
+    changed = frames.clone()
+    changed[:, :16] = torch.randn(1, 16, 40)  # only the first quarter of the line differs
+    plain = QFormerConnector(40, 24, cfg).eval()
+    torch.manual_seed(0)
+    local = QFormerConnector(40, 24, ConnectorConfig(**{**cfg.__dict__, "locality": 0.5})).eval()
+    local.load_state_dict(plain.state_dict())  # the same weights: only the prior differs
+
+    def moved(conn):  # how far each visual token moves
+        with torch.no_grad():
+            return (conn(changed) - conn(frames)).norm(dim=-1)[0]
+
+    # with the prior the first query's token moves, the last one's hardly at all; without it all move alike
+    m = moved(local)
+    assert m[0] > 20 * m[3]
+    p = moved(plain)
+    assert p.max() < 3 * p.min()

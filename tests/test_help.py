@@ -28,6 +28,8 @@ SCRIPTS = {
     "benchmarks/inference.py": ["--checkpoint", "--memory-format", "--decode", "--batch"],
     "benchmarks/llm_memory.py": ["--help"],
     "benchmarks/gpu_smoke.py": ["--gpus", "--steps", "--strategies"],
+    "benchmarks/teacher_reads.py": ["--model", "--data", "--split", "--lines"],
+    "benchmarks/connector_probe.py": ["--model", "--data", "--steps", "--probe-every", "--set"],
     "launch/plan.py": ["--config", "--gpus", "--gpu-mem", "--nodes"],
     "launch/export.py": ["SOURCE", "--out", "--onnx", "--step", "--best", "--check-images"],
 }

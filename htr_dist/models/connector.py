@@ -18,12 +18,15 @@ class _Attention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:  # (N, Lq, D), (N, Lk, D)
+    def forward(self, x: torch.Tensor, context: torch.Tensor,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:  # (N, Lq, D), (N, Lk, D), (Lq, Lk)
         n, lq, d = x.shape
         h = self.heads
         q = self.q(x).view(n, lq, h, d // h).transpose(1, 2)
         k, v = self.kv(context).view(n, context.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        if bias is not None:
+            bias = bias.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(out.transpose(1, 2).reshape(n, lq, d))
 
 
@@ -37,10 +40,10 @@ class QFormerBlock(nn.Module):
         self.cross_attn = _Attention(dim, heads, dropout)
         self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim))
 
-    def forward(self, q: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, frames: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.norm_self(q)
         q = q + self.self_attn(x, x)
-        q = q + self.cross_attn(self.norm_cross(q), self.norm_ctx(frames))
+        q = q + self.cross_attn(self.norm_cross(q), self.norm_ctx(frames), bias)
         return q + self.ff(self.norm_ff(q))
 
 
@@ -51,6 +54,20 @@ def sinusoid(length: int, dim: int) -> torch.Tensor:
     table[:, 0::2] = torch.sin(pos * freq)
     table[:, 1::2] = torch.cos(pos * freq[: dim // 2])
     return table
+
+
+def locality_bias(queries: int, frames: int, width: float) -> torch.Tensor:
+    """(queries, frames) additive cross-attention bias: a Gaussian in position around each query's share of the line.
+
+    Query ``j`` of ``Q`` is centred on the fraction ``(j + 1/2) / Q`` of the line, and frame ``t`` of ``T`` sits at
+    ``(t + 1/2) / T``; the bias is ``-d^2 / (2 s^2)`` for their distance ``d``, with ``s = width / Q``: at ``width``
+    1 a query's attention falls to ``exp(-1/2)`` one query's share of the line away. Without it, every query starts
+    by averaging the whole line (its scores are near zero), which is nearly the same vector for every line, and the
+    connector settles on one fixed prefix for all of them before it learns to look at a part of the line."""
+    centre = (torch.arange(queries, dtype=torch.float32) + 0.5) / queries
+    pos = (torch.arange(frames, dtype=torch.float32) + 0.5) / frames
+    s = width / queries
+    return -((pos[None, :] - centre[:, None]) ** 2) / (2 * s * s)
 
 
 class QFormerConnector(nn.Module):
@@ -72,13 +89,16 @@ class QFormerConnector(nn.Module):
         self.proj = nn.Sequential(
             nn.Linear(cfg.dim, cfg.proj_hidden), nn.GELU(), nn.Linear(cfg.proj_hidden, llm_hidden), nn.LayerNorm(llm_hidden)
         )
-        self.dim = cfg.dim
+        self.dim, self.locality = cfg.dim, cfg.locality
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:  # (k, T, in_dim)
         frames = self.inp(feats) + sinusoid(feats.shape[1], self.dim).to(feats.device, feats.dtype)
         q = self.queries.unsqueeze(0).expand(feats.shape[0], -1, -1)
+        bias = None
+        if self.locality > 0:
+            bias = locality_bias(q.shape[1], feats.shape[1], self.locality).to(feats.device)
         for block in self.blocks:
-            q = block(q, frames)
+            q = block(q, frames, bias)
         return self.proj(self.norm(q))  # (k, Q, llm_hidden)
 
 
