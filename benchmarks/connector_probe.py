@@ -43,7 +43,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     emit = reserve_stdout()
     from htr_dist.config import ConfigError, get_key, parse_override
-    from htr_dist.data.pipeline import build_eval_loader, build_train_loader
+    from htr_dist.data.pipeline import build_train_loader
+    from htr_dist.dist.env import pick_dtype
     from htr_dist.inference import Recognizer
     from htr_dist.models.connector import QFormerConnector
     from htr_dist.models.llm import LineFormat, PrefixLM, load_causal_lm
@@ -64,7 +65,6 @@ def main(argv=None) -> dict:
         setattr(cfg.connector, key.split(".", 1)[1], value)
     cfg.data.path, cfg.train.seed, cfg.train.batch_size = args.data, args.seed, args.batch_size
     cfg.data.img_height, cfg.data.img_width = rec.img_height, rec.img_width
-    from htr_dist.dist.env import pick_dtype
 
     # the teacher as the demo trains it: bf16 where the CPU computes it natively, else fp32
     lm, tokenizer = load_causal_lm(args.llm or rec.teacher_name, cfg.llm.cache_dir,
@@ -81,10 +81,8 @@ def main(argv=None) -> dict:
     def probe(step: int) -> dict:
         connector.eval()
         totals = dict.fromkeys(PREFIXES + ("hits", "tokens"), 0.0)
-        probe_cfg = copy.deepcopy(cfg)
-        probe_cfg.train.batch_size = 16
         lines, spread = 0, []
-        for batch in build_eval_loader(probe_cfg, args.split, rec.alphabet, 0, 1):
+        for batch in rec.split_batches(args.data, args.split, 16):
             if lines >= args.probe_lines or len(batch["texts"]) < 2:
                 break
             with torch.no_grad():

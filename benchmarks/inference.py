@@ -34,7 +34,6 @@ train split of ``--data``; ``beam+llm`` needs a model trained with a teacher. A 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
 import sys
@@ -71,13 +70,7 @@ def export_random_model(cnn_cfg, height: int, width: int, folder: str) -> str:
 
 def real_lines(rec: Recognizer, folder: str, split: str, batch: int) -> torch.Tensor:
     """The first ``batch`` line images of ``split`` in a shard folder, preprocessed as evaluation does."""
-    from htr_dist.data.pipeline import build_eval_loader
-
-    cfg = copy.deepcopy(rec.config)
-    cfg.data.path = folder
-    cfg.data.img_height, cfg.data.img_width = rec.img_height, rec.img_width
-    cfg.train.batch_size = batch
-    return next(iter(build_eval_loader(cfg, split, rec.alphabet, 0, 1)))["images"]
+    return next(iter(rec.split_batches(folder, split, batch)))["images"]
 
 
 def usable_decoders(rec: Recognizer, decoders: list, args) -> dict:

@@ -63,25 +63,21 @@ def main(argv=None) -> dict:
     if args.batch_size < 2:
         p.error("--batch-size: at least 2 ('other' takes another line of the batch)")
     emit = reserve_stdout()
-    from htr_dist.data.pipeline import build_eval_loader
     from htr_dist.inference import Recognizer
 
     rec = Recognizer.load(args.model, torch.device("cpu"))
     rec.check_mode("beam+llm")  # a clear error for a model trained without the teacher
     rec.use_teacher(args.llm)
     teacher = rec.teacher()
-    cfg = rec.config
-    cfg.data.path = args.data
-    cfg.data.img_height, cfg.data.img_width = rec.img_height, rec.img_width
-    cfg.train.batch_size = args.batch_size
+    max_tokens = rec.config.llm.max_text_tokens
     totals = dict.fromkeys(PREFIXES + ("hits", "tokens"), 0.0)
     lines = 0
-    for batch in build_eval_loader(cfg, args.split, rec.alphabet, 0, 1):
+    for batch in rec.split_batches(args.data, args.split, args.batch_size):
         texts = [t.strip() for t in batch["texts"]][: args.lines - lines]
         if len(texts) < 2:
             break
         tokens = rec.forward(batch["images"][: len(texts)], "beam+llm")["visual_tokens"]
-        for k, v in score_batch(teacher, tokens, texts, cfg.llm.max_text_tokens).items():
+        for k, v in score_batch(teacher, tokens, texts, max_tokens).items():
             totals[k] += v
         lines += len(texts)
         print(f"{lines} lines: own {totals['own'] / totals['tokens']:.2f} nats per token, "

@@ -43,13 +43,7 @@ def predictions_tsv(results: list) -> str:
 
 
 def _loader(rec: Recognizer, args, env):
-    from htr_dist.data.pipeline import build_eval_loader
-
-    cfg = rec.config
-    cfg.data.path = args.data
-    cfg.data.img_height, cfg.data.img_width = rec.img_height, rec.img_width
-    cfg.train.batch_size = args.batch_size
-    return build_eval_loader(cfg, args.split, rec.alphabet, env.rank, env.world_size, env.pin_memory)
+    return rec.split_batches(args.data, args.split, args.batch_size, env.rank, env.world_size, env.pin_memory)
 
 
 def _grid(grid: dict) -> list:

@@ -205,6 +205,19 @@ class Recognizer:
             self._lm = CharNgramLM(self.settings.lm_texts, self.settings.lm_order)
         return self._lm
 
+    def split_batches(self, data: str, split: str, batch_size: int, rank: int = 0, world: int = 1,
+                      pin_memory: bool = False):
+        """Batches of ``split`` of the shard folder ``data``, preprocessed at this model's input size as evaluation
+        reads them; across ``world`` ranks, every line exactly once."""
+        import copy
+
+        from htr_dist.data.pipeline import build_eval_loader
+
+        cfg = copy.deepcopy(self.config)
+        cfg.data.path, cfg.train.batch_size = data, batch_size
+        cfg.data.img_height, cfg.data.img_width = self.img_height, self.img_width
+        return build_eval_loader(cfg, split, self.alphabet, rank, world, pin_memory)
+
     @torch.inference_mode()
     def forward(self, images: torch.Tensor, decode: str = "greedy") -> dict:
         """The model's outputs for ``decode``: visual tokens of every line only for ``beam+llm``."""
