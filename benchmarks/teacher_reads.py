@@ -42,7 +42,7 @@ def score_batch(teacher, tokens: torch.Tensor, texts: list, max_tokens: int) -> 
     }
     out = {}
     for name, prefix in prefixes.items():
-        logits, scored = teacher._scored_logits(prefix, ids, mask)
+        logits, scored = teacher.scored_logits(prefix, ids, mask)
         target = ids[scored]
         out[name] = torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
         if name == "own":

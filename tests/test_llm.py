@@ -187,14 +187,14 @@ def test_bos_first_prompt_and_newline_layout_is_the_models_own_loss(tiny, prompt
         with torch.no_grad():
             own = tiny.lm(inputs_embeds=x, labels=labels).loss
             alone = teacher(prefix[row : row + 1], *teacher.tokenize([["the cat sat", "a"][row]], 48))
-            logits, scored = teacher._scored_logits(prefix, ids, mask)
+            logits, scored = teacher.scored_logits(prefix, ids, mask)
         assert int(scored[row].sum()) == n
         assert torch.allclose(alone, own, atol=1e-5), (alone, own)
     legacy = PrefixLM(tiny.lm, tok)
     assert legacy.head_ids == [] and legacy.tokenize(["a"], 48)[0][0, 0] == tok.bos_token_id
     for t in (teacher, legacy):  # what dist.shard_vocab's memory rule counts: a line cut to 3 tokens, and its end
         ids, mask = t.tokenize(["the cat sat on the mat"], 3)
-        _, scored = t._scored_logits(torch.randn(1, Q, t.hidden_size), ids, mask)
+        _, scored = t.scored_logits(torch.randn(1, Q, t.hidden_size), ids, mask)
         assert int(scored.sum()) == t.scored_tokens(3)
     with pytest.raises(ValueError, match="llm.line_end"):
         PrefixLM(tiny.lm, tok, line_format=LineFormat(line_end="crlf"))

@@ -548,9 +548,10 @@ class PrefixLM(nn.Module):
             scored[:, 0] &= input_ids[:, 0] != self.text_bos[0]
         return scored
 
-    def _scored_logits(self, prefix: torch.Tensor, input_ids: torch.Tensor,
-                       attention_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """fp32 logits (N, V) at the N positions that predict a label, and the (k, L) mask of those positions."""
+    def scored_logits(self, prefix: torch.Tensor, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """fp32 logits (N, V) at the N positions that predict a label, and the (k, L) mask of those positions: what
+        :meth:`forward` and :meth:`sequence_log_probs` reduce, for a caller that needs each token's distribution."""
         if prefix.dim() != 3 or prefix.shape[2] != self.hidden_size or prefix.shape[0] != input_ids.shape[0]:
             raise ValueError(f"PrefixLM: prefix {tuple(prefix.shape)} does not match (k={input_ids.shape[0]}, Q, "
                              f"hidden_size={self.hidden_size}) for input_ids {tuple(input_ids.shape)}")
@@ -582,13 +583,13 @@ class PrefixLM(nn.Module):
             return final_logits(logits.float(), self.lm.config), scored
 
     def forward(self, prefix: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        logits, scored = self._scored_logits(prefix, input_ids, attention_mask)
+        logits, scored = self.scored_logits(prefix, input_ids, attention_mask)
         return F.cross_entropy(logits, input_ids[scored])
 
     def sequence_log_probs(self, prefix: torch.Tensor, input_ids: torch.Tensor,
                            attention_mask: torch.Tensor) -> torch.Tensor:
         """(k,) log-probability of each row's labels (text tokens and EOS) after its prefix, summed over the row."""
-        logits, scored = self._scored_logits(prefix, input_ids, attention_mask)
+        logits, scored = self.scored_logits(prefix, input_ids, attention_mask)
         token_lp = logits.log_softmax(-1).gather(1, input_ids[scored].unsqueeze(1)).squeeze(1)  # (N,)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(scored)[scored]
         return torch.zeros(input_ids.shape[0], dtype=token_lp.dtype, device=token_lp.device).index_add_(0, rows,
