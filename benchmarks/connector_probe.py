@@ -46,7 +46,7 @@ def main(argv=None) -> dict:
     from htr_dist.data.pipeline import build_train_loader
     from htr_dist.dist.env import pick_dtype
     from htr_dist.inference import Recognizer
-    from htr_dist.models.connector import QFormerConnector
+    from htr_dist.models.connector import build_connector
     from htr_dist.models.llm import LineFormat, PrefixLM, load_causal_lm
 
     torch.manual_seed(args.seed)
@@ -71,7 +71,7 @@ def main(argv=None) -> dict:
                                    pick_dtype(device, "bf16_native", "dist.llm_precision"), "eager", "cpu")
     teacher = PrefixLM(lm, tokenizer, line_format=LineFormat.from_config(cfg.llm)).eval()
     recogniser = rec.model.eval()
-    connector = QFormerConnector(recogniser.head.tap_dim, lm.config.hidden_size, cfg.connector)
+    connector = build_connector(recogniser.head.tap_dim, lm.config.hidden_size, cfg.connector)
     optimizer = torch.optim.AdamW(connector.parameters(), lr=args.lr)
 
     @torch.no_grad()

@@ -123,22 +123,25 @@ class ArchConfig:
 
 @dataclass
 class ConnectorConfig:
-    """The Q-Former that turns the head's features into the frozen LLM's input tokens."""
+    """What turns the head's features into the frozen LLM's input tokens."""
 
+    kind: str = "qformer"
+    """``qformer`` (learned queries cross-attend to the frames) or ``pool`` (token j = an MLP of the mean of the j-th
+    of ``num_queries`` equal parts of the line; the keys marked Q-Former do not apply to it)."""
     num_queries: int = 64
     """Learned queries = visual tokens handed to the LLM."""
     dim: int = 512
-    """Width of the Q-Former blocks."""
+    """Width of the Q-Former blocks (Q-Former)."""
     num_layers: int = 2
-    """Q-Former blocks (self-attention, cross-attention, feed-forward)."""
+    """Q-Former blocks (self-attention, cross-attention, feed-forward) (Q-Former)."""
     num_heads: int = 8
-    """Attention heads in the Q-Former."""
+    """Attention heads in the Q-Former (Q-Former)."""
     proj_hidden: int = 1024
-    """Hidden width of the projection to the LLM's hidden size."""
+    """Hidden width of the MLP to the LLM's hidden size."""
     dropout: float = 0.1
-    """Dropout inside the Q-Former."""
+    """Dropout inside the Q-Former (Q-Former)."""
     locality: float = 1.0
-    """A position prior in the Q-Former's cross-attention: query j of Q looks first at the j-th of Q equal parts of
+    """(Q-Former) A position prior in the Q-Former's cross-attention: query j of Q looks first at the j-th of Q equal parts of
     the line, through an additive Gaussian bias ``locality`` parts wide. 0 = none: every query then starts by
     averaging the whole line, nearly the same vector for every line, and the connector settles on one fixed prefix
     that tells the LM nothing about the image (``benchmarks/teacher_reads.py``). A checkpoint or export from before
@@ -363,6 +366,7 @@ class Config:
 CHOICES = {
     "arch.head_type": ("both", "rnn", "cnn"),
     "arch.rnn_type": ("lstm", "gru"),
+    "connector.kind": ("qformer", "pool"),
     "train.schedule": ("multistep", "cosine"),
     "train.llm_weight_schedule": ("constant", "linear", "cosine"),
     "train.ctc_reduction": ("line", "char"),

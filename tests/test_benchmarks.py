@@ -306,11 +306,12 @@ def test_connector_probe_trains_a_fresh_connector_and_probes_it(tiny_llama, shar
     path = tiny_teacher_export(tiny_llama, shard_dir, tmp_path / "model.pt")
     base = [sys.executable, os.path.join(BENCH, "connector_probe.py"), "--model", path, "--data", shard_dir,
             "--split", "val", "--batch-size", "3", "--probe-lines", "6"]
-    out = subprocess.run(base + ["--steps", "4", "--probe-every", "2", "--set", "connector.locality=0"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    out = subprocess.run(base + ["--steps", "4", "--probe-every", "2", "--set", "connector.kind=pool",
+                                 "connector.num_queries=3"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout)
-    assert [p["step"] for p in report["probes"]] == [2, 4] and report["connector"]["locality"] == 0
+    assert [p["step"] for p in report["probes"]] == [2, 4]
+    assert report["connector"]["kind"] == "pool" and report["connector"]["num_queries"] == 3
     assert report["image_gain"] == report["probes"][-1]["image_gain"]
     assert all(0 <= p["spread_over_lines"] and p["nll_own"] > 0 for p in report["probes"])
     bad = subprocess.run(base + ["--set", "train.lr=1"], capture_output=True, text=True, cwd=ROOT, timeout=120)

@@ -95,3 +95,50 @@ def test_locality_makes_the_queries_read_their_own_part_of_the_line():
     assert m[0] > 20 * m[3]
     p = moved(plain)
     assert p.max() < 3 * p.min()
+
+
+POOL = ConnectorConfig(kind="pool", num_queries=4, proj_hidden=48)
+
+
+def test_pool_connector_reads_each_part_of_the_line_alone():
+    from htr_dist.models.connector import PoolConnector, build_connector
+
+    torch.manual_seed(0)
+    conn = build_connector(40, 24, POOL).eval()
+    assert isinstance(conn, PoolConnector)
+    frames = torch.randn(2, 64, 40)
+    out = conn(frames)
+    assert out.shape == (2, 4, 24)
+    # token j is the MLP of the mean of frames 16j .. 16j+15, computed here by hand
+    mean = frames[:, 16:32].mean(1)
+    by_hand = conn.proj[2](torch.nn.functional.gelu(conn.proj[0](mean)))
+    assert torch.allclose(out[:, 1], by_hand, atol=1e-5)
+    changed = frames.clone()
+    changed[:, :16] = torch.randn(2, 16, 40)  # only the first quarter of the line differs
+    moved = (conn(changed) - out).norm(dim=-1)
+    assert (moved[:, 0] > 0).all() and torch.equal(moved[:, 1:], torch.zeros(2, 3))
+    for n in (1, 3, 301):  # any frame count, fewer frames than tokens too
+        assert conn(torch.randn(1, n, 40)).shape == (1, 4, 24)
+
+
+def test_pool_connector_gradients_and_llm_hidden_of():
+    from htr_dist.models.connector import build_connector, llm_hidden_of
+
+    conn = build_connector(40, 24, POOL)
+    feats = torch.randn(2, 20, 40, requires_grad=True)
+    (conn(feats) * torch.randn(2, 4, 24)).sum().backward()
+    assert feats.grad.abs().sum() > 0 and all(p.grad is not None for p in conn.parameters())
+    # what an export without the LLM's config is rebuilt from: the same key for both kinds
+    for kind in (POOL, SMALL):
+        state = {f"connector.{k}": v for k, v in build_connector(40, 24, kind).state_dict().items()}
+        assert llm_hidden_of(state) == 24
+
+
+def test_unknown_connector_kind_is_named():
+    from htr_dist.config import ConfigError, load_config
+
+    with pytest.raises(ValueError, match="connector.kind: 'mlp'"):
+        from htr_dist.models.connector import build_connector
+        build_connector(40, 24, ConnectorConfig(kind="mlp"))
+    with pytest.raises(ConfigError, match="connector.kind: 'mlp' is not one of 'qformer', 'pool'"):
+        load_config(None, ["connector.kind=mlp"])

@@ -108,6 +108,28 @@ def test_forward_outputs_and_connector_reads_tap_rows():
     assert any(k.startswith("connector.") for k in model.export_state_dict())
 
 
+def test_pool_connector_is_exported_and_read_back(tmp_path):
+    from htr_dist.inference import Recognizer
+    from htr_dist.models.connector import PoolConnector
+    from htr_dist.train.export import export_model
+
+    cfg = Config()
+    cfg.arch, cfg.connector = tiny_arch(), replace(TINY_CONNECTOR, kind="pool")
+    cfg.data.img_height, cfg.data.img_width = 32, 160
+    torch.manual_seed(0)
+    model = HTRModel(cfg.arch, cfg.connector, len(CHARS) + 1, 32, 160, llm_hidden=12).eval()
+    assert isinstance(model.connector, PoolConnector)
+    path = export_model(model, cfg, CHARS, str(tmp_path / "model.pt"))
+    back = Recognizer.load(path).model
+    assert isinstance(back.connector, PoolConnector) and back.llm_hidden == 12
+    saved = model.connector.state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in back.connector.state_dict().items())
+    images, index = torch.rand(3, 1, 32, 160), torch.tensor([0, 2])
+    with torch.no_grad():  # inference folds the batch norms (and may run the BiLSTM in bf16): close, not equal
+        got, want = back(images, index)["visual_tokens"], model(images, index)["visual_tokens"]
+    assert got.shape == want.shape == (2, 4, 12) and torch.allclose(got, want, atol=2e-2)
+
+
 @pytest.mark.parametrize("head_type", ["both", "rnn", "cnn"])
 def test_head_type_and_tap_layer_set_what_the_connector_reads(head_type):
     torch.manual_seed(0)

@@ -1,4 +1,8 @@
-"""Q-Former connector: learned queries read the recogniser's frames and become the LLM's visual tokens."""
+"""Connectors: what turns the recogniser's frames into the LLM's visual tokens (``connector.kind``).
+
+``qformer``: learned queries cross-attend to the frames (:class:`QFormerConnector`). ``pool``: token j is the mean of
+the j-th of Q equal parts of the line through an MLP (:class:`PoolConnector`), so each token is that part's own
+content from the first step; ``docs/benchmarks.md`` measures what each passes to the LM."""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from htr_dist.config import CHOICES, not_one_of
 
 
 class _Attention(nn.Module):
@@ -102,8 +108,36 @@ class QFormerConnector(nn.Module):
         return self.proj(self.norm(q))  # (k, Q, llm_hidden)
 
 
+class PoolConnector(nn.Module):
+    """(k, T, in_dim) frames -> (k, num_queries, llm_hidden) tokens: the mean of each of ``num_queries`` equal parts
+    of the line, through Linear(in_dim, proj_hidden) - GELU - Linear(proj_hidden, llm_hidden).
+
+    It has no attention and no learned queries, so no constant part that every line shares: a token can only carry
+    what its part of the line holds. The Q-Former's own keys (``dim``, ``num_layers``, ``num_heads``, ``dropout``,
+    ``locality``) do not apply."""
+
+    def __init__(self, in_dim: int, llm_hidden: int, cfg):
+        super().__init__()
+        self.num_queries = cfg.num_queries
+        self.proj = nn.Sequential(nn.Linear(in_dim, cfg.proj_hidden), nn.GELU(), nn.Linear(cfg.proj_hidden, llm_hidden))
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:  # (k, T, in_dim)
+        parts = F.adaptive_avg_pool1d(feats.transpose(1, 2), self.num_queries).transpose(1, 2)  # (k, Q, in_dim)
+        return self.proj(parts)
+
+
+def build_connector(in_dim: int, llm_hidden: int, cfg) -> nn.Module:
+    """The connector ``cfg.kind`` names (``connector.kind``)."""
+    kinds = {"qformer": QFormerConnector, "pool": PoolConnector}
+    assert tuple(kinds) == CHOICES["connector.kind"]
+    if cfg.kind not in kinds:
+        raise ValueError(not_one_of("connector.kind", cfg.kind))
+    return kinds[cfg.kind](in_dim, llm_hidden, cfg)
+
+
 def llm_hidden_of(state_dict: dict, prefix: str = "connector.") -> Optional[int]:
     """The LLM hidden size a saved connector projects to (the output rows of its second projection), or None when
-    ``state_dict`` holds no connector: what rebuilds a model from its weights without the LLM's config."""
+    ``state_dict`` holds no connector: what rebuilds a model from its weights without the LLM's config. Both kinds
+    name that layer ``proj.2``."""
     key = f"{prefix}proj.2.weight"
     return int(state_dict[key].shape[0]) if key in state_dict else None

@@ -18,12 +18,12 @@ import torch.nn.functional as F
 
 from htr_dist.config import CHOICES, not_one_of
 from htr_dist.models.backbone import HybridBackboneCRNNMobileViT
-from htr_dist.models.connector import QFormerConnector
+from htr_dist.models.connector import build_connector
 from htr_dist.models.heads import CTCtopB
 
 
 class HTRModel(nn.Module):
-    """The trainable part: backbone, CTC heads and (when ``llm_hidden`` is given) the Q-Former connector."""
+    """The trainable part: backbone, CTC heads and (when ``llm_hidden`` is given) the connector."""
 
     def __init__(self, arch, connector, num_classes: int, img_height: int, img_width: int,
                  llm_hidden: Optional[int] = None, channels_last: bool = True):
@@ -34,7 +34,7 @@ class HTRModel(nn.Module):
         )
         self.head = CTCtopB(self.backbone.out_channels, num_classes, arch.head_type, arch.rnn_type,
                             arch.rnn_hidden_size, arch.rnn_layers, arch.rnn_dropout, arch.llm_tap_layer)
-        self.connector = QFormerConnector(self.head.tap_dim, llm_hidden, connector) if llm_hidden else None
+        self.connector = build_connector(self.head.tap_dim, llm_hidden, connector) if llm_hidden else None
         self.llm_hidden = llm_hidden
         self.num_classes = num_classes
         self.img_size = (img_height, img_width)
