@@ -739,7 +739,7 @@ RENAMED = {"arch.shortcut_weight": "train.shortcut_weight"}
 export written with the old key is read with it moved (:func:`from_dict`)."""
 
 
-LEGACY = {"llm.bos_first": False, "llm.line_end": "eos", "connector.locality": 0.0}
+LEGACY = {"llm.bos_first": False, "llm.line_end": "eos", "connector.locality": 0.0, "connector.kind": "qformer"}
 """Keys whose default changed after runs were saved without them: a checkpoint or export that lacks one was trained
 with this value, which :func:`from_dict` reads for it (a config file lacking it gets today's default)."""
 

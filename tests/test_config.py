@@ -249,3 +249,18 @@ def test_a_checkpoint_from_before_a_default_changed_keeps_its_value(tmp_path):
     del data["connector"]["locality"]
     assert from_dict(data).connector.locality == 0.0 and Config().connector.locality == 1.0
     assert from_dict(saved).connector.locality == 1.0 and load_config(str(path)).connector.locality == 1.0
+
+
+def test_resume_check_reads_a_checkpoint_from_before_a_connector_key_as_trained(tmp_path):
+    import json
+
+    from htr_dist.errors import InputError
+    from htr_dist.train.checkpoint import META, check_same_model
+
+    now = {"alphabet": "ab", "connector": {"kind": "qformer", "locality": 0.0, "dim": 32}}
+    (tmp_path / META).write_text(json.dumps({"alphabet": "ab", "connector": {"dim": 32}}))
+    check_same_model(str(tmp_path), now)  # written before kind and locality: a Q-Former without the prior
+    with pytest.raises(InputError, match="connector.kind 'qformer' there, 'pool' here"):
+        check_same_model(str(tmp_path), {**now, "connector": {**now["connector"], "kind": "pool"}})
+    with pytest.raises(InputError, match="connector.locality 0.0 there, 1.0 here"):
+        check_same_model(str(tmp_path), {**now, "connector": {**now["connector"], "locality": 1.0}})
