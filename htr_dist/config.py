@@ -127,25 +127,25 @@ class ConnectorConfig:
 
     kind: str = "qformer"
     """``qformer`` (learned queries cross-attend to the frames) or ``pool`` (token j = an MLP of the mean of the j-th
-    of ``num_queries`` equal parts of the line; the keys marked Q-Former do not apply to it)."""
+    of ``num_queries`` equal parts of the line; the keys marked ``qformer`` only do not apply to it)."""
     num_queries: int = 64
-    """Learned queries = visual tokens handed to the LLM."""
+    """Visual tokens handed to the LLM: the Q-Former's learned queries, or the pooling connector's parts of the line."""
     dim: int = 512
-    """Width of the Q-Former blocks (Q-Former)."""
+    """Width of the Q-Former blocks (``qformer`` only)."""
     num_layers: int = 2
-    """Q-Former blocks (self-attention, cross-attention, feed-forward) (Q-Former)."""
+    """Q-Former blocks: self-attention, cross-attention, feed-forward (``qformer`` only)."""
     num_heads: int = 8
-    """Attention heads in the Q-Former (Q-Former)."""
+    """Attention heads in the Q-Former (``qformer`` only)."""
     proj_hidden: int = 1024
     """Hidden width of the MLP to the LLM's hidden size."""
     dropout: float = 0.1
-    """Dropout inside the Q-Former (Q-Former)."""
+    """Dropout inside the Q-Former (``qformer`` only)."""
     locality: float = 1.0
-    """(Q-Former) A position prior in the Q-Former's cross-attention: query j of Q looks first at the j-th of Q equal parts of
-    the line, through an additive Gaussian bias ``locality`` parts wide. 0 = none: every query then starts by
-    averaging the whole line, nearly the same vector for every line, and the connector settles on one fixed prefix
-    that tells the LM nothing about the image (``benchmarks/teacher_reads.py``). A checkpoint or export from before
-    this key was read as 0 (:data:`LEGACY`)."""
+    """A position prior in the Q-Former's cross-attention (``qformer`` only): query j of Q looks first at the j-th of
+    Q equal parts of the line, through an additive Gaussian bias ``locality`` parts wide. 0 = none: every query then
+    starts by averaging the whole line, nearly the same vector for every line, and the connector settles on one fixed
+    prefix that tells the LM nothing about the image (``benchmarks/teacher_reads.py``). A checkpoint or export from
+    before this key was read as 0 (:data:`LEGACY`)."""
 
 
 @dataclass
@@ -740,8 +740,8 @@ export written with the old key is read with it moved (:func:`from_dict`)."""
 
 
 LEGACY = {"llm.bos_first": False, "llm.line_end": "eos", "connector.locality": 0.0, "connector.kind": "qformer"}
-"""Keys whose default changed after runs were saved without them: a checkpoint or export that lacks one was trained
-with this value, which :func:`from_dict` reads for it (a config file lacking it gets today's default)."""
+"""Keys added, or whose default changed, after runs were saved without them: a checkpoint or export that lacks one
+was trained with this value, which :func:`from_dict` reads for it (a config file lacking it gets today's default)."""
 
 
 def from_dict(data: dict) -> Config:
