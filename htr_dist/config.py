@@ -744,6 +744,15 @@ LEGACY = {"llm.bos_first": False, "llm.line_end": "eos", "connector.locality": 0
 was trained with this value, which :func:`from_dict` reads for it (a config file lacking it gets today's default)."""
 
 
+def fill_legacy(data: dict) -> None:
+    """Give each section of ``data`` (a saved config, or a checkpoint's ``meta.json``) that lacks a :data:`LEGACY`
+    key the value it was saved under, in place."""
+    for key, value in LEGACY.items():
+        section, name = key.split(".")
+        if isinstance(data.get(section), dict):
+            data[section].setdefault(name, value)
+
+
 def from_dict(data: dict) -> Config:
     """Rebuild a Config from :func:`to_dict` output (e.g. from a checkpoint), moving :data:`RENAMED` keys and giving
     a section that lacks a :data:`LEGACY` key the value it was saved under."""
@@ -753,10 +762,7 @@ def from_dict(data: dict) -> Config:
         (old_section, old_name), (new_section, new_name) = old.split("."), new.split(".")
         if old_name in data.get(old_section, {}):
             data.setdefault(new_section, {})[new_name] = data[old_section].pop(old_name)
-    for key, value in LEGACY.items():
-        section, name = key.split(".")
-        if isinstance(data.get(section), dict):
-            data[section].setdefault(name, value)
+    fill_legacy(data)
     _merge(cfg, data)
     validate(cfg)
     return cfg

@@ -24,7 +24,7 @@ from unittest import mock
 import numpy as np
 import torch
 
-from htr_dist.config import LEGACY, ConfigError
+from htr_dist.config import ConfigError, fill_legacy
 from htr_dist.data.shards import sha256
 from htr_dist.dist import env as dist_env
 from htr_dist.errors import InputError, first_line
@@ -142,11 +142,7 @@ def check_same_model(folder: str, model_meta: dict) -> None:
         return
     with open(path, encoding="utf-8") as f:
         saved = json.load(f)
-    if isinstance(saved.get("connector"), dict):  # a key added since it was written: the value it was trained with
-        for key, value in LEGACY.items():
-            section, name = key.split(".")
-            if section == "connector":
-                saved["connector"].setdefault(name, value)
+    fill_legacy(saved)  # a key added since it was written: the value it was trained with
     diff = _differences(saved, model_meta)
     if diff:
         more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
